@@ -1,0 +1,68 @@
+"""The edge as one addon: owns the `edge_config` option and hands the parsed config to the
+chain of capability addons, in the order every event must visit them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from addons import internals
+from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
+from addons.route import Route
+from addons.scrub import Scrub
+from addons.trace import Trace
+
+logger = logging.getLogger("edge")
+
+# Options edge relies on: route per request before any upstream connection exists (lazy), keep
+# the client's Host for the origin, and serve clients from public addresses (block_global).
+SAFE_DEFAULTS = {"connection_strategy": "lazy", "keep_host_header": True, "block_global": False}
+
+
+def config_from_mode(modes) -> EdgeConfig | None:
+    """mitmdump without edge_config: the reverse-mode target is the one origin."""
+    for spec in modes:
+        mode = ProxyMode.parse(spec)
+        if isinstance(mode, ReverseMode) and mode.scheme in ("http", "https"):
+            host, port = mode.address
+            return config_from_origins([f"{mode.scheme}://{host}:{port}"])
+    return None
+
+
+class Edge:
+    def __init__(self, config: EdgeConfig | None = None, annotate: bool = False) -> None:
+        self.route, self.scrub, self.trace = Route(), Scrub(), Trace()
+        self.addons = [self.route, self.scrub, self.trace]
+        self.annotate = annotate
+        self.fixed = config is not None        # given by the CLI: options cannot replace it
+        self.config: EdgeConfig | None = None
+        if config is not None:
+            self.apply(config)
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("edge_config", Optional[str], None,
+                          "Path of the edge YAML config. Without it, the reverse-mode target is the one origin.")
+        internals.install()
+        opts = loader.master.options
+        opts.update(**{k: v for k, v in SAFE_DEFAULTS.items() if k in opts})
+
+    def configure(self, updated: set[str]) -> None:
+        if self.fixed or not ({"edge_config", "mode"} & updated):
+            return
+        path = ctx.options.edge_config
+        try:
+            config = load_config(path) if path else config_from_mode(ctx.options.mode)
+        except (ConfigError, ValueError) as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if config is not None:
+            self.apply(config)
+
+    def apply(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.route.apply(config)
+        self.scrub.apply(config)
+        self.trace.apply(config.access_log, self.annotate)

@@ -1,0 +1,278 @@
+"""The edge's one configuration file: parsed, validated, and every problem named by file:line: key.
+
+Pure (no mitmproxy imports): the CLI, the mitmdump script and the tests share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_STRIP = (
+    "X-Powered-By",
+    "X-AspNet-Version",
+    "X-AspNetMvc-Version",
+    "X-Runtime",
+    "X-Backend-Server",
+)
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A problem in the config, said as `FILE:LINE: key: problem`."""
+
+    def __init__(self, problem: str, key: str = "", source: str = "<config>", line: int | None = None):
+        self.problem, self.key, self.source, self.line = problem, key, source, line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    origins: tuple[Origin, ...]
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    server_header: str | None = "edge"
+    strip: tuple[str, ...] = DEFAULT_STRIP
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    pools: dict[str, Pool]
+    default_pool: str
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    trusted_proxies: tuple[Network, ...] = ()
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    access_log: str | None = None
+    source: str = "<config>"
+
+    @property
+    def origins(self) -> list[Origin]:
+        return [o for p in self.pools.values() for o in p.origins]
+
+    @property
+    def default_origin(self) -> Origin:
+        return self.pools[self.default_pool].origins[0]
+
+
+# --- parsing helpers (each raises ValueError with a message for the user) -----------------------
+
+def parse_origin_url(url: str, weight: int = 1) -> Origin:
+    if not isinstance(url, str):
+        raise ValueError("expected a URL like http://host:port")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{url!r}: an origin is scheme://host[:port] with no path, query or user")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"{url!r}: bad port") from None
+    host = parts.hostname
+    return Origin(url=f"{parts.scheme}://{_bracket(host)}:{port}", scheme=parts.scheme,
+                  host=host, port=port, weight=weight)
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or a bare port (loopback)."""
+    text = str(value).strip()
+    if text.isdigit():
+        host, port_text = "127.0.0.1", text
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        host = host.strip("[]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def parse_network(value: Any) -> Network:
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+class _Doc:
+    """Plain values built from YAML nodes, remembering the line of every key path."""
+
+    def __init__(self, text: str, source: str):
+        self.source = source
+        self.lines: dict[tuple, int] = {}
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", source=source,
+                              line=mark.line + 1 if mark else None) from None
+        self._constructor = yaml.constructor.SafeConstructor()
+        self.value = self._build(node, ()) if node is not None else {}
+
+    def _build(self, node: yaml.Node, path: tuple) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict = {}
+            for knode, vnode in node.value:
+                key = self._constructor.construct_object(knode)
+                if key in out:
+                    raise ConfigError("duplicate key", self.dotted(path + (key,)), self.source,
+                                      knode.start_mark.line + 1)
+                self.lines[path + (key,)] = knode.start_mark.line + 1
+                out[key] = self._build(vnode, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self._constructor.construct_object(node)
+
+    @staticmethod
+    def dotted(path: tuple) -> str:
+        out = ""
+        for p in path:
+            out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        return out
+
+    def error(self, path: tuple, problem: str) -> ConfigError:
+        line = next((self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines), None)
+        return ConfigError(problem, self.dotted(path), self.source, line)
+
+
+class _Reader:
+    """Typed access to a _Doc: every bad value becomes a ConfigError at its line."""
+
+    def __init__(self, doc: _Doc):
+        self.doc = doc
+
+    def mapping(self, value: Any, path: tuple, allowed: set[str]) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.doc.error(path, "expected a mapping")
+        for key in value:
+            if key not in allowed:
+                raise self.doc.error(path + (key,), f"unknown key (known: {', '.join(sorted(allowed))})")
+        return value
+
+    def listing(self, value: Any, path: tuple) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.doc.error(path, "expected a list")
+        return value
+
+    def convert(self, fn, value: Any, path: tuple):
+        try:
+            return fn(value)
+        except ValueError as e:
+            raise self.doc.error(path, str(e)) from None
+
+
+def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
+    doc = _Doc(text, source)
+    r = _Reader(doc)
+    top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "access_log"})
+
+    listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
+    trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
+                    for i, v in enumerate(r.listing(top.get("trusted_proxies"), ("trusted_proxies",))))
+
+    pools_raw = r.mapping(top.get("pools"), ("pools",), set(top.get("pools") or {}))
+    if not pools_raw:
+        raise doc.error(("pools",), "at least one pool with one origin is required")
+    pools = {}
+    for name, body in pools_raw.items():
+        path = ("pools", name)
+        body = r.mapping(body, path, {"origins"})
+        origins = []
+        for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
+            opath = path + ("origins", i)
+            if isinstance(item, str):
+                item = {"url": item}
+            item = r.mapping(item, opath, {"url", "weight"})
+            if "url" not in item:
+                raise doc.error(opath, "an origin needs a url")
+            weight = item.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
+                raise doc.error(opath + ("weight",), "weight must be a whole number from 1 to 1000")
+            origins.append(r.convert(lambda u: parse_origin_url(u, weight), item["url"], opath + ("url",)))
+        if not origins:
+            raise doc.error(path + ("origins",), "a pool needs at least one origin")
+        pools[str(name)] = Pool(str(name), tuple(origins))
+
+    routing = r.mapping(top.get("routing"), ("routing",), {"default_pool"})
+    default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)
+    if default_pool is None:
+        raise doc.error(("routing",), "routing.default_pool is required when there are several pools")
+    if default_pool not in pools:
+        raise doc.error(("routing", "default_pool"), f"no pool named {default_pool!r}")
+
+    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip"})
+    server_header = scrub_raw.get("server_header", "edge")
+    if server_header is not None and not isinstance(server_header, str):
+        raise doc.error(("scrub", "server_header"), "expected a string, or null to remove the header")
+    strip = DEFAULT_STRIP
+    if "strip" in scrub_raw:
+        strip = tuple(r.listing(scrub_raw["strip"], ("scrub", "strip")))
+        for i, name in enumerate(strip):
+            if not isinstance(name, str) or not name or any(c in name for c in " :\r\n"):
+                raise doc.error(("scrub", "strip", i), "expected a header name")
+
+    access_log = top.get("access_log")
+    if access_log is not None and (not isinstance(access_log, str) or not access_log):
+        raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
+
+    return EdgeConfig(pools=pools, default_pool=default_pool, listen=listen, trusted_proxies=trusted,
+                      scrub=ScrubConfig(server_header, strip), access_log=access_log, source=source)
+
+
+def load_config(path: str) -> EdgeConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", source=path) from None
+    return parse_config(text, path)
+
+
+def config_from_origins(urls: list[str], listen: tuple[str, int] = DEFAULT_LISTEN) -> EdgeConfig:
+    """`edge run --origin URL ...`: one pool of equal weight. Raises ValueError for a bad URL."""
+    pool = Pool("default", tuple(parse_origin_url(u) for u in urls))
+    return EdgeConfig(pools={"default": pool}, default_pool="default", listen=listen, source="--origin")

@@ -1,0 +1,1 @@
+"""The `edge` command line: config loading, launching the master, demo origins."""

@@ -1,0 +1,3 @@
+from edgecli.main import cli
+
+cli()

@@ -1,0 +1,159 @@
+"""Building and running the mitmproxy master that carries the edge chain.
+
+`edge run` uses a lean master: only the mitmproxy addons a reverse proxy needs receive events
+(mitmproxy dispatches every event to every loaded addon; the lean set nearly doubles
+throughput, see bench/). `--web` uses mitmweb's full master so flows can be inspected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mitmproxy import exceptions, master, options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+
+from addons.chain import Edge
+from addons.config import EdgeConfig
+
+logger = logging.getLogger("edge")
+
+
+class LaunchError(Exception):
+    """A problem starting the edge, said in one line for the user."""
+
+
+class LeanMaster(master.Master):
+    """A master with only the mitmproxy addons that reverse proxying over HTTP/1, HTTP/2 and
+    TLS needs; edge's own chain is added after them."""
+
+    def __init__(self, opts: options.Options) -> None:
+        super().__init__(opts, with_termlog=True)
+        self.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+                        tlsconfig.TlsConfig(), disable_h2c.DisableH2C())
+
+
+@dataclass
+class Launch:
+    """Everything `edge run` decides before the event loop starts."""
+    config: EdgeConfig
+    confdir: str
+    web: bool = False
+    web_port: int = 8081
+    cert: str | None = None
+    settings: Sequence[str] = ()
+    on_ready: Callable[[master.Master, tuple[str, int]], None] | None = None
+    handle_signals: bool = True
+    failure: list[str] = field(default_factory=list)
+
+
+class _Ready:
+    """Reports the bound address once mitmproxy's servers are up, or stops on a bind failure."""
+
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+
+    def running(self) -> None:
+        m = self.master
+        addrs = m.addons.get("proxyserver").listen_addrs()
+        if not addrs:
+            host, port = self.launch.config.listen
+            self.launch.failure.append(f"cannot listen on {host}:{port}")
+            m.shutdown()
+            return
+        if self.launch.on_ready:
+            self.launch.on_ready(m, addrs[0][:2])
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind once before starting so that 'port in use' is one clear line, not a log dump."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise LaunchError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise LaunchError(f"cannot listen on {host}:{port}: {e.strerror.lower()}") from None
+
+
+def check_cert(path: str) -> None:
+    """A PEM with the certificate chain (leaf first) and its private key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise LaunchError(f"cannot read --cert {path}: {e.strerror}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise LaunchError(f"--cert {path}: no PEM certificate in the file") from None
+    key = re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", data, re.S)
+    if key is None:
+        raise LaunchError(f"--cert {path}: no private key in the file (append it after the chain)")
+    try:
+        serialization.load_pem_private_key(key[0], password=None)
+    except (ValueError, TypeError) as e:
+        raise LaunchError(f"--cert {path}: the private key cannot be read ({e})") from None
+
+
+async def serve(launch: Launch) -> None:
+    """Run the edge until shutdown. Raises LaunchError for problems the user can fix."""
+    logging.getLogger().setLevel(logging.WARNING)      # mitmproxy's per-connection info logs cost time
+    logger.setLevel(logging.INFO)
+    cfg = launch.config
+    host, port = cfg.listen
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    opts = options.Options(mode=[f"reverse:{cfg.default_origin.url}@{listen}"], confdir=launch.confdir)
+    if launch.web:
+        from mitmproxy.tools.web.master import WebMaster
+        m: master.Master = WebMaster(opts, with_termlog=True)
+    else:
+        m = LeanMaster(opts)
+    ready = _Ready(launch)
+    ready.master = m
+    try:
+        m.addons.add(Edge(cfg, annotate=launch.web), ready)
+        updates = {"http3": False, "termlog_verbosity": "warn"}
+        if launch.cert:
+            updates["certs"] = [f"*={launch.cert}"]
+        if launch.web:
+            updates.update(web_host="127.0.0.1", web_port=launch.web_port, web_open_browser=False)
+        opts.update(**updates)
+        for setting in launch.settings:
+            opts.set(setting)
+    except exceptions.OptionsError as e:
+        raise LaunchError(str(e)) from None
+    except OSError as e:
+        raise LaunchError(f"{e.filename or ''}: {e.strerror}") from None
+    if launch.handle_signals and threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, m.shutdown)
+    await m.run()
+    if launch.failure:
+        raise LaunchError(launch.failure[0])
+
+
+def run(launch: Launch) -> None:
+    """Blocking: run the edge on a fresh event loop (uvloop where installed)."""
+    os.makedirs(launch.confdir, exist_ok=True)
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    asyncio.run(serve(launch), loop_factory=factory)

@@ -1,0 +1,163 @@
+"""The `edge` command line: run, demo, check."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import click
+
+from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config, parse_hostport
+from edgecli import launch as launcher
+from edgecli.origins import OriginServer
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "data" / "edge.example.yaml"
+
+
+def default_confdir() -> str:
+    return os.path.join(click.get_app_dir("edge"), "mitmproxy")
+
+
+class ConfigProblem(click.ClickException):
+    """A bad config file: exit 2 with FILE:LINE: key: problem."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"edge: {self.message}", err=True)
+
+
+class Problem(click.ClickException):
+    """Anything else the user can fix: one line, exit 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"edge: {self.message}", err=True)
+
+
+def read_config(path: str) -> EdgeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigProblem(str(e)) from None
+
+
+def start(launch: launcher.Launch) -> None:
+    try:
+        launcher.run(launch)
+    except launcher.LaunchError as e:
+        raise Problem(str(e)) from None
+
+
+def _listen_option(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_hostport(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _announce(config: EdgeConfig, web: bool):
+    def on_ready(master, addr) -> None:
+        host, port = addr
+        click.echo(f"edge: listening on {host}:{port}, default pool {config.default_pool!r} "
+                   f"({', '.join(o.url for o in config.pools[config.default_pool].origins)})", err=True)
+        if web:
+            click.echo(f"edge: mitmweb at {master.web_url}", err=True)
+    return on_ready
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """edge: a reverse-proxy edge (origin masking, balancing, cache, shield) built from mitmproxy addons."""
+
+
+@cli.command()
+@click.option("--origin", "origins", multiple=True, metavar="URL",
+              help="An origin server (repeatable); together they form one pool of equal weight.")
+@click.option("--listen", callback=_listen_option, metavar="HOST:PORT", help="Where clients connect [127.0.0.1:8080].")
+@click.option("-c", "--config", "config_path", metavar="FILE", help="The edge YAML config.")
+@click.option("--web", is_flag=True, help="Run under mitmweb (UI on 127.0.0.1 only) to inspect flows.")
+@click.option("--web-port", default=8081, show_default=True, help="mitmweb's UI port with --web.")
+@click.option("--access-log", metavar="PATH|-", help="JSON access log: a file, or - for stdout.")
+@click.option("--cert", metavar="PEM", help="Terminate TLS with this PEM (certificate chain, then key).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Set a mitmproxy option (repeatable).")
+@click.option("--confdir", default=default_confdir, show_default="~/.config/edge/mitmproxy",
+              help="mitmproxy's private state (its CA) lives here.")
+def run(origins, listen, config_path, web, web_port, access_log, cert, settings, confdir) -> None:
+    """Run the edge in front of your origins."""
+    if config_path and origins:
+        raise click.UsageError("give either --origin URL ... or -c FILE, not both")
+    if config_path:
+        config = read_config(config_path)
+    elif origins:
+        try:
+            config = config_from_origins(list(origins))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--origin") from None
+    else:
+        raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
+    if listen:
+        config = dataclasses.replace(config, listen=listen)
+    if access_log:
+        config = dataclasses.replace(config, access_log=access_log)
+    try:
+        launcher.check_listen(*config.listen)
+        if cert:
+            launcher.check_cert(cert)
+    except launcher.LaunchError as e:
+        raise Problem(str(e)) from None
+    start(launcher.Launch(config=config, confdir=confdir, web=web, web_port=web_port, cert=cert,
+                          settings=settings, on_ready=_announce(config, web)))
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", default=str(EXAMPLE_CONFIG), show_default="data/edge.example.yaml",
+              metavar="FILE", help="The config whose origins the demo impersonates.")
+@click.option("--web", is_flag=True, help="Run under mitmweb to inspect flows.")
+@click.option("--confdir", default=default_confdir, show_default="~/.config/edge/mitmproxy")
+def demo(config_path, web, confdir) -> None:
+    """Start demo origins (eu, us, ap) on loopback and the edge in front of them."""
+    config = read_config(config_path)
+    servers = []
+    try:
+        for pool in config.pools.values():
+            for i, origin in enumerate(pool.origins):
+                name = pool.name if len(pool.origins) == 1 else f"{pool.name}-{i + 1}"
+                try:
+                    servers.append(OriginServer(name, origin.host, origin.port).start())
+                except OSError as e:
+                    raise Problem(f"demo origin {name} cannot listen on {origin.authority}: {e.strerror}") from None
+        try:
+            launcher.check_listen(*config.listen)
+        except launcher.LaunchError as e:
+            raise Problem(str(e)) from None
+        host, port = config.listen
+        base = f"http://{host}:{port}"
+        click.echo("\n".join([
+            f"edge demo: origins {', '.join(f'{s.name}={s.url}' for s in servers)}; edge on {base}",
+            "try:",
+            f"  curl -i {base}/            # hello from eu, Server: edge, no X-Powered-By",
+            f"  curl -i {base}/redirect    # Location rewritten to the edge",
+            f"  curl -i {base}/leaky       # internal IPs, Via and origin links removed or rewritten",
+            f"  curl -i {base}/login       # Set-Cookie Domain rewritten to the public host",
+            f"  curl -s {base}/echo        # what the origin saw: X-Forwarded-For, Forwarded, Host",
+            "Ctrl-C stops everything.",
+        ]), err=True)
+        start(launcher.Launch(config=config, confdir=confdir, web=web, on_ready=_announce(config, web)))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The config to check.")
+def check(config_path) -> None:
+    """Validate a config file: exit 2 with FILE:LINE: key: problem if it is wrong."""
+    config = read_config(config_path)
+    n = sum(len(p.origins) for p in config.pools.values())
+    click.echo(f"{config_path}: ok ({len(config.pools)} pools, {n} origins, default pool {config.default_pool!r})")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,110 @@
+"""Small HTTP/1.1 origins on loopback, each in its own thread: the demo's eu/us/ap servers and
+the tests' origins. Each remembers what it received. Some pages leak on purpose."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Page = tuple[int, list[tuple[str, str]], bytes]
+Handler = Callable[["Seen", "OriginServer"], Page]
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]          # lower-case names; repeated headers joined with ", "
+    body: bytes
+
+
+def _text(status: int, text: str, *headers: tuple[str, str]) -> Page:
+    return status, [("Content-Type", "text/plain; charset=utf-8"), *headers], text.encode()
+
+
+def demo_pages() -> dict[str, Handler]:
+    """What every demo origin serves: its name, and the leaks a real origin makes."""
+    return {
+        "/": lambda req, o: _text(200, f"hello from {o.name}\n", ("Cache-Control", "no-cache")),
+        "/cacheable": lambda req, o: _text(200, f"cacheable page from {o.name}\n",
+                                           ("Cache-Control", "public, max-age=60"), ("ETag", f'"{o.name}-v1"')),
+        "/uncacheable": lambda req, o: _text(200, f"private page from {o.name}\n",
+                                             ("Cache-Control", "private, no-store")),
+        "/redirect": lambda req, o: _text(302, "moved\n", ("Location", f"{o.url}/")),
+        "/login": lambda req, o: _text(200, "logged in\n",
+                                       ("Set-Cookie", f"session={o.name}42; Domain={o.host}; Path=/; HttpOnly")),
+        "/leaky": lambda req, o: _text(200, "look at the headers\n", ("X-Backend-Server", "10.0.3.7"),
+                                       ("X-Debug", f"served-by={o.host}:{o.port}"), ("Via", "1.1 internal-lb"),
+                                       ("Link", f"<{o.url}/style.css>; rel=preload")),
+        "/echo": lambda req, o: (200, [("Content-Type", "application/json")],
+                                 json.dumps({"origin": o.name, "method": req.method, "path": req.path,
+                                             "headers": req.headers}).encode()),
+        "/health": lambda req, o: _text(200, "ok\n"),
+    }
+
+
+class OriginServer:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
+                 pages: dict[str, Handler] | None = None,
+                 banner: str = "Apache/2.4.58 (Ubuntu)", powered_by: str | None = "PHP/8.3.1") -> None:
+        self.name, self.host = name, host
+        self.pages = demo_pages() if pages is None else pages
+        self.seen: list[Seen] = []
+        origin = self
+
+        class RequestHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def version_string(self) -> str:
+                return banner
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():
+                    k = k.lower()
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
+                seen = Seen(self.command, self.path, headers, self.rfile.read(length) if length else b"")
+                origin.seen.append(seen)
+                handler = origin.pages.get(self.path.split("?", 1)[0])
+                status, extra, body = handler(seen, origin) if handler else _text(404, "not found\n")
+                self.send_response(status)
+                if powered_by:
+                    self.send_header("X-Powered-By", powered_by)
+                for k, v in extra:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
+
+        self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"origin-{name}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> OriginServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> OriginServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,125 @@
+"""The test harness: real origins on 127.0.0.1, a real edge master (the same code `edge run`
+uses) on an ephemeral loopback port in a background thread, and real HTTP clients."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from addons.config import EdgeConfig, config_from_origins, parse_config
+from edgecli import launch as launcher
+from edgecli.origins import OriginServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningEdge:
+    master: object
+    host: str
+    port: int
+    config: EdgeConfig
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def origin() -> Iterator[Callable[..., OriginServer]]:
+    """Factory: origin(name, pages=None, **kw) -> a started OriginServer, stopped afterwards."""
+    started: list[OriginServer] = []
+
+    def make(name: str = "origin", **kw) -> OriginServer:
+        server = OriginServer(name, **kw).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def confdir(tmp_path_factory) -> str:
+    """mitmproxy's CA is made once per session (it costs a key generation)."""
+    return str(tmp_path_factory.mktemp("confdir"))
+
+
+@pytest.fixture
+def edge(confdir) -> Iterator[Callable[..., RunningEdge]]:
+    """Factory: edge(config | yaml text | [origin urls], **launch kw) -> a running edge."""
+    running: list[tuple[object, threading.Thread]] = []
+
+    def start(config, **kw) -> RunningEdge:
+        if isinstance(config, str):
+            config = parse_config(config, "test.yaml")
+        elif isinstance(config, list):
+            config = config_from_origins(config)
+        config = replace(config, listen=("127.0.0.1", 0))
+        ready = threading.Event()
+        box: dict = {}
+
+        def on_ready(master, addr) -> None:
+            box["edge"] = RunningEdge(master, addr[0], addr[1], config)
+            ready.set()
+
+        launch = launcher.Launch(config=config, confdir=confdir, on_ready=on_ready,
+                                 handle_signals=False, **kw)
+
+        def main() -> None:
+            try:
+                launcher.run(launch)
+            except BaseException as e:      # surfaced to the test below
+                box["error"] = e
+                ready.set()
+
+        thread = threading.Thread(target=main, name="edge", daemon=True)
+        thread.start()
+        assert ready.wait(20), "edge did not start"
+        if "error" in box:
+            raise box["error"]
+        running.append((box["edge"].master, thread))
+        return box["edge"]
+
+    yield start
+    for master, thread in running:
+        master.shutdown()
+        thread.join(10)
+        assert not thread.is_alive(), "edge did not shut down"
+
+
+@pytest.fixture(scope="session")
+def tls_pem(tmp_path_factory) -> Path:
+    """A self-signed certificate for localhost/127.0.0.1 and its key, in one PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    path = tmp_path_factory.mktemp("tls") / "edge.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path

@@ -1,0 +1,50 @@
+"""Who the client is, and what the origin is told: pure rules."""
+
+import ipaddress
+
+import pytest
+
+from addons.net import client_ip, is_internal, parse_ip
+from addons.scrub.forwarding import forwarded_node, forwarding_headers, hop_by_hop
+
+T = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
+
+
+@pytest.mark.parametrize("peer, xff, trusted, expected", [
+    ("203.0.113.9", ["1.2.3.4"], T, "203.0.113.9"),                    # untrusted peer: XFF ignored
+    ("203.0.113.9", ["1.2.3.4"], (), "203.0.113.9"),                   # nobody trusted by default
+    ("127.0.0.1", ["198.51.100.7"], T, "198.51.100.7"),                # trusted LB: its client
+    ("127.0.0.1", ["6.6.6.6, 198.51.100.7"], T, "198.51.100.7"),       # left of the client: spoofable
+    ("127.0.0.1", ["6.6.6.6, 198.51.100.7, 10.1.2.3"], T, "198.51.100.7"),  # skip trusted hops
+    ("127.0.0.1", ["6.6.6.6", "198.51.100.7"], T, "198.51.100.7"),     # repeated header lines
+    ("127.0.0.1", ["10.0.0.1, 10.0.0.2"], T, "127.0.0.1"),             # all trusted: the peer
+    ("127.0.0.1", ["not-an-ip"], T, "127.0.0.1"),                      # garbage is not believed
+    ("127.0.0.1", [], T, "127.0.0.1"),
+    ("::ffff:127.0.0.1", ["2001:db8::5"], T, "2001:db8::5"),           # mapped peer, IPv6 client
+])
+def test_client_ip(peer, xff, trusted, expected):
+    assert client_ip(peer, xff, trusted) == expected
+
+
+@pytest.mark.parametrize("text, internal", [
+    ("10.1.2.3", True), ("172.16.0.1", True), ("172.32.0.1", False), ("192.168.1.1", True),
+    ("127.0.0.53", True), ("::1", True), ("fd12:3456::1", True), ("fe80::1%eth0", True),
+    ("8.8.8.8", False), ("203.0.113.5", False), ("2001:db8::1", False), ("::ffff:10.0.0.1", True),
+])
+def test_internal_addresses(text, internal):
+    assert is_internal(parse_ip(text)) is internal
+
+
+def test_hop_by_hop_includes_connection_tokens_but_not_framing():
+    names = hop_by_hop(["close, X-Secret", "Keep-Alive"])
+    assert {"connection", "keep-alive", "te", "upgrade", "proxy-authorization", "x-secret"} <= names
+    assert "transfer-encoding" not in names and "content-length" not in names
+    assert not {"connection", "upgrade"} & hop_by_hop(["Upgrade"], websocket_upgrade=True)
+
+
+def test_forwarding_headers():
+    assert forwarding_headers("198.51.100.7", "https", "shop.example") == {
+        "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "shop.example", "Forwarded": 'for=198.51.100.7;proto=https;host="shop.example"'}
+    assert forwarded_node("2001:db8::1") == '"[2001:db8::1]"'
+    assert "X-Forwarded-Host" not in forwarding_headers("1.2.3.4", "http", None)

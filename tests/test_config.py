@@ -1,0 +1,95 @@
+"""Config parsing: the contract keys, and every mistake named by file:line: key."""
+
+import ipaddress
+
+import pytest
+
+from addons.config import ConfigError, config_from_origins, load_config, parse_config
+from tests.conftest import REPO
+
+GOOD = """\
+listen: 127.0.0.1:8080
+trusted_proxies: [127.0.0.1/32, "::1"]
+pools:
+  eu:
+    origins:
+      - {url: http://127.0.0.1:9001, weight: 3}
+      - {url: http://127.0.0.1:9002, weight: 1}
+  us:
+    origins: ["https://origin.example"]
+routing:
+  default_pool: eu
+scrub:
+  server_header: null
+  strip: [X-Powered-By]
+access_log: "-"
+"""
+
+
+def test_contract_keys_parse():
+    cfg = parse_config(GOOD, "good.yaml")
+    assert cfg.listen == ("127.0.0.1", 8080)
+    assert cfg.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    assert [(o.host, o.port, o.weight) for o in cfg.pools["eu"].origins] == [("127.0.0.1", 9001, 3), ("127.0.0.1", 9002, 1)]
+    us = cfg.pools["us"].origins[0]
+    assert (us.scheme, us.host, us.port) == ("https", "origin.example", 443)
+    assert cfg.default_pool == "eu" and cfg.default_origin.port == 9001
+    assert cfg.scrub.server_header is None and cfg.scrub.strip == ("X-Powered-By",)
+    assert cfg.access_log == "-"
+
+
+def test_shipped_example_is_valid():
+    cfg = load_config(str(REPO / "data" / "edge.example.yaml"))
+    assert set(cfg.pools) == {"eu", "us", "ap"} and cfg.default_pool == "eu"
+
+
+def test_defaults():
+    cfg = parse_config("pools: {a: {origins: [http://10.0.0.1:81]}}")
+    assert cfg.default_pool == "a" and cfg.listen == ("127.0.0.1", 8080) and cfg.trusted_proxies == ()
+    assert cfg.scrub.server_header == "edge" and "X-Powered-By" in cfg.scrub.strip
+    assert cfg.access_log is None
+
+
+@pytest.mark.parametrize("text, line, key, problem", [
+    ("pools:\n  a:\n    origins: [http://x:1]\ncache: {}\n", 4, "cache", "unknown key"),
+    ("pools:\n  a:\n    origins:\n      - {url: 'ftp://x', weight: 1}\n", 4, "pools.a.origins[0].url", "scheme must be http"),
+    ("pools:\n  a:\n    origins:\n      - {url: 'http://x/path'}\n", 4, "pools.a.origins[0].url", "no path"),
+    ("pools:\n  a:\n    origins:\n      - {url: 'http://x:99999'}\n", 4, "pools.a.origins[0].url", "bad port"),
+    ("pools:\n  a:\n    origins:\n      - {url: 'http://x', weight: 0}\n", 4, "pools.a.origins[0].weight", "weight must be"),
+    ("pools:\n  a:\n    origins:\n      - {url: 'http://x', wieght: 2}\n", 4, "pools.a.origins[0].wieght", "unknown key"),
+    ("pools:\n  a:\n    origins:\n      - {weight: 2}\n", 4, "pools.a.origins[0]", "needs a url"),
+    ("pools:\n  a:\n    origins: []\n", 3, "pools.a.origins", "at least one origin"),
+    ("pools: {}\n", 1, "pools", "at least one pool"),
+    ("pools:\n  a: {origins: [http://x]}\n  b: {origins: [http://y]}\n", None, "routing", "default_pool is required"),
+    ("pools:\n  a: {origins: [http://x]}\nrouting:\n  default_pool: zz\n", 4, "routing.default_pool", "no pool named 'zz'"),
+    ("listen: nowhere\npools: {a: {origins: [http://x]}}\n", 1, "listen", "expected HOST:PORT"),
+    ("trusted_proxies: [10.0.0.0/8, bogus]\npools: {a: {origins: [http://x]}}\n", 1, "trusted_proxies[1]", "not an IP"),
+    ("pools: {a: {origins: [http://x]}}\nscrub:\n  strip: [ok, 'bad name']\n", 3, "scrub.strip[1]", "header name"),
+    ("pools: {a: {origins: [http://x]}}\nscrub:\n  server_header: 5\n", 3, "scrub.server_header", "expected a string"),
+    ("pools: {a: {origins: [http://x]}}\naccess_log: 7\n", 2, "access_log", "expected"),
+    ("pools: {a: {origins: [http://x]}}\npools: {}\n", 2, "pools", "duplicate key"),
+    ("pools: [\n", None, "", "not valid YAML"),
+    ("- just\n- a list\n", 1, "", "expected a mapping"),
+])
+def test_errors_name_file_line_and_key(text, line, key, problem):
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "edge.yaml")
+    err = e.value
+    assert problem in err.problem
+    assert err.key == key
+    if line is not None:
+        assert err.line == line
+        assert str(err).startswith(f"edge.yaml:{line}: {key}: " if key else f"edge.yaml:{line}: ")
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_origins_from_command_line():
+    cfg = config_from_origins(["http://127.0.0.1:9001", "http://[::1]:9002"])
+    assert [o.url for o in cfg.pools["default"].origins] == ["http://127.0.0.1:9001", "http://[::1]:9002"]
+    assert all(o.weight == 1 for o in cfg.origins)
+    with pytest.raises(ValueError, match="scheme"):
+        config_from_origins(["127.0.0.1:9001"])
