@@ -34,9 +34,11 @@ def config_from_mode(modes) -> EdgeConfig | None:
 
 
 class Edge:
-    def __init__(self, config: EdgeConfig | None = None, annotate: bool = False) -> None:
+    def __init__(self, config: EdgeConfig | None = None, annotate: bool = False, extra=()) -> None:
+        """`extra`: an embedder's own addons; they run after routing, before scrubbing (so
+        whatever they add is scrubbed too) and before the trace is written."""
         self.route, self.scrub, self.trace = Route(), Scrub(), Trace()
-        self.addons = [self.route, self.scrub, self.trace]
+        self.addons = [self.route, *extra, self.scrub, self.trace]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None

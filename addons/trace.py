@@ -49,7 +49,7 @@ def access_record(flow: http.HTTPFlow) -> dict:
 def summary(rec: dict) -> str:
     """A short human line for mitmweb's comment column."""
     return " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in rec.items()
-                    if k not in ("client", "public_url") and v not in (None, [], ""))
+                    if k not in ("client", "public_url", "public_base") and v not in (None, [], ""))
 
 
 class Trace:

@@ -49,6 +49,7 @@ class Launch:
     web_port: int = 8081
     cert: str | None = None
     settings: Sequence[str] = ()
+    extra_addons: Sequence[object] = ()      # the embedder's own (see Edge)
     on_ready: Callable[[master.Master, tuple[str, int]], None] | None = None
     handle_signals: bool = True
     failure: list[str] = field(default_factory=list)
@@ -126,7 +127,7 @@ async def serve(launch: Launch) -> None:
     ready = _Ready(launch)
     ready.master = m
     try:
-        m.addons.add(Edge(cfg, annotate=launch.web), ready)
+        m.addons.add(Edge(cfg, annotate=launch.web, extra=launch.extra_addons), ready)
         updates = {"http3": False, "termlog_verbosity": "warn"}
         if launch.cert:
             updates["certs"] = [f"*={launch.cert}"]

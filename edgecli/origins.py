@@ -89,7 +89,7 @@ class OriginServer:
         self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"origin-{name}", daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name=f"origin-{name}", daemon=True)
 
     @property
     def url(self) -> str:

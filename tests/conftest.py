@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -68,12 +69,12 @@ def edge(confdir) -> Iterator[Callable[..., RunningEdge]]:
     """Factory: edge(config | yaml text | [origin urls], **launch kw) -> a running edge."""
     running: list[tuple[object, threading.Thread]] = []
 
-    def start(config, **kw) -> RunningEdge:
+    def start(config, access_log: str | None = None, **kw) -> RunningEdge:
         if isinstance(config, str):
             config = parse_config(config, "test.yaml")
         elif isinstance(config, list):
             config = config_from_origins(config)
-        config = replace(config, listen=("127.0.0.1", 0))
+        config = replace(config, listen=("127.0.0.1", 0), access_log=access_log or config.access_log)
         ready = threading.Event()
         box: dict = {}
 
@@ -106,20 +107,38 @@ def edge(confdir) -> Iterator[Callable[..., RunningEdge]]:
         assert not thread.is_alive(), "edge did not shut down"
 
 
-@pytest.fixture(scope="session")
-def tls_pem(tmp_path_factory) -> Path:
-    """A self-signed certificate for localhost/127.0.0.1 and its key, in one PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+@dataclass
+class TLSFiles:
+    pem: Path        # leaf certificate + key, what `edge run --cert` takes
+    ca: Path         # the CA that signed it, what clients verify against
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def _cert(subject: str, key, issuer: x509.Name, issuer_key, ca: bool):
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    path = tmp_path_factory.mktemp("tls") / "edge.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> TLSFiles:
+    """A test CA and a leaf certificate for localhost/127.0.0.1 signed by it."""
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _cert("edge test CA", ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge test CA")]),
+                    ca_key, ca=True)
+    leaf = _cert("localhost", leaf_key, ca_cert.subject, ca_key, ca=False)
+    folder = tmp_path_factory.mktemp("tls")
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)
+    (folder / "ca.pem").write_bytes(pem(ca_cert))
+    (folder / "edge.pem").write_bytes(pem(leaf) + pem(ca_cert) + leaf_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return path
+    return TLSFiles(folder / "edge.pem", folder / "ca.pem")

@@ -1,0 +1,120 @@
+"""The edge as a proxy: TLS and HTTP/2, balancing, origin failure, failing closed, the trace."""
+
+import json
+import subprocess
+from collections import Counter
+
+import httpx
+import pytest
+from mitmproxy import http
+
+from addons.failsafe import fail_closed
+from tests.conftest import free_port
+
+
+def curl(*args: str) -> tuple[int, dict[str, str], str]:
+    """curl speaks HTTP/2 over TLS the way browsers do (ALPN h2 first)."""
+    out = subprocess.run(["curl", "-s", "-i", "--max-time", "10", *args], capture_output=True, check=True).stdout
+    head, _, body = out.decode().partition("\r\n\r\n")
+    status_line, *lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers | {":version": status_line.split()[0]}, body
+
+
+def test_tls_http2_and_http11(origin, edge, tls):
+    o = origin("eu")
+    e = edge([o.url], cert=str(tls.pem))
+    base = f"https://127.0.0.1:{e.port}"
+    status, headers, body = curl("--http2", "--cacert", str(tls.ca), "-H", "X-Forwarded-For: 6.6.6.6", f"{base}/echo")
+    assert headers[":version"] == "HTTP/2" and status == 200
+    assert headers["server"] == "edge" and "x-powered-by" not in headers
+    seen = json.loads(body)["headers"]
+    assert seen["host"] == f"127.0.0.1:{e.port}"                      # the client's authority
+    assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-for"] == "127.0.0.1"
+    status, headers, _ = curl("--http2", "--cacert", str(tls.ca), f"{base}/redirect")
+    assert status == 302 and headers["location"] == f"{base}/"
+    with httpx.Client(verify=tls.client_context()) as c:
+        r = c.get(f"{base}/")
+        assert r.http_version == "HTTP/1.1" and r.text == "hello from eu\n"
+    assert httpx.get(f"{e.url}/").text == "hello from eu\n"          # plaintext on the same port
+
+
+def test_weighted_pool_spreads_by_weight(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins:\n      - {{url: {a.url}, weight: 3}}\n      - {{url: {b.url}, weight: 1}}\n")
+    with httpx.Client() as c:
+        names = [c.get(f"{e.url}/echo").json()["origin"] for _ in range(40)]
+    assert Counter(names) == {"a": 30, "b": 10}
+    assert names[:4].count("a") == 3                                   # smooth: no burst of b
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_unreachable_origin_answer_names_nothing(edge, tls, version):
+    dead = free_port()
+    e = edge([f"http://127.0.0.1:{dead}"], cert=str(tls.pem))
+    status, headers, body = curl(version, "--cacert", str(tls.ca), f"https://127.0.0.1:{e.port}/")
+    assert status == 502 and "origin could not be reached" in body
+    assert str(dead) not in body and "Errno" not in body and "mitmproxy" not in body.lower()
+    if version == "--http1.1":
+        assert "server" not in headers
+    assert httpx.get(f"{e.url}/").status_code == 502                  # and the edge keeps serving
+
+
+class Explodes:
+    """A security addon with a bug: its guarded hooks raise on some paths."""
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.path == "/boom-request":
+            raise RuntimeError("bug in a request hook")
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.request.path == "/boom-response":
+            flow.response.headers["X-Secret-Origin"] = "10.0.0.9"
+            raise RuntimeError("bug in a response hook")
+
+
+def test_hooks_fail_closed_and_the_proxy_keeps_serving(origin, edge, tmp_path):
+    o = origin("eu")
+    log = tmp_path / "access.log"
+    e = edge([o.url], extra_addons=[Explodes()], access_log=str(log))
+    with httpx.Client() as c:
+        r = c.get(f"{e.url}/boom-request")
+        assert r.status_code == 500 and "request id:" in r.text
+        assert all(s.path != "/boom-request" for s in o.seen)          # never reached the origin
+        r = c.get(f"{e.url}/boom-response")
+        assert r.status_code == 502 and "x-secret-origin" not in r.headers
+        assert "hello" not in r.text
+        assert c.get(f"{e.url}/").status_code == 200                  # everyone else is served
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    failed = {rec["url"].rsplit("/", 1)[1]: rec["edge"].get("failed") for rec in lines}
+    assert failed["boom-request"].startswith("Explodes.requestheaders")
+    assert failed["boom-response"].startswith("Explodes.response")
+    assert failed[""] is None
+
+
+def test_access_log_line_carries_the_decisions(origin, edge, tmp_path):
+    o = origin("eu")
+    log = tmp_path / "access.log"
+    e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\naccess_log: {log}\n")
+    httpx.get(f"{e.url}/leaky?x=1", headers={"Host": "shop.example"})
+    (rec,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rec["client"] == "127.0.0.1" and rec["method"] == "GET" and rec["status"] == 200
+    assert rec["url"] == "http://shop.example/leaky?x=1" and rec["bytes"] == len(b"look at the headers\n")
+    assert rec["ms"] > 0 and rec["time"].endswith("+00:00")
+    d = rec["edge"]
+    assert d["pool"] == "eu" and d["origin"] == o.url
+    assert {"X-Powered-By", "X-Backend-Server", "X-Debug", "Via"} <= set(d["scrubbed"])
+    assert d["rewritten"] == ["Link"]
+
+
+def test_mitmweb_shows_the_decisions(origin, edge):
+    o = origin("eu")
+    e = edge([o.url], web=True, web_port=free_port())
+    assert httpx.get(f"{e.url}/leaky").status_code == 200
+    token = e.master.web_url.split("token=")[1]
+    web = e.master.web_url.split("?")[0].rstrip("/")
+    flows = httpx.get(f"{web}/flows", headers={"Authorization": f"Bearer {token}"}).json()
+    (flow,) = [f for f in flows if f["request"]["path"] == "/leaky"]
+    assert flow["comment"].startswith(f"pool=default origin={o.url} scrubbed=X-Powered-By,X-Backend-Server")
