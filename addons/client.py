@@ -15,8 +15,8 @@ def client_of(flow: http.HTTPFlow, trusted: Sequence) -> str:
     rec = decisions(flow)
     ip = rec.get("client")
     if ip is None:
-        ip = rec["client"] = client_ip(flow.client_conn.peername[0],
-                                       flow.request.headers.get_all("x-forwarded-for"), trusted)
+        xff = flow.request.headers.get_all("x-forwarded-for") if trusted else ()
+        ip = rec["client"] = client_ip(flow.client_conn.peername[0], xff, trusted)
     return ip
 
 

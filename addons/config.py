@@ -45,6 +45,10 @@ class Origin:
     weight: int = 1
 
     @property
+    def scheme_bytes(self) -> bytes:
+        return self.scheme.encode()
+
+    @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"

@@ -1,3 +1,3 @@
 from edgecli.main import cli
 
-cli()
+cli(prog_name="edge")

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mitmproxy import exceptions, master, options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog, tlsconfig
 
 from addons.chain import Edge
 from addons.config import EdgeConfig
+from edgecli.dispatch import IndexedAddonManager
 
 logger = logging.getLogger("edge")
 
@@ -30,14 +31,24 @@ class LaunchError(Exception):
     """A problem starting the edge, said in one line for the user."""
 
 
+class EdgeTlsConfig(tlsconfig.TlsConfig):
+    """mitmproxy's TLS addon without its `request` hook, which answers a magic path with the
+    CRL of mitmproxy's interception CA: an interception feature an edge must not expose (and
+    a check on every request)."""
+    name = "tlsconfig"
+    request = None
+
+
 class LeanMaster(master.Master):
     """A master with only the mitmproxy addons that reverse proxying over HTTP/1, HTTP/2 and
     TLS needs; edge's own chain is added after them."""
 
     def __init__(self, opts: options.Options) -> None:
-        super().__init__(opts, with_termlog=True)
-        self.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
-                        tlsconfig.TlsConfig(), disable_h2c.DisableH2C())
+        super().__init__(opts, with_termlog=False)
+        self.addons = IndexedAddonManager(self)
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(self._termlog_addon, core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+                        EdgeTlsConfig(), disable_h2c.DisableH2C())
 
 
 @dataclass

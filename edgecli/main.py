@@ -159,5 +159,15 @@ def check(config_path) -> None:
     click.echo(f"{config_path}: ok ({len(config.pools)} pools, {n} origins, default pool {config.default_pool!r})")
 
 
-if __name__ == "__main__":
+SERVING_COMMANDS = {"run", "demo"}
+
+
+def main() -> None:
+    """The `edge` program. Serving commands re-run Python with -O: mitmproxy checks the type
+    of every attribute it sets in `assert`s, about 16 % of its time per request (perf-notes).
+    edge never validates with assert. EDGE_DEBUG=1 keeps the checks."""
+    import sys
+    if (sys.flags.optimize == 0 and not os.environ.get("EDGE_DEBUG")
+            and SERVING_COMMANDS.intersection(sys.argv[1:2])):
+        os.execv(sys.executable, [sys.executable, "-O", "-m", "edgecli", *sys.argv[1:]])
     cli()

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 
 from addons.net import client_ip, is_internal, parse_ip
-from addons.scrub.forwarding import forwarded_node, forwarding_headers, hop_by_hop
+from addons.scrub.forwarding import forwardable, forwarded_node, forwarding_headers
 
 T = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
 
@@ -35,11 +35,21 @@ def test_internal_addresses(text, internal):
     assert is_internal(parse_ip(text)) is internal
 
 
-def test_hop_by_hop_includes_connection_tokens_but_not_framing():
-    names = hop_by_hop(["close, X-Secret", "Keep-Alive"])
-    assert {"connection", "keep-alive", "te", "upgrade", "proxy-authorization", "x-secret"} <= names
-    assert "transfer-encoding" not in names and "content-length" not in names
-    assert not {"connection", "upgrade"} & hop_by_hop(["Upgrade"], websocket_upgrade=True)
+def names(fields):
+    return [k.decode() for k, _ in fields]
+
+
+def test_hop_by_hop_and_connection_tokens_are_dropped_but_not_framing():
+    fields = ((b"Host", b"a"), (b"Connection", b"close, X-Secret, Content-Length"), (b"X-Secret", b"1"),
+              (b"Keep-Alive", b"5"), (b"TE", b"trailers"), (b"Upgrade", b"h2c"), (b"Proxy-Authorization", b"x"),
+              (b"X-Forwarded-For", b"6.6.6.6"), (b"x-real-ip", b"6.6.6.6"), (b"Content-Length", b"3"),
+              (b"Transfer-Encoding", b"chunked"), (b"Accept", b"*/*"))
+    assert names(forwardable(fields)) == ["Host", "Content-Length", "Transfer-Encoding", "Accept"]
+
+
+def test_websocket_upgrade_survives():
+    fields = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", b"k"))
+    assert names(forwardable(fields)) == ["Connection", "Upgrade", "Sec-WebSocket-Key"]
 
 
 def test_forwarding_headers():

@@ -49,6 +49,20 @@ def test_rewrite_link_refresh_cookie():
     assert MASK.rewrite_links('<http://127.0.0.1:9001/a.css>; rel=preload, <https://cdn.example/b.js>; rel=preload',
                               BASE, HOST) == '<https://shop.example/a.css>; rel=preload, <https://cdn.example/b.js>; rel=preload'
     assert MASK.rewrite_refresh("5; url=http://backend.internal:8000/done", BASE, HOST) == "5; url=https://shop.example/done"
-    assert MASK.rewrite_cookie_domain("sid=1; Domain=.backend.internal; Path=/", HOST) == "sid=1; Domain=shop.example; Path=/"
-    assert MASK.rewrite_cookie_domain("sid=1; domain=10.0.0.5", HOST) == "sid=1; domain=shop.example"
-    assert MASK.rewrite_cookie_domain("sid=1; Domain=shop.example", HOST) == "sid=1; Domain=shop.example"
+    assert MASK.rewrite_cookie_domain("sid=1; Domain=.backend.internal; Path=/", BASE, HOST) == "sid=1; Domain=shop.example; Path=/"
+    assert MASK.rewrite_cookie_domain("sid=1; domain=10.0.0.5", BASE, HOST) == "sid=1; domain=shop.example"
+    assert MASK.rewrite_cookie_domain("sid=1; Domain=shop.example", BASE, HOST) == "sid=1; Domain=shop.example"
+
+
+def test_scrub_fields_in_one_pass():
+    fields = ((b"Server", b"Apache"), (b"Date", b"Fri, 27 Nov 2026 10:00:00 GMT"), (b"X-Powered-By", b"PHP"),
+              (b"Location", b"http://127.0.0.1:9001/x"), (b"X-Debug", b"10.0.0.3"), (b"ETag", b'"10.0.0.3"'),
+              (b"Set-Cookie", b"a=1; Domain=backend.internal"), (b"Set-Cookie", b"b=2"), (b"VIA", b"1.1 lb"))
+    out, removed, rewritten = MASK.scrub_fields(fields, BASE, HOST, frozenset({b"x-powered-by", b"via"}), b"edge")
+    assert out == ((b"Date", b"Fri, 27 Nov 2026 10:00:00 GMT"), (b"Location", b"https://shop.example/x"),
+                   (b"ETag", b'"10.0.0.3"'), (b"Set-Cookie", b"a=1; Domain=shop.example"), (b"Set-Cookie", b"b=2"),
+                   (b"Server", b"edge"))
+    assert removed == ["X-Powered-By", "X-Debug", "VIA"]
+    assert rewritten == ["Location", "Set-Cookie"]
+    out, _, _ = MASK.scrub_fields(((b"Server", b"Apache"),), BASE, HOST, frozenset(), None)
+    assert out == ()

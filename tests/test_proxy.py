@@ -118,3 +118,13 @@ def test_mitmweb_shows_the_decisions(origin, edge):
     flows = httpx.get(f"{web}/flows", headers={"Authorization": f"Bearer {token}"}).json()
     (flow,) = [f for f in flows if f["request"]["path"] == "/leaky"]
     assert flow["comment"].startswith(f"pool=default origin={o.url} scrubbed=X-Powered-By,X-Backend-Server")
+
+
+def test_mitmproxy_ca_crl_is_not_served(origin, edge):
+    """mitmproxy answers /mitmproxy-<serial>.crl itself; an edge forwards every path."""
+    o = origin("eu")
+    e = edge([o.url])
+    serial = e.master.addons.get("tlsconfig").certstore.default_ca.serial
+    r = httpx.get(f"{e.url}/mitmproxy-{serial}.crl")
+    assert r.status_code == 404 and r.text == "not found\n"          # the origin's answer
+    assert o.seen[-1].path == f"/mitmproxy-{serial}.crl"

@@ -27,12 +27,10 @@ class Route:
             return
         pool = self.default_pool
         origin = self.balancers[pool].pick()
-        req = flow.request
-        host_header = req.host_header
-        req.scheme = origin.scheme          # before host/port: default-port formatting depends on it
-        req.host = origin.host
-        req.port = origin.port
-        req.host_header = host_header       # the setters above rewrote it to the origin
+        # The destination only: the Request.host/port setters would also rewrite the Host
+        # header, and the origin must see the client's Host.
+        data = flow.request.data
+        data.scheme, data.host, data.port = origin.scheme_bytes, origin.host, origin.port
         rec = decisions(flow)
         rec["pool"] = pool
         rec["origin"] = origin.url

@@ -8,8 +8,8 @@ from addons.client import client_of, split_host
 from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
 from addons.net import is_trusted, parse_ip
-from addons.scrub.forwarding import FORWARDING, forwarding_headers, hop_by_hop
-from addons.scrub.masking import UNSCANNED, URL_HEADERS, OriginMask
+from addons.scrub.forwarding import forwardable, forwarding_headers
+from addons.scrub.masking import OriginMask
 from addons.trace import decisions
 
 
@@ -20,15 +20,17 @@ def _last(value: str | None) -> str | None:
 class Scrub:
     def __init__(self) -> None:
         self.trusted: tuple = ()
-        self.settings = ScrubConfig()
-        self.strip: frozenset[str] = frozenset(n.lower() for n in self.settings.strip)
         self.mask = OriginMask([])
+        self.configure_scrub(ScrubConfig())
+
+    def configure_scrub(self, settings: ScrubConfig) -> None:
+        self.drop = frozenset(n.lower().encode() for n in (*settings.strip, "via"))
+        self.server = settings.server_header.encode() if settings.server_header is not None else None
 
     def apply(self, config: EdgeConfig) -> None:
         self.trusted = config.trusted_proxies
-        self.settings = config.scrub
-        self.strip = frozenset(n.lower() for n in config.scrub.strip)
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
+        self.configure_scrub(config.scrub)
 
     # -- towards the origin -------------------------------------------------------------------------
 
@@ -44,14 +46,12 @@ class Scrub:
         if self.trusted and is_trusted(parse_ip(flow.client_conn.peername[0]), self.trusted):
             proto = _last(headers.get("x-forwarded-proto")) or proto
             host = _last(headers.get("x-forwarded-host")) or host
-        websocket = headers.get("upgrade", "").lower() == "websocket"
-        for name in hop_by_hop(headers.get_all("connection"), websocket):
-            headers.pop(name, None)
-        for name in FORWARDING:
-            headers.pop(name, None)
-        headers.update(forwarding_headers(client, proto, host))
-        rec["public_url"] = f"{proto}://{host or req.host}{req.path}"
-        rec["public_base"] = f"{proto}://{host or req.host}"
+        added = tuple((k.encode(), v.encode("utf-8", "surrogateescape"))
+                      for k, v in forwarding_headers(client, proto, host).items())
+        headers.fields = forwardable(headers.fields) + added
+        base = f"{proto}://{host or req.host}"
+        rec["public_base"] = base
+        rec["public_url"] = base + req.path
 
     # -- towards the client -------------------------------------------------------------------------
 
@@ -66,40 +66,11 @@ class Scrub:
             self._mask(flow)
 
     def _mask(self, flow: http.HTTPFlow) -> None:
-        headers, rec, mask = flow.response.headers, decisions(flow), self.mask
-        if "server" in headers or self.settings.server_header is not None:
-            headers.pop("server", None)
-            if self.settings.server_header is not None:
-                headers["Server"] = self.settings.server_header
+        rec, headers = decisions(flow), flow.response.headers
         base = rec.get("public_base") or f"{flow.request.scheme}://{flow.request.host_header}"
-        public_host = split_host(base.split("://", 1)[1])
-        removed, rewritten = [], []
-        for name in list(headers.keys()):
-            low = name.lower()
-            if low in self.strip or low == "via":
-                del headers[name]
-                removed.append(name)
-                continue
-            if low in UNSCANNED:
-                continue
-            values = headers.get_all(name)
-            if low in URL_HEADERS:
-                new = [mask.rewrite_url(v, base, public_host) for v in values]
-            elif low == "link":
-                new = [mask.rewrite_links(v, base, public_host) for v in values]
-            elif low == "refresh":
-                new = [mask.rewrite_refresh(v, base, public_host) for v in values]
-            elif low == "set-cookie":
-                new = [mask.rewrite_cookie_domain(v, public_host) for v in values]
-            else:
-                new = values
-            if new != values:
-                rewritten.append(name)
-            kept = [v for v in new if not mask.leaks(v, public_host)]
-            if len(kept) != len(new):
-                removed.append(name)
-            if kept != values:
-                headers.set_all(name, kept)
+        fields, removed, rewritten = self.mask.scrub_fields(
+            headers.fields, base, split_host(base.split("://", 1)[1]), self.drop, self.server)
+        headers.fields = fields
         if removed:
             rec["scrubbed"] = removed
         if rewritten:

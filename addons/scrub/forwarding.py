@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from addons.net import parse_ip
 
 # RFC 9110 7.6.1, plus the non-standard ones proxies meet in practice. Transfer-Encoding is left
@@ -15,16 +13,24 @@ FORWARDING = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-
               "x-forwarded-port", "x-real-ip", "x-client-ip", "true-client-ip")
 
 
-def hop_by_hop(connection_values: Iterable[str], websocket_upgrade: bool = False) -> set[str]:
-    """Header names (lower case) to remove before forwarding. A WebSocket upgrade keeps
-    `Connection: upgrade` and `Upgrade`, which mitmproxy relays end to end."""
-    names = set(HOP_BY_HOP)
-    names.update(t.strip().lower() for v in connection_values for t in v.split(",") if t.strip())
-    names.discard("transfer-encoding")
-    names.discard("content-length")
-    if websocket_upgrade:
-        names -= {"connection", "upgrade"}
-    return names
+Fields = tuple[tuple[bytes, bytes], ...]
+_DROP = frozenset(n.encode() for n in (*HOP_BY_HOP, *FORWARDING))
+_FRAMING = frozenset({b"transfer-encoding", b"content-length", b"host"})
+
+
+def forwardable(fields: Fields) -> Fields:
+    """Request header fields without hop-by-hop headers (RFC 9110 7.6.1, and those the client
+    named in Connection) and without the client's own forwarding claims. A WebSocket upgrade
+    keeps `Connection: upgrade` and `Upgrade`, which mitmproxy relays end to end; message
+    framing (Content-Length, Transfer-Encoding) is mitmproxy's and is never touched."""
+    drop = _DROP
+    named = [v for k, v in fields if k.lower() == b"connection"]
+    websocket = any(k.lower() == b"upgrade" and v.strip().lower() == b"websocket" for k, v in fields)
+    if named or websocket:
+        drop = set(drop).union(t.strip().lower() for v in named for t in v.split(b",")) - _FRAMING
+        if websocket:
+            drop -= {b"connection", b"upgrade"}
+    return tuple(f for f in fields if f[0].lower() not in drop)
 
 
 def forwarded_node(ip: str) -> str:

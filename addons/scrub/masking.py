@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 from addons.net import is_internal, parse_ip
 
-# Headers whose URLs are rewritten to the public address rather than removed.
-URL_HEADERS = ("location", "content-location")
+Fields = tuple[tuple[bytes, bytes], ...]
+
 # Headers whose values are dates, sizes or opaque validators: nothing to scan there.
-UNSCANNED = frozenset({"date", "expires", "last-modified", "content-length", "age", "etag",
-                       "content-type", "cache-control", "vary", "accept-ranges"})
+UNSCANNED = frozenset({b"date", b"expires", b"last-modified", b"content-length", b"age", b"etag",
+                       b"content-type", b"cache-control", b"vary", b"accept-ranges", b"content-encoding"})
 
 _IP_TOKENS = (
     r"\[(?P<v6b>[0-9A-Fa-f:.]+(?:%\w+)?)\](?::(?P<p1>\d{1,5}))?"
@@ -86,9 +86,54 @@ class OriginMask:
     def rewrite_refresh(self, value: str, public_base: str, public_host: str) -> str:
         return _REFRESH_URL.sub(lambda m: m[1] + self.rewrite_url(m[2], public_base, public_host), value)
 
-    def rewrite_cookie_domain(self, value: str, public_host: str) -> str:
+    def rewrite_cookie_domain(self, value: str, public_base: str, public_host: str) -> str:
         def sub(m: re.Match) -> str:
             if self.is_origin_host(m[2], None, public_host):
                 return m[1] + public_host
             return m[0]
         return _COOKIE_DOMAIN.sub(sub, value)
+
+    # -- a whole response head ------------------------------------------------------------------
+
+    def scrub_fields(self, fields: Fields, public_base: str, public_host: str, drop: frozenset[bytes],
+                     server: bytes | None) -> tuple[Fields, list[str], list[str]]:
+        """Response header fields as the client may see them, in one pass: `drop` names
+        removed, origin URLs rewritten to `public_base`, Server replaced by `server` (or
+        removed), and any other value naming an origin or internal address removed.
+        Returns (fields, names removed, names rewritten)."""
+        out: list[tuple[bytes, bytes]] = []
+        removed: list[str] = []
+        rewritten: list[str] = []
+        for name, raw in fields:
+            low = name.lower()
+            if low in UNSCANNED:
+                out.append((name, raw))
+                continue
+            if low == b"server":
+                continue
+            if low in drop:
+                removed.append(name.decode("latin-1"))
+                continue
+            value = raw.decode("utf-8", "surrogateescape")
+            rewrite = _REWRITERS.get(low)
+            if rewrite is not None:
+                new = rewrite(self, value, public_base, public_host)
+                if new != value:
+                    rewritten.append(name.decode("latin-1"))
+                    value, raw = new, new.encode("utf-8", "surrogateescape")
+            if self.leaks(value, public_host):
+                removed.append(name.decode("latin-1"))
+                continue
+            out.append((name, raw))
+        if server is not None:
+            out.append((b"Server", server))
+        return tuple(out), removed, rewritten
+
+
+_REWRITERS = {
+    b"location": OriginMask.rewrite_url,
+    b"content-location": OriginMask.rewrite_url,
+    b"link": OriginMask.rewrite_links,
+    b"refresh": OriginMask.rewrite_refresh,
+    b"set-cookie": OriginMask.rewrite_cookie_domain,
+}

@@ -1,0 +1,150 @@
+"""Throughput and latency on loopback, all in one run: direct origin, plain mitmdump, edge.
+
+    make bench                      # or: .venv/bin/python bench/bench.py [--seconds 10]
+
+wrk drives the load pinned to CPU 0; the system under test is pinned to CPU 1 (on a 2-core
+machine). The origin is nginx serving a 1 KiB body. Figures drift between machines: compare
+the ratios, which come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+NGINX_CONF = """\
+daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ root {dir}/www; }} }} }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listening on {port}")
+
+
+def pinned(cpu: int, args: list) -> list:
+    return ["taskset", "-c", str(cpu), *map(str, args)] if shutil.which("taskset") and os.cpu_count() > 1 else args
+
+
+@dataclass
+class Result:
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def wrk(url: str, connections: int, seconds: int) -> Result:
+    out = subprocess.run(pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]),
+                         capture_output=True, text=True, check=True).stdout
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = sum(map(int, m.groups())) if (m := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    errors += int(m[1]) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    return Result(float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]), _ms(lat["50"]), _ms(lat["99"]), errors)
+
+
+def median_result(results: list[Result]) -> Result:
+    return Result(statistics.median(r.rps for r in results), statistics.median(r.p50 for r in results),
+                  statistics.median(r.p99 for r in results), sum(r.errors for r in results))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10, help="per measurement")
+    ap.add_argument("--connections", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            raise SystemExit(f"bench: needs {tool} (apt-get install wrk nginx-light)")
+
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    work.chmod(0o755)                   # nginx's workers drop root and must read the page
+    (work / "www").mkdir()
+    (work / "www" / "index.html").write_bytes(b"x" * 1024)
+    origin_port, mitm_port, edge_port = free_port(), free_port(), free_port()
+    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    origin = f"http://127.0.0.1:{origin_port}"
+    systems = {
+        "direct origin (nginx)": (None, origin_port),
+        "plain mitmdump -q": ([BIN / "mitmdump", "-q", "--mode", f"reverse:{origin}@127.0.0.1:{mitm_port}",
+                               "--set", f"confdir={work / 'conf'}"], mitm_port),
+        "edge run": ([BIN / "edge", "run", "--origin", origin, "--listen", f"127.0.0.1:{edge_port}",
+                      "--confdir", work / "conf"], edge_port),
+    }
+    procs = [subprocess.Popen(pinned(1, [nginx, "-c", work / "nginx.conf", "-p", work]))]
+    try:
+        for cmd, _ in systems.values():
+            if cmd:
+                procs.append(subprocess.Popen(pinned(1, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for name, (_, port) in systems.items():
+            wait_for_port(port)
+            check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                                    f"http://127.0.0.1:{port}/index.html"], capture_output=True, text=True).stdout
+            if check != "200 1024":
+                raise SystemExit(f"bench: {name} answered {check!r}, not 200 with 1 KiB")
+        runs: dict[str, list[tuple[Result, Result]]] = {name: [] for name in systems}
+        for _ in range(args.rounds):            # interleaved, so drift hits every system alike
+            for name, (_, port) in systems.items():
+                url = f"http://127.0.0.1:{port}/index.html"
+                wrk(url, args.connections, 1)                          # warm-up
+                runs[name].append((wrk(url, args.connections, args.seconds), wrk(url, 1, args.seconds)))
+    finally:
+        for p in procs[1:]:
+            p.send_signal(signal.SIGINT)
+            p.wait(15)
+        procs[0].send_signal(signal.SIGQUIT)
+        procs[0].wait(15)
+        shutil.rmtree(work, ignore_errors=True)
+    results = {name: (median_result([m for m, _ in r]), median_result([o for _, o in r])) for name, r in runs.items()}
+
+    plain = results["plain mitmdump -q"][0].rps
+    direct_p50 = results["direct origin (nginx)"][1].p50
+    print(f"\n1 KiB GET, loopback, wrk pinned to CPU 0, systems under test to CPU 1; "
+          f"median of {args.rounds} interleaved rounds of {args.seconds}s")
+    print(f"{'system':24} {'req/s c=' + str(args.connections):>12} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12}"
+          f" {'req/s c=1':>10} {'p50 ms c=1':>11} {'errors':>7}")
+    for name, (many, one) in results.items():
+        print(f"{name:24} {many.rps:12.0f} {many.p50:8.2f} {many.p99:8.2f} {many.rps / plain:11.2f}x"
+              f" {one.rps:10.0f} {one.p50:11.3f} {many.errors + one.errors:7d}")
+    edge_many, edge_one = results["edge run"]
+    print(f"\nedge vs plain mitmdump at c={args.connections}: {edge_many.rps / plain:.2f}x (goal >= 2.0x)")
+    print(f"edge p50 added over direct at c=1: {edge_one.p50 - direct_p50:.3f} ms (goal <= 0.6 ms)")
+
+
+if __name__ == "__main__":
+    main()
