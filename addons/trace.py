@@ -15,6 +15,10 @@ from mitmproxy import http
 logger = logging.getLogger("edge")
 
 
+# Facts kept in the record for other addons that the log line already shows as its own fields.
+FACTS = frozenset({"client", "public_base", "public_url"})
+
+
 def decisions(flow: http.HTTPFlow) -> dict:
     """The flow's decision record (JSON-safe values only), created on first use."""
     rec = flow.metadata.get("edge")
@@ -39,7 +43,7 @@ def access_record(flow: http.HTTPFlow) -> dict:
         "status": status,
         "bytes": size,
         "ms": round((time.time() - req.timestamp_start) * 1000, 2),
-        "edge": rec,
+        "edge": {k: v for k, v in rec.items() if k not in FACTS},
     }
     if flow.error:
         out["error"] = flow.error.msg
@@ -49,7 +53,7 @@ def access_record(flow: http.HTTPFlow) -> dict:
 def summary(rec: dict) -> str:
     """A short human line for mitmweb's comment column."""
     return " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in rec.items()
-                    if k not in ("client", "public_url", "public_base") and v not in (None, [], ""))
+                    if k not in FACTS and v not in (None, [], ""))
 
 
 class Trace:

@@ -107,6 +107,7 @@ def test_access_log_line_carries_the_decisions(origin, edge, tmp_path):
     assert d["pool"] == "eu" and d["origin"] == o.url
     assert {"X-Powered-By", "X-Backend-Server", "X-Debug", "Via"} <= set(d["scrubbed"])
     assert d["rewritten"] == ["Link"]
+    assert not {"client", "public_url", "public_base"} & set(d)      # shown once, as the line's own fields
 
 
 def test_mitmweb_shows_the_decisions(origin, edge):
