@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from mitmproxy import http
 
-from addons.net import client_ip
+from addons.net import client_ip, is_trusted, parse_ip
 from addons.trace import decisions
 
 
@@ -18,6 +18,28 @@ def client_of(flow: http.HTTPFlow, trusted: Sequence) -> str:
         xff = flow.request.headers.get_all("x-forwarded-for") if trusted else ()
         ip = rec["client"] = client_ip(flow.client_conn.peername[0], xff, trusted)
     return ip
+
+
+def _last(value: str | None) -> str | None:
+    return value.rsplit(",", 1)[-1].strip() or None if value else None
+
+
+def public_base(flow: http.HTTPFlow, trusted: Sequence) -> str:
+    """scheme://host the client used to reach us (a trusted proxy's X-Forwarded-Proto/-Host
+    win), cached in the trace: the address every rewrite points at. Call it before the
+    forwarding headers are replaced."""
+    rec = decisions(flow)
+    base = rec.get("public_base")
+    if base is None:
+        req = flow.request
+        proto = "https" if flow.client_conn.tls_established else "http"
+        host = req.host_header
+        if trusted and is_trusted(parse_ip(flow.client_conn.peername[0]), trusted):
+            proto = _last(req.headers.get("x-forwarded-proto")) or proto
+            host = _last(req.headers.get("x-forwarded-host")) or host
+        base = rec["public_base"] = f"{proto}://{host or flow.client_conn.sockname[0]}"
+        rec["public_url"] = base + req.path
+    return base
 
 
 def split_host(authority: str) -> str:

@@ -69,8 +69,8 @@ class Launch:
 class _Ready:
     """Reports the bound address once mitmproxy's servers are up, or stops on a bind failure."""
 
-    def __init__(self, launch: Launch) -> None:
-        self.launch = launch
+    def __init__(self, launch: Launch, m: master.Master) -> None:
+        self.launch, self.master = launch, m
 
     def running(self) -> None:
         m = self.master
@@ -135,8 +135,7 @@ async def serve(launch: Launch) -> None:
         m: master.Master = WebMaster(opts, with_termlog=True)
     else:
         m = LeanMaster(opts)
-    ready = _Ready(launch)
-    ready.master = m
+    ready = _Ready(launch, m)
     try:
         m.addons.add(Edge(cfg, annotate=launch.web, extra=launch.extra_addons), ready)
         updates = {"http3": False, "termlog_verbosity": "warn"}

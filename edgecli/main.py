@@ -19,19 +19,16 @@ def default_confdir() -> str:
     return os.path.join(click.get_app_dir("edge"), "mitmproxy")
 
 
-class ConfigProblem(click.ClickException):
-    """A bad config file: exit 2 with FILE:LINE: key: problem."""
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"edge: {self.message}", err=True)
-
-
 class Problem(click.ClickException):
-    """Anything else the user can fix: one line, exit 1."""
+    """Something the user can fix: one line, exit 1."""
 
     def show(self, file=None) -> None:
         click.echo(f"edge: {self.message}", err=True)
+
+
+class ConfigProblem(Problem):
+    """A bad config file: FILE:LINE: key: problem, exit 2."""
+    exit_code = 2
 
 
 def read_config(path: str) -> EdgeConfig:

@@ -4,6 +4,7 @@ the tests' origins. Each remembers what it received. Some pages leak on purpose.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +50,10 @@ def demo_pages() -> dict[str, Handler]:
 class OriginServer:
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
                  pages: dict[str, Handler] | None = None,
-                 banner: str = "Apache/2.4.58 (Ubuntu)", powered_by: str | None = "PHP/8.3.1") -> None:
+                 banner: str = "Apache/2.4.58 (Ubuntu)", powered_by: str | None = "PHP/8.3.1",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name, self.host = name, host
+        self.scheme = "https" if tls else "http"
         self.pages = demo_pages() if pages is None else pages
         self.seen: list[Seen] = []
         origin = self
@@ -88,12 +91,14 @@ class OriginServer:
 
         self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
         self.httpd.daemon_threads = True
+        if tls:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name=f"origin-{name}", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> OriginServer:
         self.thread.start()

@@ -115,6 +115,11 @@ class TLSFiles:
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
 
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.pem)
+        return ctx
+
 
 def _cert(subject: str, key, issuer: x509.Name, issuer_key, ca: bool):
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -39,6 +39,22 @@ def test_tls_http2_and_http11(origin, edge, tls):
     assert httpx.get(f"{e.url}/").text == "hello from eu\n"          # plaintext on the same port
 
 
+def test_https_origin_is_verified_and_masked(origin, edge, tls):
+    o = origin("secure", tls=tls.server_context())
+    e = edge([o.url], settings=[f"ssl_verify_upstream_trusted_ca={tls.ca}"])
+    r = httpx.get(f"{e.url}/redirect", headers={"Host": "shop.example"})
+    assert r.status_code == 302 and r.headers["location"] == "http://shop.example/"   # https origin URL moved
+    assert o.seen[-1].headers["host"] == "shop.example"
+
+
+def test_https_origin_with_an_untrusted_certificate_is_refused(origin, edge, tls):
+    o = origin("impostor", tls=tls.server_context())
+    e = edge([o.url])                             # the test CA is not trusted here
+    r = httpx.get(f"{e.url}/")
+    assert r.status_code == 502 and str(o.port) not in r.text
+    assert o.seen == []
+
+
 def test_weighted_pool_spreads_by_weight(origin, edge):
     a, b = origin("a"), origin("b")
     e = edge(f"pools:\n  p:\n    origins:\n      - {{url: {a.url}, weight: 3}}\n      - {{url: {b.url}, weight: 1}}\n")

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addons.client import client_of, split_host
+from addons.client import client_of, public_base, split_host
 from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
-from addons.net import is_trusted, parse_ip
 from addons.scrub.forwarding import forwardable, forwarding_headers
 from addons.scrub.masking import OriginMask
 from addons.trace import decisions
-
-
-def _last(value: str | None) -> str | None:
-    return value.rsplit(",", 1)[-1].strip() or None if value else None
 
 
 class Scrub:
@@ -38,20 +33,12 @@ class Scrub:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        req, rec = flow.request, decisions(flow)
-        headers = req.headers
+        headers = flow.request.headers
         client = client_of(flow, self.trusted)
-        proto = "https" if flow.client_conn.tls_established else "http"
-        host = req.host_header
-        if self.trusted and is_trusted(parse_ip(flow.client_conn.peername[0]), self.trusted):
-            proto = _last(headers.get("x-forwarded-proto")) or proto
-            host = _last(headers.get("x-forwarded-host")) or host
+        proto, _, host = public_base(flow, self.trusted).partition("://")
         added = tuple((k.encode(), v.encode("utf-8", "surrogateescape"))
                       for k, v in forwarding_headers(client, proto, host).items())
         headers.fields = forwardable(headers.fields) + added
-        base = f"{proto}://{host or req.host}"
-        rec["public_base"] = base
-        rec["public_url"] = base + req.path
 
     # -- towards the client -------------------------------------------------------------------------
 
@@ -67,7 +54,7 @@ class Scrub:
 
     def _mask(self, flow: http.HTTPFlow) -> None:
         rec, headers = decisions(flow), flow.response.headers
-        base = rec.get("public_base") or f"{flow.request.scheme}://{flow.request.host_header}"
+        base = public_base(flow, self.trusted)
         fields, removed, rewritten = self.mask.scrub_fields(
             headers.fields, base, split_host(base.split("://", 1)[1]), self.drop, self.server)
         headers.fields = fields
