@@ -55,6 +55,16 @@ def test_https_origin_with_an_untrusted_certificate_is_refused(origin, edge, tls
     assert o.seen == []
 
 
+def test_no_upstream_connection_before_routing(origin, edge):
+    """Lazy connections: the reverse-mode target (the first origin) is dead, yet the request
+    routed elsewhere is served; an eager master would have dropped the client."""
+    alive = origin("alive")
+    e = edge(f"pools:\n  p:\n    origins:\n      - {{url: http://127.0.0.1:{free_port()}, weight: 1}}\n"
+             f"      - {{url: {alive.url}, weight: 1000}}\n")
+    r = httpx.get(f"{e.url}/")
+    assert r.status_code == 200 and r.text == "hello from alive\n"
+
+
 def test_weighted_pool_spreads_by_weight(origin, edge):
     a, b = origin("a"), origin("b")
     e = edge(f"pools:\n  p:\n    origins:\n      - {{url: {a.url}, weight: 3}}\n      - {{url: {b.url}, weight: 1}}\n")
@@ -91,13 +101,15 @@ class Explodes:
             raise RuntimeError("bug in a response hook")
 
 
-def test_hooks_fail_closed_and_the_proxy_keeps_serving(origin, edge, tmp_path):
+def test_hooks_fail_closed_and_the_proxy_keeps_serving(origin, edge, tmp_path, caplog):
     o = origin("eu")
     log = tmp_path / "access.log"
     e = edge([o.url], extra_addons=[Explodes()], access_log=str(log))
     with httpx.Client() as c:
         r = c.get(f"{e.url}/boom-request")
         assert r.status_code == 500 and "request id:" in r.text
+        flow_id = r.text.split("request id: ")[1].strip()
+        assert any(flow_id in rec.getMessage() and rec.exc_info for rec in caplog.records)   # logged with its id
         assert all(s.path != "/boom-request" for s in o.seen)          # never reached the origin
         r = c.get(f"{e.url}/boom-response")
         assert r.status_code == 502 and "x-secret-origin" not in r.headers
