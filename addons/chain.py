@@ -12,6 +12,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addons import internals
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
+from addons.cache import Cache
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.trace import Trace
@@ -37,8 +38,8 @@ class Edge:
     def __init__(self, config: EdgeConfig | None = None, annotate: bool = False, extra=()) -> None:
         """`extra`: an embedder's own addons; they run after routing, before scrubbing (so
         whatever they add is scrubbed too) and before the trace is written."""
-        self.route, self.scrub, self.trace = Route(), Scrub(), Trace()
-        self.addons = [self.route, *extra, self.scrub, self.trace]
+        self.cache, self.route, self.scrub, self.trace = Cache(), Route(), Scrub(), Trace()
+        self.addons = [self.cache, self.route, *extra, self.scrub, self.trace]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -65,6 +66,7 @@ class Edge:
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
+        self.cache.apply(config)
         self.route.apply(config)
         self.scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)

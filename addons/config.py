@@ -6,6 +6,7 @@ Pure (no mitmproxy imports): the CLI, the mitmdump script and the tests share it
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,12 +68,22 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    max_size: int = 256 * 2**20          # bytes of stored bodies + headers
+    max_object: int = 8 * 2**20          # larger responses pass through unstored
+    default_ttl: float | None = None     # None: RFC 9111 heuristic freshness
+    purge_from: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
     listen: tuple[str, int] = DEFAULT_LISTEN
     trusted_proxies: tuple[Network, ...] = ()
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     access_log: str | None = None
     source: str = "<config>"
 
@@ -126,6 +137,27 @@ def parse_network(value: Any) -> Network:
         return ipaddress.ip_network(str(value).strip(), strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+               "G": 2**30, "GB": 2**30, "GIB": 2**30}
+_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `1048576`, `512KB`, `8MB`, `1GB` (binary multiples)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m[2].upper() not in _SIZE_UNITS or isinstance(value, bool):
+        raise ValueError(f"{value!r}: expected a size like 512KB, 8MB or 1GB")
+    return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `30`, `500ms`, `10s`, `5m`, `1h`, `1d`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", str(value))
+    if not m or isinstance(value, bool):
+        raise ValueError(f"{value!r}: expected a duration like 500ms, 10s, 5m or 1h")
+    return float(m[1]) * _DURATION_UNITS[m[2]]
 
 
 def _bracket(host: str) -> str:
@@ -210,7 +242,7 @@ class _Reader:
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
-    top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "access_log"})
+    top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "access_log"})
 
     listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -257,12 +289,31 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
             if not isinstance(name, str) or not name or any(c in name for c in " :\r\n"):
                 raise doc.error(("scrub", "strip", i), "expected a header name")
 
+    cache = CacheConfig()
+    if "cache" in top:
+        raw = r.mapping(top["cache"], ("cache",), {"enabled", "max_size", "max_object", "default_ttl", "purge_from"})
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise doc.error(("cache", "enabled"), "expected true or false")
+        max_size = r.convert(parse_size, raw["max_size"], ("cache", "max_size")) if "max_size" in raw else cache.max_size
+        max_object = (r.convert(parse_size, raw["max_object"], ("cache", "max_object"))
+                      if "max_object" in raw else min(cache.max_object, max_size))
+        if max_object > max_size:
+            raise doc.error(("cache", "max_object"), "must not be larger than cache.max_size")
+        ttl = raw.get("default_ttl")
+        default_ttl = r.convert(parse_duration, ttl, ("cache", "default_ttl")) if ttl is not None else None
+        purge_from = cache.purge_from
+        if "purge_from" in raw:
+            purge_from = tuple(r.convert(parse_network, v, ("cache", "purge_from", i))
+                               for i, v in enumerate(r.listing(raw["purge_from"], ("cache", "purge_from"))))
+        cache = CacheConfig(enabled, max_size, max_object, default_ttl, purge_from)
+
     access_log = top.get("access_log")
     if access_log is not None and (not isinstance(access_log, str) or not access_log):
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
     return EdgeConfig(pools=pools, default_pool=default_pool, listen=listen, trusted_proxies=trusted,
-                      scrub=ScrubConfig(server_header, strip), access_log=access_log, source=source)
+                      scrub=ScrubConfig(server_header, strip), cache=cache, access_log=access_log, source=source)
 
 
 def load_config(path: str) -> EdgeConfig:

@@ -5,6 +5,9 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   (which names the origin's address and port) and `Server: mitmproxy <version>`. An `error`
   hook cannot change that page (mitmproxy-notes: a response set there is ignored), so the page
   itself is replaced by an origin-free one.
+- Answers from the `error` hook: when the origin fails before any response, an addon may set
+  `flow.response` in `error` (the cache serving a stale copy, failover's last resort) and that
+  response is sent instead of the 502. mitmproxy ignores such a response (its PR #7999, open).
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from __future__ import annotations
 import html
 import logging
 
-from mitmproxy import http, version
+from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
+from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -43,6 +49,33 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
     return http1.assemble_response(resp)
 
 
+_original_handle_protocol_error = http_layer.HttpStream.handle_protocol_error
+
+
+def _handle_protocol_error(self, event):
+    """mitmproxy's handling, except that a response set by an `error` hook for an origin that
+    failed before answering is sent to the client (a fully received request only)."""
+    if not (isinstance(event, ResponseProtocolError) and self.flow.response is None
+            and self.client_state == self.state_done
+            and self.server_state not in (self.state_done, self.state_errored)):
+        yield from _original_handle_protocol_error(self, event)
+        return
+    self.flow.error = flow.Error(event.message)
+    yield HttpErrorHook(self.flow)
+    if self.flow.response is not None and self.flow.error.msg != flow.Error.KILLED_MESSAGE:
+        self.flow.error = None              # answered: the flow goes on as if the origin had
+        yield from self.send_response()
+        return
+    # as mitmproxy does after its error hook (proxy/layers/http/__init__.py handle_protocol_error)
+    if (yield from self.check_killed(False)):
+        return
+    if self.client_state != self.state_errored:
+        yield http_layer.SendHttp(event, self.context.client)
+    self.server_state = self.state_errored
+    self.flow.live = False
+    yield http_layer.DropStream(self.stream_id)
+
+
 def install() -> None:
     """Apply the patches (idempotent)."""
     global _installed
@@ -52,4 +85,5 @@ def install() -> None:
         logger.warning("edge: mitmproxy %s is untested; error pages may name the origin", version.VERSION)
     _http1.make_error_response = _make_error_response
     _http2.format_error = error_page
+    http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
     _installed = True

@@ -83,7 +83,8 @@ class Trace:
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+        if flow.response is None:     # else an addon answered for the origin: logged at `response`
+            self._finish(flow)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         if self.out is None and not self.annotate:

@@ -51,7 +51,11 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("text, line, key, problem", [
-    ("pools:\n  a:\n    origins: [http://x:1]\ncache: {}\n", 4, "cache", "unknown key"),
+    ("pools:\n  a:\n    origins: [http://x:1]\ncompress: {}\n", 4, "compress", "unknown key"),
+    ("pools: {a: {origins: [http://x]}}\ncache:\n  max_size: lots\n", 3, "cache.max_size", "expected a size"),
+    ("pools: {a: {origins: [http://x]}}\ncache:\n  max_size: 1MB\n  max_object: 2MB\n", 4, "cache.max_object", "not be larger"),
+    ("pools: {a: {origins: [http://x]}}\ncache:\n  default_ttl: soon\n", 3, "cache.default_ttl", "duration"),
+    ("pools: {a: {origins: [http://x]}}\ncache:\n  enabled: 1\n", 3, "cache.enabled", "true or false"),
     ("pools:\n  a:\n    origins:\n      - {url: 'ftp://x', weight: 1}\n", 4, "pools.a.origins[0].url", "scheme must be http"),
     ("pools:\n  a:\n    origins:\n      - {url: 'http://x/path'}\n", 4, "pools.a.origins[0].url", "no path"),
     ("pools:\n  a:\n    origins:\n      - {url: 'http://x:99999'}\n", 4, "pools.a.origins[0].url", "bad port"),

@@ -146,7 +146,9 @@ def test_mitmweb_shows_the_decisions(origin, edge):
     web = e.master.web_url.split("?")[0].rstrip("/")
     flows = httpx.get(f"{web}/flows", headers={"Authorization": f"Bearer {token}"}).json()
     (flow,) = [f for f in flows if f["request"]["path"] == "/leaky"]
-    assert flow["comment"].startswith(f"pool=default origin={o.url} scrubbed=X-Powered-By,X-Backend-Server")
+    comment = flow["comment"]
+    assert comment.startswith(f"pool=default origin={o.url} cache=fwd=uri-miss")
+    assert "scrubbed=X-Powered-By,X-Backend-Server" in comment
 
 
 def test_mitmproxy_ca_crl_is_not_served(origin, edge):

@@ -1,0 +1,350 @@
+"""The cache addon: answers from memory in `requestheaders` (no origin connection for a hit),
+revalidates stale entries with the origin, stores in `response`, serves stale when the origin
+fails. The rules are in policy.py; this module only moves bytes between flows and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from mitmproxy import command, http
+
+from addons.cache import policy
+from addons.cache.policy import CacheStatus, ResponseRules, Use
+from addons.cache.store import Entry, Store
+from addons.client import client_of, public_base
+from addons.config import CacheConfig, EdgeConfig
+from addons.failsafe import edge_answer
+from addons.net import is_trusted, parse_ip
+from addons.trace import decisions
+
+logger = logging.getLogger("edge")
+META = "edge.cache"
+COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
+# Fields never stored nor served from the cache: per-connection, or added per response.
+NOT_STORED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                        b"proxy-connection", b"age", b"cache-status"})
+NOT_IN_304 = frozenset({b"content-length", b"content-type", b"content-encoding", b"content-range"})
+
+
+def header_map(fields) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in fields:
+        name, value = k.decode("latin-1").lower(), v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+@dataclass
+class FlowState:
+    """What the cache decided for one flow, between its request and its response or error."""
+    key: str
+    status: CacheStatus = field(default_factory=CacheStatus)
+    entry: Entry | None = None          # stored response being revalidated
+    added_validators: bool = False      # the conditional request is ours, not the client's
+    invalidate: bool = False
+    leader: bool = False                # other requests for this key wait on this one
+    answered: bool = False              # the cache produced flow.response
+
+
+class Cache:
+    def __init__(self) -> None:
+        self.settings = CacheConfig(enabled=False)
+        self.store = Store(1)
+        self.trusted: tuple = ()
+        self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
+        self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
+
+    def apply(self, config: EdgeConfig) -> None:
+        self.settings = config.cache
+        self.trusted = config.trusted_proxies
+        if self.store.lru.maxsize != config.cache.max_size:
+            self.store = Store(config.cache.max_size)
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    @command.command("edge.purge")
+    def purge(self, url: str) -> str:
+        """Drop a URL (all its variants) from the cache; `*` empties the cache."""
+        if url == "*":
+            return f"purged {self.store.clear()} URLs"
+        return "purged" if self.store.remove(self._url_key(url)) else "not cached"
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow):
+        if flow.response or not self.settings.enabled:
+            return None
+        req = flow.request
+        state = FlowState(self._key(flow))
+        flow.metadata[META] = state
+        method = req.method
+        if method == "PURGE":
+            self._purge_request(flow, state)
+            return None
+        if method not in ("GET", "HEAD"):
+            state.invalidate = method not in policy.SAFE_METHODS
+            state.status.fwd = "method"
+            return None
+        request = header_map(req.headers.fields)
+        entry, known = self.store.lookup(state.key, request)
+        if entry is None:
+            state.status.fwd = "vary-miss" if known else "uri-miss"
+            if state.key in self.pending and not self._forces_origin(request):
+                return self._follow(flow, state, request)
+            if method == "GET" and not self._forces_origin(request):
+                self.pending[state.key] = asyncio.get_running_loop().create_future()
+                state.leader = True
+            return None
+        self._use(flow, state, entry, request)
+        return None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None:
+            return
+        try:
+            if not state.answered:
+                self._from_origin(flow, state)
+        finally:
+            self._release(state)
+            flow.response.headers.add("Cache-Status", state.status.render())
+            decisions(flow)["cache"] = state.status.render().removeprefix("edge; ")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The origin could not be reached: a stale entry answers if the origin allows it."""
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None:
+            return
+        self._release(state)
+        entry = state.entry
+        if entry is not None and flow.response is None:
+            request = self._client_request(flow.request, state)
+            age = self._age(entry)
+            if policy.stale_on_error(entry.rules, entry.lifetime, age, request):
+                state.status.detail = "origin unreachable"
+                self._answer(flow, state, entry, age, request)
+                return
+        decisions(flow)["cache"] = state.status.render().removeprefix("edge; ")
+
+    # -- decisions on a stored entry ------------------------------------------------------------------
+
+    def _use(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: dict) -> None:
+        age = self._age(entry)
+        use = policy.usable(entry.rules, entry.lifetime, age, request)
+        if use is not Use.REVALIDATE:
+            if use is Use.STALE_WHILE_REVALIDATE:
+                state.status.detail = "stale-while-revalidate"
+            self._answer(flow, state, entry, age, request)
+            return
+        state.entry = entry
+        state.status.fwd = "stale" if age >= entry.lifetime else "request"
+        if not ({"if-none-match", "if-modified-since"} & request.keys()):
+            headers = flow.request.headers
+            if "etag" in entry.headers:
+                headers["If-None-Match"] = entry.headers["etag"]
+                state.added_validators = True
+            if "last-modified" in entry.headers:
+                headers["If-Modified-Since"] = entry.headers["last-modified"]
+                state.added_validators = True
+
+    def _from_origin(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp, req = flow.response, flow.request
+        status = resp.status_code
+        if state.invalidate and 200 <= status < 400:
+            self._invalidate(flow, state)
+            return
+        state.status.fwd_status = status
+        entry = state.entry
+        request = self._client_request(req, state)
+        if entry is not None:
+            if status == 304 and state.added_validators:
+                entry = self._refresh(entry, flow)
+                self._answer(flow, state, entry, self._age(entry), request, revalidated=True)
+                return
+            if status >= 500:
+                age = self._age(entry)
+                if policy.stale_on_error(entry.rules, entry.lifetime, age, request):
+                    state.status.detail = f"origin answered {status}"
+                    self._answer(flow, state, entry, age, request, revalidated=True)
+                    return
+        if status == 304 and entry is not None:     # the client's own conditional: keep our copy current
+            self._refresh(entry, flow)
+            return
+        if req.method == "GET":
+            self._store(flow, state)
+
+    def _store(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp, req = flow.response, flow.request
+        if resp.stream or resp.raw_content is None:
+            return
+        headers = header_map(resp.headers.fields)
+        rules = ResponseRules.read(headers)
+        response_time = resp.timestamp_end or time.time()
+        lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time, self.settings.default_ttl)
+        request = self._client_request(req, state)
+        why_not = policy.storable("GET", resp.status_code, request, headers, rules, lifetime)
+        if why_not is None and len(resp.raw_content) > self.settings.max_object:
+            why_not = "too-large"
+        if why_not is not None:
+            state.status.detail = state.status.detail or f"not stored: {why_not}"
+            return
+        selected = policy.vary_key(headers.get("vary"), request)
+        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in NOT_STORED)
+        entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
+                      req.timestamp_start, response_time, rules, lifetime, selected)
+        if self.store.put(state.key, entry):
+            state.status.stored = True
+            state.status.ttl = round(lifetime - self._age(entry))
+
+    def _refresh(self, entry: Entry, flow: http.HTTPFlow) -> Entry:
+        """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry."""
+        resp = flow.response
+        new = {k.lower() for k, _ in resp.headers.fields} - {n.encode() for n in policy.NOT_UPDATED_BY_304}
+        fields = tuple(f for f in entry.fields if f[0].lower() not in new) + tuple(
+            (k, v) for k, v in resp.headers.fields
+            if k.lower() in new and k.lower() not in NOT_STORED)
+        headers = header_map(fields)
+        if "age" in resp.headers:
+            headers["age"] = resp.headers["age"]
+        rules = ResponseRules.read(headers)
+        response_time = resp.timestamp_end or time.time()
+        lifetime = policy.freshness_lifetime(entry.status, headers, rules, response_time, self.settings.default_ttl)
+        refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
+                          response_time, rules, lifetime, entry.selected_by)
+        if "no-store" not in rules.cc:
+            self.store.put(self._key(flow), refreshed)
+        return refreshed
+
+    # -- answering from the store -------------------------------------------------------------------------
+
+    def _answer(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, age: float, request: dict,
+                revalidated: bool = False) -> None:
+        """Set flow.response from a stored entry: 304 for a matching client validator, HEAD
+        without a body, one byte range as 206, else the whole stored response."""
+        state.answered = True
+        if not revalidated:
+            state.status.hit = True
+            state.status.fwd = None
+        state.status.ttl = round(entry.lifetime - age)
+        status, reason, body = entry.status, entry.reason, entry.body
+        fields = entry.fields + ((b"Age", str(int(age)).encode()),)
+        method = flow.request.method
+        if status == 200 and policy.not_modified(request, entry.headers):
+            status, reason, body = 304, b"Not Modified", b""
+            fields = tuple(f for f in fields if f[0].lower() not in NOT_IN_304)
+        elif status == 200 and method == "GET" and "range" in request and self._if_range_ok(request, entry):
+            span = policy.byte_range(request["range"], len(body))
+            if span is not None:
+                first, last = span
+                fields = tuple(f for f in fields if f[0].lower() != b"content-length")
+                if first >= len(body):
+                    status, reason, body = 416, b"Range Not Satisfiable", b""
+                    fields += ((b"Content-Range", f"bytes */{len(entry.body)}".encode()),)
+                else:
+                    status, reason = 206, b"Partial Content"
+                    fields += ((b"Content-Range", f"bytes {first}-{last}/{len(entry.body)}".encode()),)
+                    body = body[first:last + 1]
+                fields += ((b"Content-Length", str(len(body)).encode()),)
+        if method == "HEAD":
+            body = b""
+        now = time.time()
+        flow.response = http.Response(b"HTTP/1.1", status, reason, http.Headers(fields), body, None, now, now)
+
+    @staticmethod
+    def _if_range_ok(request: dict, entry: Entry) -> bool:
+        cond = request.get("if-range")
+        if cond is None:
+            return True
+        if cond.startswith('"'):
+            return entry.headers.get("etag") == cond         # strong comparison only
+        return cond == entry.headers.get("last-modified")
+
+    # -- invalidation, purge, coalescing -----------------------------------------------------------------
+
+    def _invalidate(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """RFC 9111 4.4: a successful unsafe request invalidates its URI and, on the same
+        origin, the URIs in Location and Content-Location."""
+        self.store.remove(state.key)
+        base = public_base(flow, self.trusted)
+        for name in ("location", "content-location"):
+            target = flow.response.headers.get(name)
+            if target:
+                url = urljoin(base + flow.request.path, target)
+                if urlsplit(url).netloc == urlsplit(base).netloc:
+                    self.store.remove(self._url_key(url))
+        state.status.detail = "invalidated"
+
+    def _purge_request(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        client = parse_ip(client_of(flow, self.trusted))
+        if not is_trusted(client, self.settings.purge_from):
+            flow.response = edge_answer(flow, 403, "purge is not allowed from this address")
+        elif self.store.remove(state.key):
+            flow.response = edge_answer(flow, 200, "purged")
+        else:
+            flow.response = edge_answer(flow, 404, "not in cache")
+        state.answered = True
+        state.status.detail = "purge"
+
+    async def _follow(self, flow: http.HTTPFlow, state: FlowState, request: dict) -> None:
+        """Another request for this URL is on its way to the origin: wait for it, then answer
+        from the cache if it stored something usable, else go to the origin too."""
+        self.waiting[state.key] += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(self.pending[state.key]), COALESCE_WAIT)
+        except (asyncio.TimeoutError, KeyError):
+            pass
+        finally:
+            self.waiting[state.key] -= 1
+            if not self.waiting[state.key]:
+                del self.waiting[state.key]
+        entry, _ = self.store.lookup(state.key, request)
+        if entry is not None:
+            self._use(flow, state, entry, request)
+            if state.answered:
+                state.status.detail = "coalesced"
+
+    def _release(self, state: FlowState) -> None:
+        if state.leader:
+            state.leader = False
+            fut = self.pending.pop(state.key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    # -- keys and ages ---------------------------------------------------------------------------------
+
+    def _key(self, flow: http.HTTPFlow) -> str:
+        return self._url_key(public_base(flow, self.trusted) + flow.request.path)
+
+    @staticmethod
+    def _url_key(url: str) -> str:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        default = (parts.scheme, port) in (("http", 80), ("https", 443))
+        host = parts.hostname or ""
+        authority = host if default else f"{host}:{port}"
+        path = parts.path or "/"
+        return f"{parts.scheme}://{authority}{path}" + (f"?{parts.query}" if parts.query else "")
+
+    @staticmethod
+    def _age(entry: Entry) -> float:
+        return policy.current_age(policy.http_date(entry.headers.get("date")), entry.headers.get("age"),
+                                  entry.request_time, entry.response_time, time.time())
+
+    @staticmethod
+    def _client_request(req: http.Request, state: FlowState) -> dict[str, str]:
+        """The request's headers as the client sent them (without validators the cache added)."""
+        request = header_map(req.headers.fields)
+        if state.added_validators:
+            request.pop("if-none-match", None)
+            request.pop("if-modified-since", None)
+        return request
+
+    @staticmethod
+    def _forces_origin(request: dict) -> bool:
+        cc = policy.parse_directives(request.get("cache-control"))
+        return "no-cache" in cc or "no-store" in cc or "if-none-match" in request or "if-modified-since" in request

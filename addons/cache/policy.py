@@ -1,0 +1,288 @@
+"""RFC 9111 (HTTP caching) rules for a shared cache, with RFC 9213 (CDN-Cache-Control) and
+RFC 9211 (Cache-Status). Pure: header values in, decisions out; no mitmproxy imports.
+
+Headers are passed as plain mappings of lower-case name -> value (repeated fields joined
+with ", "), the way RFC 9110 5.3 combines them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import Enum
+
+Headers = Mapping[str, str]
+
+# RFC 9110 15.1: "heuristically cacheable" status codes (206 is left out: we store full responses).
+CACHEABLE_BY_DEFAULT = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# RFC 9110 9.2.1: safe methods never invalidate.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+HEURISTIC_FRACTION = 0.1            # RFC 9111 4.2.2: "10% of the interval since Last-Modified"
+HEURISTIC_MAX = 24 * 3600.0         # and never more than a day on a guess
+# Headers a 304 must not replace in the stored response (RFC 9111 3.2).
+NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range",
+                                "connection", "keep-alive", "te", "trailer", "upgrade"})
+
+_DIRECTIVE = re.compile(r'\s*([^\s=,]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?\s*(?:,|$)')
+
+
+def parse_directives(value: str | None) -> dict[str, str | None]:
+    """A Cache-Control style list: names lower-cased, quoted values unquoted. The first
+    occurrence of a directive wins."""
+    out: dict[str, str | None] = {}
+    if not value:
+        return out
+    for m in _DIRECTIVE.finditer(value):
+        name, arg = m[1].lower(), m[2]
+        if arg is not None:
+            arg = arg.strip()
+            if arg.startswith('"') and arg.endswith('"') and len(arg) >= 2:
+                arg = re.sub(r"\\(.)", r"\1", arg[1:-1])
+        out.setdefault(name, arg)
+    return out
+
+
+def delta_seconds(value: str | None) -> int | None:
+    """RFC 9111 1.2.2: a non-negative integer; anything else is invalid (None)."""
+    if value is None or not value.isdigit():
+        return None
+    return min(int(value), 2**31)
+
+
+def http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        dt = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return dt.timestamp() if dt is not None and dt.tzinfo is not None else None
+
+
+def field_names(value: str | None) -> list[str]:
+    return [n.strip().lower() for n in (value or "").split(",") if n.strip()]
+
+
+@dataclass
+class ResponseRules:
+    """What a response says about caching, read once when it is stored or validated."""
+    cc: dict[str, str | None]
+    targeted: bool              # CDN-Cache-Control was present and used instead of Cache-Control
+
+    @classmethod
+    def read(cls, headers: Headers) -> ResponseRules:
+        cdn = headers.get("cdn-cache-control")
+        if cdn is not None:
+            parsed = parse_directives(cdn)
+            if parsed:
+                return cls(parsed, True)
+        cc = parse_directives(headers.get("cache-control"))
+        return cls(cc, False)
+
+    def has(self, name: str) -> bool:
+        return name in self.cc
+
+    def seconds(self, name: str) -> int | None:
+        return delta_seconds(self.cc.get(name))
+
+    @property
+    def must_revalidate_when_stale(self) -> bool:
+        """must-revalidate, proxy-revalidate and s-maxage (RFC 9111 5.2.2.10) forbid stale use."""
+        return any(d in self.cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage"))
+
+    @property
+    def always_revalidate(self) -> bool:
+        """no-cache without field names: every use needs the origin's consent."""
+        return "no-cache" in self.cc and not self.cc["no-cache"]
+
+
+def freshness_lifetime(status: int, headers: Headers, rules: ResponseRules, response_time: float,
+                       default_ttl: float | None = None) -> float:
+    """RFC 9111 4.2.1 for a shared cache: s-maxage, then max-age, then Expires - Date, then a
+    heuristic (4.2.2) where allowed. Seconds; 0 means stale on arrival."""
+    for name in ("s-maxage", "max-age"):
+        if rules.has(name):
+            value = rules.seconds(name)
+            return float(value) if value is not None else 0.0
+    if not rules.targeted and "expires" in headers:
+        expires = http_date(headers["expires"])
+        if expires is None:
+            return 0.0                      # an invalid Expires means "already expired"
+        date = http_date(headers.get("date")) or response_time
+        return max(0.0, expires - date)
+    heuristic_allowed = status in CACHEABLE_BY_DEFAULT or rules.has("public")
+    if not heuristic_allowed:
+        return 0.0
+    if default_ttl is not None:
+        return float(default_ttl)
+    last_modified = http_date(headers.get("last-modified"))
+    if last_modified is None:
+        return 0.0
+    date = http_date(headers.get("date")) or response_time
+    return min(HEURISTIC_MAX, max(0.0, (date - last_modified) * HEURISTIC_FRACTION))
+
+
+def has_validator(headers: Headers) -> bool:
+    return "etag" in headers or "last-modified" in headers
+
+
+def storable(method: str, status: int, request: Headers, headers: Headers, rules: ResponseRules,
+             lifetime: float) -> str | None:
+    """RFC 9111 3 for a shared cache. None if the response may be stored, else why not."""
+    if method != "GET":
+        return "method"
+    if status < 200 or status in (206, 304) or status >= 600:
+        return "status"
+    req_cc = parse_directives(request.get("cache-control"))
+    if "no-store" in req_cc or rules.has("no-store"):
+        return "no-store"
+    if rules.has("private"):
+        return "private"
+    if "authorization" in request and not any(rules.has(d) for d in ("must-revalidate", "public", "s-maxage")):
+        return "authorization"
+    if "*" in field_names(headers.get("vary")):
+        return "vary-star"
+    explicit = any(rules.has(d) for d in ("max-age", "s-maxage", "public")) or \
+        (not rules.targeted and "expires" in headers)
+    if not explicit and status not in CACHEABLE_BY_DEFAULT:
+        return "status"
+    if "set-cookie" in headers and not (rules.has("public") or rules.has("s-maxage")):
+        return "set-cookie"           # one user's cookie must not be replayed to everyone
+    if lifetime <= 0 and not has_validator(headers) and \
+            not (rules.has("stale-while-revalidate") or rules.has("stale-if-error")):
+        return "no-freshness"         # could never be served without the origin: not worth storing
+    return None
+
+
+def current_age(date: float | None, age_header: str | None, request_time: float, response_time: float,
+                now: float) -> float:
+    """RFC 9111 4.2.3."""
+    apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+    age_value = delta_seconds(age_header.strip() if age_header else None) or 0
+    corrected_age_value = age_value + (response_time - request_time)
+    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return corrected_initial_age + (now - response_time)
+
+
+class Use(Enum):
+    FRESH = "fresh"                       # serve it
+    STALE_WHILE_REVALIDATE = "swr"        # serve it, refresh in the background
+    REVALIDATE = "revalidate"             # ask the origin (conditionally)
+    STALE_OK = "stale-ok"                 # client accepts this much staleness (max-stale)
+
+
+def usable(rules: ResponseRules, lifetime: float, age: float, request: Headers) -> Use:
+    """RFC 9111 4 and 5.2.1: may a stored response answer this request without the origin?"""
+    req_cc = parse_directives(request.get("cache-control"))
+    if "no-cache" in req_cc or ("cache-control" not in request and "no-cache" in request.get("pragma", "").lower()):
+        return Use.REVALIDATE
+    if rules.always_revalidate:
+        return Use.REVALIDATE
+    max_age = delta_seconds(req_cc.get("max-age")) if "max-age" in req_cc else None
+    if max_age is not None and age > max_age:
+        return Use.REVALIDATE
+    min_fresh = delta_seconds(req_cc.get("min-fresh"))
+    fresh = lifetime > age
+    if fresh and (min_fresh is None or lifetime - age >= min_fresh):
+        return Use.FRESH
+    if fresh:
+        return Use.REVALIDATE
+    staleness = age - lifetime
+    if rules.must_revalidate_when_stale:
+        return Use.REVALIDATE
+    if "max-stale" in req_cc:
+        limit = delta_seconds(req_cc["max-stale"]) if req_cc["max-stale"] is not None else None
+        if limit is None or staleness <= limit:
+            return Use.STALE_OK
+    swr = rules.seconds("stale-while-revalidate")
+    if swr is not None and staleness <= swr:
+        return Use.STALE_WHILE_REVALIDATE
+    return Use.REVALIDATE
+
+
+def stale_on_error(rules: ResponseRules, lifetime: float, age: float, request: Headers) -> bool:
+    """RFC 9111 4.2.4 and RFC 5861: may a stale response answer when the origin is down or
+    answers 5xx? Yes unless the origin forbade stale use; stale-if-error bounds it."""
+    if rules.must_revalidate_when_stale or rules.always_revalidate:
+        return False
+    staleness = max(0.0, age - lifetime)
+    limits = [delta_seconds(d.get("stale-if-error")) for d in (rules.cc, parse_directives(request.get("cache-control")))
+              if "stale-if-error" in d]
+    limits = [x for x in limits if x is not None]
+    return staleness <= max(limits) if limits else True
+
+
+def vary_key(vary: str | None, request: Headers) -> tuple[tuple[str, str], ...] | None:
+    """The request values a stored response was selected by (RFC 9111 4.1); None for Vary: *.
+    Values are normalised by folding whitespace around commas."""
+    names = field_names(vary)
+    if "*" in names:
+        return None
+    return tuple((n, ",".join(p.strip() for p in request.get(n, "").split(","))) for n in sorted(set(names)))
+
+
+def weak_match(etag: str | None, if_none_match: str) -> bool:
+    """RFC 9110 13.1.2: If-None-Match uses the weak comparison."""
+    if etag is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(t.strip().removeprefix("W/") == bare for t in if_none_match.split(","))
+
+
+def not_modified(request: Headers, stored: Headers) -> bool:
+    """RFC 9110 13.2.2 for a GET/HEAD the cache answers itself: does the client's copy match?"""
+    if "if-none-match" in request:
+        return weak_match(stored.get("etag"), request["if-none-match"])
+    ims = http_date(request.get("if-modified-since"))
+    last_modified = http_date(stored.get("last-modified"))
+    return ims is not None and last_modified is not None and last_modified <= ims
+
+
+def byte_range(range_header: str, size: int) -> tuple[int, int] | None:
+    """One satisfiable `bytes=` range as (first, last) inclusive; None to serve the whole
+    representation (multiple ranges, a bad header, or an unsatisfiable one handled by caller)."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", range_header)
+    if not m or (not m[1] and not m[2]):
+        return None
+    if m[1]:
+        first = int(m[1])
+        last = min(int(m[2]), size - 1) if m[2] else size - 1
+        if m[2] and int(m[2]) < first:
+            return None
+    else:
+        suffix = int(m[2])
+        if suffix == 0:
+            return None
+        first, last = max(0, size - suffix), size - 1
+    return (first, last) if first < size else (size, size)       # (size, size): unsatisfiable
+
+
+@dataclass
+class CacheStatus:
+    """One RFC 9211 Cache-Status member for this cache."""
+    hit: bool = False
+    fwd: str | None = None               # uri-miss | vary-miss | miss | stale | request | method | bypass
+    fwd_status: int | None = None
+    stored: bool = False
+    ttl: int | None = None
+    detail: str | None = None
+
+    def render(self, name: str = "edge") -> str:
+        parts = [name]
+        if self.hit:
+            parts.append("hit")
+        if self.fwd:
+            parts.append(f"fwd={self.fwd}")
+        if self.fwd_status is not None:
+            parts.append(f"fwd-status={self.fwd_status}")
+        if self.stored:
+            parts.append("stored")
+        if self.ttl is not None:
+            parts.append(f"ttl={self.ttl}")
+        if self.detail:
+            parts.append(f'detail="{self.detail}"')
+        return "; ".join(parts)
