@@ -8,15 +8,21 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 - Answers from the `error` hook: when the origin fails before any response, an addon may set
   `flow.response` in `error` (the cache serving a stale copy, failover's last resort) and that
   response is sent instead of the 502. mitmproxy ignores such a response (its PR #7999, open).
+- Interim responses: an origin's 1xx (103 Early Hints, 100 Continue, 102) before its final
+  response is taken by mitmproxy as the final one and the client hangs (mitmproxy #2229). The
+  interim heads are now dropped: forwarding them raw would bypass origin masking (a 103's Link
+  header names the origin as readily as a Location does).
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import re
 
 from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
+from mitmproxy.proxy import events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._events import ResponseProtocolError
@@ -76,6 +82,23 @@ def _handle_protocol_error(self, event):
     yield http_layer.DropStream(self.stream_id)
 
 
+_INTERIM_HEAD = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d\b")
+_original_read_headers = _http1.Http1Client.read_headers
+
+
+def _read_headers(self, event):
+    """Take interim 1xx heads off the origin's stream before mitmproxy parses the final head."""
+    if isinstance(event, events.DataReceived) and self.request:
+        for _ in range(16):                     # bounded: an origin cannot loop us forever
+            if not _INTERIM_HEAD.match(bytes(self.buf)[:16]):
+                break
+            if self.buf.maybe_extract_lines() is None:
+                return                          # the interim head is incomplete: wait for more
+        if not self.buf:
+            return
+    yield from _original_read_headers(self, event)
+
+
 def install() -> None:
     """Apply the patches (idempotent)."""
     global _installed
@@ -86,4 +109,5 @@ def install() -> None:
     _http1.make_error_response = _make_error_response
     _http2.format_error = error_page
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
+    _http1.Http1Client.read_headers = _read_headers
     _installed = True

@@ -68,13 +68,22 @@ def test_fresh_response_is_served_from_memory(site):
 
 
 @pytest.mark.parametrize("path, why", [("/nostore", "no-store"), ("/private", "private"),
-                                       ("/cookie", "set-cookie"), ("/novalidator", "no-freshness")])
+                                       ("/novalidator", "no-freshness")])
 def test_uncacheable_responses_are_not_stored(site, path, why):
     o, e = site
     with httpx.Client() as c:
         statuses = [c.get(f"{e.url}{path}").headers["cache-status"] for _ in range(2)]
     assert hits(o, path) == 2
     assert statuses[1] == f'edge; fwd=uri-miss; fwd-status=200; detail="not stored: {why}"'
+
+
+def test_set_cookie_does_not_inhibit_caching(site):
+    """RFC 9111 7.3: an origin that marks a response with a cookie cacheable means it."""
+    o, e = site
+    with httpx.Client() as c:
+        c.get(f"{e.url}/cookie")
+        r = c.get(f"{e.url}/cookie")
+    assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/cookie") == 1
 
 
 def test_stale_entry_is_revalidated_with_its_validator(site):

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import threading
 from collections import Counter
 
 import httpx
@@ -159,3 +160,44 @@ def test_mitmproxy_ca_crl_is_not_served(origin, edge):
     r = httpx.get(f"{e.url}/mitmproxy-{serial}.crl")
     assert r.status_code == 404 and r.text == "not found\n"          # the origin's answer
     assert o.seen[-1].path == f"/mitmproxy-{serial}.crl"
+
+
+class ScriptedOrigin:
+    """A raw TCP origin that answers every request head with fixed bytes."""
+
+    def __init__(self, answer: bytes):
+        import socketserver
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.request.sendall(answer)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_interim_responses_do_not_hang_the_client(edge, tls, version):
+    o = ScriptedOrigin(b"HTTP/1.1 103 Early Hints\r\nLink: <http://10.0.0.5/a.css>; rel=preload\r\n\r\n"
+                       b"HTTP/1.1 102 Processing\r\n\r\n"
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: no-store\r\n\r\nhello")
+    try:
+        e = edge([o.url], cert=str(tls.pem))
+        out = subprocess.run(["curl", "-s", "-i", "--max-time", "5", version, "--cacert", str(tls.ca),
+                              f"https://127.0.0.1:{e.port}/"], capture_output=True).stdout.decode()
+    finally:
+        o.stop()
+    assert out.endswith("hello") and " 200" in out
+    assert "103" not in out and "10.0.0.5" not in out               # interim heads are not relayed raw

@@ -194,7 +194,8 @@ class Cache:
             state.status.detail = state.status.detail or f"not stored: {why_not}"
             return
         selected = policy.vary_key(headers.get("vary"), request)
-        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in NOT_STORED)
+        omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
+        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in omit)
         entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
 from enum import Enum
 
 Headers = Mapping[str, str]
@@ -22,8 +22,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 HEURISTIC_FRACTION = 0.1            # RFC 9111 4.2.2: "10% of the interval since Last-Modified"
 HEURISTIC_MAX = 24 * 3600.0         # and never more than a day on a guess
 # Headers a 304 must not replace in the stored response (RFC 9111 3.2).
-NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "transfer-encoding", "content-range",
-                                "connection", "keep-alive", "te", "trailer", "upgrade"})
+NOT_UPDATED_BY_304 = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "te",
+                                "trailer", "upgrade"})
 
 _DIRECTIVE = re.compile(r'\s*([^\s=,]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?\s*(?:,|$)')
 
@@ -44,6 +44,32 @@ def parse_directives(value: str | None) -> dict[str, str | None]:
     return out
 
 
+_SF_KEY = r"[a-z*][a-z0-9_\-.*]*"
+_SF_BARE = r'-?\d{1,15}(?:\.\d{1,3})?|"(?:[^"\\\x00-\x1f\x7f]|\\["\\])*"|[A-Za-z*][!#$%&\'*+\-.^_`|~:/\w]*|\?[01]'
+_SF_PARAMS = rf"(?:;\s*{_SF_KEY}(?:=(?:{_SF_BARE}))?)*"
+_SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_BARE}))?{_SF_PARAMS}")
+_INTEGER_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+
+
+def parse_targeted(value: str | None) -> dict[str, str | None] | None:
+    """A targeted cache-control field (RFC 9213) as an RFC 8941 Dictionary: None when absent
+    or invalid. Time directives must be Integers; a Boolean true is a bare directive."""
+    if value is None:
+        return None
+    out: dict[str, str | None] = {}
+    for member in value.split(","):
+        m = _SF_MEMBER.fullmatch(member.strip(" \t"))
+        if m is None:
+            return None
+        name, arg = m[1], m[2]
+        if name in _INTEGER_DIRECTIVES and (arg is None or not re.fullmatch(r"\d{1,15}", arg)):
+            return None
+        if arg == "?0":
+            continue
+        out[name] = None if arg in (None, "?1") else arg.strip('"')
+    return out or None
+
+
 def delta_seconds(value: str | None) -> int | None:
     """RFC 9111 1.2.2: a non-negative integer; anything else is invalid (None)."""
     if value is None or not value.isdigit():
@@ -51,14 +77,34 @@ def delta_seconds(value: str | None) -> int | None:
     return min(int(value), 2**31)
 
 
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MON = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(\d{2}):(\d{2}):(\d{2})"
+_IMF_FIXDATE = re.compile(rf"{_DAY}, (\d{{2}}) {_MON} (\d{{4}}) {_TIME} GMT")
+_RFC850 = re.compile(rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{{2}})-{_MON}-(\d{{2}}) {_TIME} GMT")
+_ASCTIME = re.compile(rf"{_DAY} {_MON} ([ \d]\d) {_TIME} (\d{{4}})")
+
+
 def http_date(value: str | None) -> float | None:
+    """RFC 9110 5.6.7: IMF-fixdate, or the obsolete RFC 850 and asctime forms; anything else
+    (other spellings Python's lenient parser would take) is invalid: None."""
     if not value:
         return None
-    try:
-        dt = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+    value = value.strip()
+    if m := _IMF_FIXDATE.fullmatch(value):
+        day, mon, year, hh, mm, ss = m.groups()
+    elif m := _RFC850.fullmatch(value):
+        day, mon, yy, hh, mm, ss = m.groups()
+        year = str(2000 + int(yy) if int(yy) < 70 else 1900 + int(yy))
+    elif m := _ASCTIME.fullmatch(value):
+        mon, day, hh, mm, ss, year = m.groups()
+    else:
         return None
-    return dt.timestamp() if dt is not None and dt.tzinfo is not None else None
+    try:
+        return datetime(int(year), _MONTHS[mon], int(day), int(hh), int(mm), int(ss), tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
 
 
 def field_names(value: str | None) -> list[str]:
@@ -73,13 +119,12 @@ class ResponseRules:
 
     @classmethod
     def read(cls, headers: Headers) -> ResponseRules:
-        cdn = headers.get("cdn-cache-control")
-        if cdn is not None:
-            parsed = parse_directives(cdn)
-            if parsed:
-                return cls(parsed, True)
-        cc = parse_directives(headers.get("cache-control"))
-        return cls(cc, False)
+        """RFC 9213: a valid CDN-Cache-Control replaces Cache-Control for this cache; an
+        invalid one (not a Structured Field Dictionary of the right types) is ignored."""
+        targeted = parse_targeted(headers.get("cdn-cache-control"))
+        if targeted is not None:
+            return cls(targeted, True)
+        return cls(parse_directives(headers.get("cache-control")), False)
 
     def has(self, name: str) -> bool:
         return name in self.cc
@@ -124,6 +169,15 @@ def freshness_lifetime(status: int, headers: Headers, rules: ResponseRules, resp
     return min(HEURISTIC_MAX, max(0.0, (date - last_modified) * HEURISTIC_FRACTION))
 
 
+def unstorable_fields(headers: Headers, rules: ResponseRules) -> set[str]:
+    """Fields a shared cache must not keep (RFC 9111 3.1, 5.2.2.4, 5.2.2.7): those the
+    Connection header names, and those named by qualified no-cache and private."""
+    names = set(field_names(headers.get("connection")))
+    for directive in ("no-cache", "private"):
+        names.update(field_names(rules.cc.get(directive)))
+    return names
+
+
 def has_validator(headers: Headers) -> bool:
     return "etag" in headers or "last-modified" in headers
 
@@ -138,8 +192,8 @@ def storable(method: str, status: int, request: Headers, headers: Headers, rules
     req_cc = parse_directives(request.get("cache-control"))
     if "no-store" in req_cc or rules.has("no-store"):
         return "no-store"
-    if rules.has("private"):
-        return "private"
+    if rules.has("private") and not rules.cc["private"]:
+        return "private"              # qualified private="field" only keeps those fields out
     if "authorization" in request and not any(rules.has(d) for d in ("must-revalidate", "public", "s-maxage")):
         return "authorization"
     if "*" in field_names(headers.get("vary")):
@@ -148,19 +202,22 @@ def storable(method: str, status: int, request: Headers, headers: Headers, rules
         (not rules.targeted and "expires" in headers)
     if not explicit and status not in CACHEABLE_BY_DEFAULT:
         return "status"
-    if "set-cookie" in headers and not (rules.has("public") or rules.has("s-maxage")):
-        return "set-cookie"           # one user's cookie must not be replayed to everyone
     if lifetime <= 0 and not has_validator(headers) and \
             not (rules.has("stale-while-revalidate") or rules.has("stale-if-error")):
         return "no-freshness"         # could never be served without the origin: not worth storing
     return None
 
 
+def age_seconds(value: str | None) -> int:
+    """An Age value: the first of repeated values; an invalid one ("7200.0", "abc") is ignored."""
+    return delta_seconds((value or "").split(",", 1)[0].strip()) or 0
+
+
 def current_age(date: float | None, age_header: str | None, request_time: float, response_time: float,
                 now: float) -> float:
     """RFC 9111 4.2.3."""
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_value = delta_seconds(age_header.strip() if age_header else None) or 0
+    age_value = age_seconds(age_header)
     corrected_age_value = age_value + (response_time - request_time)
     corrected_initial_age = max(apparent_age, corrected_age_value)
     return corrected_initial_age + (now - response_time)
