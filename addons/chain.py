@@ -13,6 +13,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from addons import internals
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.cache import Cache
+from addons.compress import Compress
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.trace import Trace
@@ -38,8 +39,11 @@ class Edge:
     def __init__(self, config: EdgeConfig | None = None, annotate: bool = False, extra=()) -> None:
         """`extra`: an embedder's own addons; they run after routing, before scrubbing (so
         whatever they add is scrubbed too) and before the trace is written."""
-        self.cache, self.route, self.scrub, self.trace = Cache(), Route(), Scrub(), Trace()
-        self.addons = [self.cache, self.route, *extra, self.scrub, self.trace]
+        self.compress, self.cache, self.route = Compress(), Cache(), Route()
+        self.scrub, self.trace = Scrub(), Trace()
+        # compress before cache: it narrows Accept-Encoding before the lookup, and compresses
+        # before the cache stores, so each coding is stored once and hits never recompress
+        self.addons = [self.compress, self.cache, self.route, *extra, self.scrub, self.trace]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -66,6 +70,7 @@ class Edge:
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
+        self.compress.apply(config)
         self.cache.apply(config)
         self.route.apply(config)
         self.scrub.apply(config)

@@ -77,6 +77,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    enabled: bool = True
+    min_size: int = 256                  # smaller bodies gain nothing worth the CPU
+    encodings: tuple[str, ...] = ("br", "zstd", "gzip")   # offered, in our order of preference
+
+
+ENCODINGS = ("br", "zstd", "gzip")
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
@@ -84,6 +94,7 @@ class EdgeConfig:
     trusted_proxies: tuple[Network, ...] = ()
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     access_log: str | None = None
     source: str = "<config>"
 
@@ -242,7 +253,8 @@ class _Reader:
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
-    top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "access_log"})
+    top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
+                                    "access_log"})
 
     listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -308,12 +320,29 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
                                for i, v in enumerate(r.listing(raw["purge_from"], ("cache", "purge_from"))))
         cache = CacheConfig(enabled, max_size, max_object, default_ttl, purge_from)
 
+    compress = CompressConfig()
+    if "compress" in top:
+        raw = r.mapping(top["compress"], ("compress",), {"enabled", "min_size", "encodings"})
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise doc.error(("compress", "enabled"), "expected true or false")
+        min_size = (r.convert(parse_size, raw["min_size"], ("compress", "min_size"))
+                    if "min_size" in raw else compress.min_size)
+        encodings = compress.encodings
+        if "encodings" in raw:
+            encodings = tuple(r.listing(raw["encodings"], ("compress", "encodings")))
+            for i, name in enumerate(encodings):
+                if name not in ENCODINGS:
+                    raise doc.error(("compress", "encodings", i), f"expected one of {', '.join(ENCODINGS)}")
+        compress = CompressConfig(enabled, min_size, encodings)
+
     access_log = top.get("access_log")
     if access_log is not None and (not isinstance(access_log, str) or not access_log):
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
     return EdgeConfig(pools=pools, default_pool=default_pool, listen=listen, trusted_proxies=trusted,
-                      scrub=ScrubConfig(server_header, strip), cache=cache, access_log=access_log, source=source)
+                      scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
+                      access_log=access_log, source=source)
 
 
 def load_config(path: str) -> EdgeConfig:

@@ -1,5 +1,6 @@
 """The cache through a real edge, with origins that count what they receive."""
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,6 +9,8 @@ import httpx
 import pytest
 
 from edgecli.origins import Seen
+
+BIG = os.urandom(5000)          # incompressible: stays over max_object after compression
 
 
 def page(cc=None, body=b"payload", etag=None, status=200, extra=()):
@@ -42,7 +45,7 @@ def site(origin, edge):
         "/targeted": page("no-store", b"cdn body", extra=[("CDN-Cache-Control", "max-age=60")]),
         "/public": page("public, max-age=60"),
         "/item": lambda req, o: (200, [("Cache-Control", "max-age=60")], f"item {req.method}".encode()),
-        "/big": page("max-age=60", b"x" * 5000),
+        "/big": page("max-age=60", BIG),
     })
     e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 1MB, max_object: 4KB}}\n")
     return o, e
@@ -161,7 +164,7 @@ def test_objects_over_max_object_pass_through(site):
     o, e = site
     with httpx.Client() as c:
         bodies = [c.get(f"{e.url}/big").content for _ in range(2)]
-    assert bodies == [b"x" * 5000] * 2 and hits(o, "/big") == 2
+    assert bodies == [BIG] * 2 and hits(o, "/big") == 2
 
 
 def test_stale_while_revalidate_answers_without_waiting(site):
@@ -250,7 +253,7 @@ def test_concurrent_misses_make_one_origin_request(origin, edge):
 
 
 def test_memory_stays_within_max_size(origin, edge):
-    o = origin("eu", pages={f"/o{i}": page("max-age=60", bytes([65 + i % 26]) * 8192) for i in range(40)})
+    o = origin("eu", pages={f"/o{i}": page("max-age=60", os.urandom(8192)) for i in range(40)})
     e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 64KB, max_object: 16KB}}\n")
     cache = e.master.addons.get("cache")
     with httpx.Client() as c:

@@ -51,7 +51,10 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("text, line, key, problem", [
-    ("pools:\n  a:\n    origins: [http://x:1]\ncompress: {}\n", 4, "compress", "unknown key"),
+    ("pools:\n  a:\n    origins: [http://x:1]\nshield: {}\n", 4, "shield", "unknown key"),
+    ("pools: {a: {origins: [http://x]}}\ncompress:\n  encodings: [br, deflate]\n", 3, "compress.encodings[1]",
+     "expected one of br, zstd, gzip"),
+    ("pools: {a: {origins: [http://x]}}\ncompress:\n  min_size: -1\n", 3, "compress.min_size", "expected a size"),
     ("pools: {a: {origins: [http://x]}}\ncache:\n  max_size: lots\n", 3, "cache.max_size", "expected a size"),
     ("pools: {a: {origins: [http://x]}}\ncache:\n  max_size: 1MB\n  max_object: 2MB\n", 4, "cache.max_object", "not be larger"),
     ("pools: {a: {origins: [http://x]}}\ncache:\n  default_ttl: soon\n", 3, "cache.default_ttl", "duration"),
