@@ -36,16 +36,15 @@ class Compress:
         resp = flow.response
         if coding is None or resp.stream:
             return
-        headers = resp.headers
-        if not compressible(headers.get("content-type")):
-            return
+        headers, body = resp.headers, resp.raw_content
+        if (resp.status_code != 200 or body is None or len(body) < self.settings.min_size
+                or "content-encoding" in headers or not compressible(headers.get("content-type"))
+                or "no-transform" in headers.get("cache-control", "").lower()):
+            return                      # the same bytes for every client: no Vary needed
         vary = headers.get("vary", "")
         if "accept-encoding" not in vary.lower() and "*" not in vary:
             headers["Vary"] = f"{vary}, Accept-Encoding" if vary else "Accept-Encoding"
-        body = resp.raw_content
-        if (coding == "identity" or resp.status_code != 200 or "content-encoding" in headers
-                or body is None or len(body) < self.settings.min_size
-                or "no-transform" in headers.get("cache-control", "").lower()):
+        if coding == "identity":
             return
         encoded = encode(body, coding)
         if len(encoded) >= len(body):
