@@ -262,3 +262,21 @@ def test_memory_stays_within_max_size(origin, edge):
             assert cache.store.bytes <= 64 * 1024
         assert c.get(f"{e.url}/o39").headers["cache-status"].startswith("edge; hit")
         assert c.get(f"{e.url}/o0").headers["cache-status"].startswith("edge; fwd=uri-miss")   # evicted
+
+
+def test_stale_while_revalidate_refreshes_in_the_background(origin, edge):
+    versions = iter(range(1, 100))
+    o = origin("eu", pages={"/news": lambda req, o: (
+        200, [("Content-Type", "text/plain"), ("Cache-Control", "max-age=0, stale-while-revalidate=60")],
+        f"v{next(versions)}".encode())})
+    e = edge([o.url])
+    cache = e.master.addons.get("cache")
+    with httpx.Client() as c:
+        assert c.get(f"{e.url}/news").text == "v1"
+        stale = c.get(f"{e.url}/news")
+        assert stale.text == "v1" and "stale-while-revalidate" in stale.headers["cache-status"]
+        deadline = time.monotonic() + 10
+        while (cache.refreshing or hits(o, "/news") < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)                        # polling the edge's own record of refreshes
+        assert hits(o, "/news") == 2
+        assert c.get(f"{e.url}/news").text == "v2"  # the refreshed copy, again without waiting

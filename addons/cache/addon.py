@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-from mitmproxy import command, http
+from mitmproxy import command, connection, ctx, http
+from mitmproxy.addons.clientplayback import ReplayHandler
 
 from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
@@ -24,7 +25,9 @@ from addons.trace import decisions
 
 logger = logging.getLogger("edge")
 META = "edge.cache"
+REFRESH = "edge.cache.refresh"  # marks the cache's own background revalidation flows
 COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
+REFRESH_TIMEOUT = 30.0
 # Fields never stored nor served from the cache: per-connection, or added per response.
 NOT_STORED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                         b"proxy-connection", b"age", b"cache-status"})
@@ -58,6 +61,8 @@ class Cache:
         self.trusted: tuple = ()
         self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
         self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
+        self.refreshing: set[str] = set()                    # keys with a background refresh running
+        self.tasks: set[asyncio.Task] = set()
 
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
@@ -92,6 +97,11 @@ class Cache:
             return None
         request = header_map(req.headers.fields)
         entry, known = self.store.lookup(state.key, request)
+        if flow.metadata.get(REFRESH):
+            if entry is not None:
+                self._revalidate(flow, state, entry, request)
+            state.status.detail = "background refresh"
+            return None
         if entry is None:
             state.status.fwd = "vary-miss" if known else "uri-miss"
             if state.key in self.pending and not self._forces_origin(request):
@@ -139,10 +149,15 @@ class Cache:
         if use is not Use.REVALIDATE:
             if use is Use.STALE_WHILE_REVALIDATE:
                 state.status.detail = "stale-while-revalidate"
+                self._refresh_in_background(flow, state.key)
             self._answer(flow, state, entry, age, request)
             return
-        state.entry = entry
         state.status.fwd = "stale" if age >= entry.lifetime else "request"
+        self._revalidate(flow, state, entry, request)
+
+    def _revalidate(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: dict) -> None:
+        """Send the request on to the origin, made conditional on the stored validators."""
+        state.entry = entry
         if not ({"if-none-match", "if-modified-since"} & request.keys()):
             headers = flow.request.headers
             if "etag" in entry.headers:
@@ -290,6 +305,27 @@ class Cache:
             flow.response = edge_answer(flow, 404, "not in cache")
         state.answered = True
         state.status.detail = "purge"
+
+    def _refresh_in_background(self, flow: http.HTTPFlow, key: str) -> None:
+        """stale-while-revalidate: once per URL at a time, a copy of this request goes through
+        the whole chain to the origin (routing, compression, storing), answering nobody."""
+        if key in self.refreshing:
+            return
+        self.refreshing.add(key)
+        refresh = http.HTTPFlow(flow.client_conn, connection.Server(address=flow.server_conn.address))
+        refresh.request = flow.request.copy()
+        refresh.metadata[REFRESH] = True
+        task = asyncio.get_running_loop().create_task(self._replay(refresh, key))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _replay(self, refresh: http.HTTPFlow, key: str) -> None:
+        try:
+            await asyncio.wait_for(ReplayHandler(refresh, ctx.options).replay(), REFRESH_TIMEOUT)
+        except Exception as e:
+            logger.warning("edge: background refresh of %s failed: %s", key, e)
+        finally:
+            self.refreshing.discard(key)
 
     async def _follow(self, flow: http.HTTPFlow, state: FlowState, request: dict) -> None:
         """Another request for this URL is on its way to the origin: wait for it, then answer
