@@ -70,8 +70,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 
 
-def wrk(url: str, connections: int, seconds: int) -> Result:
-    out = subprocess.run(pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]),
+def wrk(url: str, connections: int, seconds: int, headers: tuple[str, ...] = ()) -> Result:
+    extra = [a for h in headers for a in ("-H", h)]
+    out = subprocess.run(pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url]),
                          capture_output=True, text=True, check=True).stdout
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     errors = sum(map(int, m.groups())) if (m := re.search(
@@ -100,35 +101,45 @@ def main() -> None:
     (work / "www").mkdir()
     (work / "www" / "index.html").write_bytes(b"x" * 1024)
     (work / "www" / "cached.html").write_bytes(b"x" * 1024)
+    text = b"".join(b"<tr><td>row %d</td><td>edge bench text, compressible like a real page</td></tr>\n" % i
+                    for i in range(2000))[:100 * 1024]
+    (work / "www" / "page100k.html").write_bytes(text)
     origin_port, mitm_port, edge_port = free_port(), free_port(), free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     origin = f"http://127.0.0.1:{origin_port}"
     edge = [BIN / "edge", "run", "--origin", origin, "--listen", f"127.0.0.1:{edge_port}", "--confdir", work / "conf"]
-    systems = {      # name: (command, port, path)
-        "direct origin (nginx)": (None, origin_port, "/index.html"),
+    br = ("Accept-Encoding: br",)
+    systems = {      # name: (command, port, path, request headers)
+        "direct origin (nginx)": (None, origin_port, "/index.html", ()),
         "plain mitmdump -q": ([BIN / "mitmdump", "-q", "--mode", f"reverse:{origin}@127.0.0.1:{mitm_port}",
-                               "--set", f"confdir={work / 'conf'}"], mitm_port, "/index.html"),
-        "edge run (forwarding)": (edge, edge_port, "/index.html"),
-        "edge run (cache hit)": (None, edge_port, "/cached.html"),
+                               "--set", f"confdir={work / 'conf'}"], mitm_port, "/index.html", ()),
+        "edge run (forwarding)": (edge, edge_port, "/index.html", ()),
+        "edge run (cache hit)": (None, edge_port, "/cached.html", ()),
+        "plain mitmdump 100 KiB": (None, mitm_port, "/page100k.html", br),
+        "edge hit 100 KiB br": (None, edge_port, "/page100k.html", br),
     }
     procs = [subprocess.Popen(pinned(1, [nginx, "-c", work / "nginx.conf", "-p", work]))]
     try:
-        for cmd, _, _ in systems.values():
+        for cmd, _, _, _ in systems.values():
             if cmd:
                 procs.append(subprocess.Popen(pinned(1, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for name, (_, port, path) in systems.items():
+        sizes = {}
+        for name, (_, port, path, headers) in systems.items():
             wait_for_port(port)
             check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-                                    f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True).stdout
-            if check != "200 1024":
-                raise SystemExit(f"bench: {name} answered {check!r}, not 200 with 1 KiB")
+                                    *[a for h in headers for a in ("-H", h)], f"http://127.0.0.1:{port}{path}"],
+                                   capture_output=True, text=True).stdout.split()
+            if check[0] != "200":
+                raise SystemExit(f"bench: {name} answered {check!r}, not 200")
+            sizes[name] = int(check[1])
         runs: dict[str, list[tuple[Result, Result]]] = {name: [] for name in systems}
         for _ in range(args.rounds):            # interleaved, so drift hits every system alike
-            for name, (_, port, path) in systems.items():
+            for name, (_, port, path, headers) in systems.items():
                 url = f"http://127.0.0.1:{port}{path}"
-                wrk(url, args.connections, 1)                          # warm-up
-                runs[name].append((wrk(url, args.connections, args.seconds), wrk(url, 1, args.seconds)))
+                wrk(url, args.connections, 1, headers)                 # warm-up (and fills the cache)
+                runs[name].append((wrk(url, args.connections, args.seconds, headers),
+                                   wrk(url, 1, args.seconds, headers)))
     finally:
         for p in procs[1:]:
             p.send_signal(signal.SIGINT)
@@ -140,13 +151,19 @@ def main() -> None:
 
     plain = results["plain mitmdump -q"][0].rps
     direct_p50 = results["direct origin (nginx)"][1].p50
-    print(f"\n1 KiB GET, loopback, wrk pinned to CPU 0, systems under test to CPU 1; "
+    print(f"\nGET of 1 KiB unless named; bytes on the wire: "
+          + ", ".join(f"{n} {sizes[n]}" for n in systems if "100 KiB" in n))
+    print(f"loopback, wrk pinned to CPU 0, systems under test to CPU 1; "
           f"median of {args.rounds} interleaved rounds of {args.seconds}s")
     print(f"{'system':24} {'req/s c=' + str(args.connections):>12} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12}"
           f" {'req/s c=1':>10} {'p50 ms c=1':>11} {'errors':>7}")
     for name, (many, one) in results.items():
         print(f"{name:24} {many.rps:12.0f} {many.p50:8.2f} {many.p99:8.2f} {many.rps / plain:11.2f}x"
               f" {one.rps:10.0f} {one.p50:11.3f} {many.errors + one.errors:7d}")
+    big_plain, big_edge = results["plain mitmdump 100 KiB"][0], results["edge hit 100 KiB br"][0]
+    print(f"\n100 KiB page: edge cache hit, br-compressed ({sizes['edge hit 100 KiB br']} bytes), "
+          f"{big_edge.rps:.0f} req/s vs plain mitmdump (identity) {big_plain.rps:.0f} req/s: "
+          f"{big_edge.rps / big_plain.rps:.2f}x")
     edge_many, edge_one = results["edge run (forwarding)"]
     print(f"\nedge forwarding vs plain mitmdump at c={args.connections}: {edge_many.rps / plain:.2f}x (goal >= 2.0x)")
     hit = results["edge run (cache hit)"][0]

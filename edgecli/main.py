@@ -148,6 +148,43 @@ def demo(config_path, web, confdir) -> None:
 
 
 @cli.command()
+@click.argument("url")
+@click.option("--edge", "edge_url", default="http://127.0.0.1:8080", show_default=True, metavar="URL",
+              help="Where the running edge listens (its scheme is the scheme of the purged key).")
+@click.option("--insecure", is_flag=True, help="With an https --edge: do not verify its certificate.")
+def purge(url, edge_url, insecure) -> None:
+    """Drop URL (all its variants) from a running edge's cache, by sending it PURGE."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+    target, edge = urlsplit(url), urlsplit(edge_url)
+    if not target.hostname or edge.scheme not in ("http", "https") or not edge.hostname:
+        raise click.BadParameter("expected absolute URLs like http://shop.example/page", param_hint="URL/--edge")
+    if edge.scheme == "https":
+        context = ssl._create_unverified_context() if insecure else ssl.create_default_context()
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(edge.hostname, edge.port or 443,
+                                                                        timeout=10, context=context)
+    else:
+        conn = http.client.HTTPConnection(edge.hostname, edge.port or 80, timeout=10)
+    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    try:
+        conn.request("PURGE", path, headers={"Host": target.netloc})
+        status = conn.getresponse().status
+    except OSError as e:
+        raise Problem(f"cannot reach the edge at {edge_url}: {e.strerror or e}") from None
+    finally:
+        conn.close()
+    if status == 200:
+        click.echo(f"purged {url}")
+    elif status == 404:
+        click.echo(f"not cached: {url}")
+    elif status == 403:
+        raise Problem("the edge refused: this address is not in cache.purge_from")
+    else:
+        raise Problem(f"the edge answered {status}")
+
+
+@cli.command()
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The config to check.")
 def check(config_path) -> None:
     """Validate a config file: exit 2 with FILE:LINE: key: problem if it is wrong."""

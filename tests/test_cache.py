@@ -55,6 +55,13 @@ def hits(o, path):
     return sum(1 for s in o.seen if s.path == path)
 
 
+def warm_then(e, path, method="GET", headers=None):
+    """Store `path` with one GET, then make the request under test on the same connection."""
+    with httpx.Client() as c:
+        c.get(f"{e.url}{path}")
+        return c.request(method, f"{e.url}{path}", headers=headers)
+
+
 def test_fresh_response_is_served_from_memory(site):
     o, e = site
     with httpx.Client() as c:
@@ -83,17 +90,13 @@ def test_uncacheable_responses_are_not_stored(site, path, why):
 def test_set_cookie_does_not_inhibit_caching(site):
     """RFC 9111 7.3: an origin that marks a response with a cookie cacheable means it."""
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/cookie")
-        r = c.get(f"{e.url}/cookie")
+    r = warm_then(e, "/cookie")
     assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/cookie") == 1
 
 
 def test_stale_entry_is_revalidated_with_its_validator(site):
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/validate")
-        r = c.get(f"{e.url}/validate")
+    r = warm_then(e, "/validate")
     assert r.status_code == 200 and r.text == "validated body"
     assert o.seen[-1].headers["if-none-match"] == '"v1"'          # the origin answered 304
     assert r.headers["cache-status"].startswith("edge; fwd=stale; fwd-status=304")
@@ -101,18 +104,14 @@ def test_stale_entry_is_revalidated_with_its_validator(site):
 
 def test_client_validator_is_answered_304_from_memory(site):
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/fresh")
-        r = c.get(f"{e.url}/fresh", headers={"If-None-Match": '"f1"'})
+    r = warm_then(e, "/fresh", headers={"If-None-Match": '"f1"'})
     assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == '"f1"'
     assert hits(o, "/fresh") == 1
 
 
 def test_head_is_answered_from_a_stored_get(site):
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/fresh")
-        r = c.head(f"{e.url}/fresh")
+    r = warm_then(e, "/fresh", "HEAD")
     assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == str(len("fresh body"))
     assert hits(o, "/fresh") == 1
 
@@ -142,9 +141,7 @@ def test_vary_keeps_one_variant_per_header_value(site):
 
 def test_cdn_cache_control_overrides_cache_control(site):
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/targeted")
-        r = c.get(f"{e.url}/targeted")
+    r = warm_then(e, "/targeted")
     assert r.text == "cdn body" and r.headers["cache-status"].startswith("edge; hit")
     assert hits(o, "/targeted") == 1
 
@@ -169,9 +166,7 @@ def test_objects_over_max_object_pass_through(site):
 
 def test_stale_while_revalidate_answers_without_waiting(site):
     o, e = site
-    with httpx.Client() as c:
-        c.get(f"{e.url}/swr")
-        r = c.get(f"{e.url}/swr")
+    r = warm_then(e, "/swr")
     assert r.text == "swr body"
     assert r.headers["cache-status"].startswith("edge; hit") and "stale-while-revalidate" in r.headers["cache-status"]
 
@@ -280,3 +275,18 @@ def test_stale_while_revalidate_refreshes_in_the_background(origin, edge):
             time.sleep(0.01)                        # polling the edge's own record of refreshes
         assert hits(o, "/news") == 2
         assert c.get(f"{e.url}/news").text == "v2"  # the refreshed copy, again without waiting
+
+
+def test_purge_from_the_command_line(site):
+    from click.testing import CliRunner
+
+    from edgecli.main import cli
+    o, e = site
+    httpx.get(f"{e.url}/fresh")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["purge", f"{e.url}/fresh", "--edge", e.url])
+    assert r.exit_code == 0 and r.output.strip() == f"purged {e.url}/fresh"
+    r = runner.invoke(cli, ["purge", f"{e.url}/fresh", "--edge", e.url])
+    assert r.exit_code == 0 and r.output.strip() == f"not cached: {e.url}/fresh"
+    r = runner.invoke(cli, ["purge", f"{e.url}/fresh", "--edge", "http://127.0.0.1:1"])
+    assert r.exit_code == 1 and r.output.startswith("edge: cannot reach the edge at http://127.0.0.1:1")
