@@ -90,7 +90,7 @@ def _read_headers(self, event):
     """Take interim 1xx heads off the origin's stream before mitmproxy parses the final head."""
     if isinstance(event, events.DataReceived) and self.request:
         for _ in range(16):                     # bounded: an origin cannot loop us forever
-            if not _INTERIM_HEAD.match(bytes(self.buf)[:16]):
+            if not _INTERIM_HEAD.match(self.buf._data, 0, 16):     # h11's buffer, read in place
                 break
             if self.buf.maybe_extract_lines() is None:
                 return                          # the interim head is incomplete: wait for more

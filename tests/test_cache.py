@@ -290,3 +290,35 @@ def test_purge_from_the_command_line(site):
     assert r.exit_code == 0 and r.output.strip() == f"not cached: {e.url}/fresh"
     r = runner.invoke(cli, ["purge", f"{e.url}/fresh", "--edge", "http://127.0.0.1:1"])
     assert r.exit_code == 1 and r.output.startswith("edge: cannot reach the edge at http://127.0.0.1:1")
+
+
+def test_uncacheable_urls_are_not_coalesced(origin, edge):
+    """After a URL proved uncacheable, concurrent requests go straight to the origin instead of
+    queueing behind each other (Varnish's hit-for-miss)."""
+    release = threading.Event()
+    arrived = threading.Semaphore(0)
+
+    def slow(req, o):
+        arrived.release()
+        release.wait(10)
+        return 200, [("Cache-Control", "no-store")], b"private"
+    o = origin("eu", pages={"/live": slow})
+    e = edge([o.url])
+    release.set()
+    httpx.get(f"{e.url}/live")                     # learns: not cacheable
+    arrived.acquire()
+    release.clear()
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(httpx.get, f"{e.url}/live", timeout=20) for _ in range(3)]
+        for _ in range(3):                          # all three reach the origin before any answer
+            assert arrived.acquire(timeout=10)
+        release.set()
+        assert [f.result().text for f in futures] == ["private"] * 3
+
+
+def test_host_case_and_default_port_share_one_key(site):
+    o, e = site
+    with httpx.Client() as c:
+        c.get(f"{e.url}/fresh", headers={"Host": "Shop.Example:80"})
+        r = c.get(f"{e.url}/fresh", headers={"Host": "shop.example"})
+    assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/fresh") == 1

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+import cachetools
 from mitmproxy import command, connection, ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 
@@ -27,6 +28,7 @@ logger = logging.getLogger("edge")
 META = "edge.cache"
 REFRESH = "edge.cache.refresh"  # marks the cache's own background revalidation flows
 COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
+UNCACHEABLE_TTL = 120.0         # a URL found uncacheable is not coalesced for this long (Varnish: hit-for-miss)
 REFRESH_TIMEOUT = 30.0
 # Fields never stored nor served from the cache: per-connection, or added per response.
 NOT_STORED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
@@ -62,6 +64,7 @@ class Cache:
         self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
         self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
         self.refreshing: set[str] = set()                    # keys with a background refresh running
+        self.uncacheable: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=UNCACHEABLE_TTL)
         self.tasks: set[asyncio.Task] = set()
 
     def apply(self, config: EdgeConfig) -> None:
@@ -104,9 +107,11 @@ class Cache:
             return None
         if entry is None:
             state.status.fwd = "vary-miss" if known else "uri-miss"
-            if state.key in self.pending and not self._forces_origin(request):
+            if state.key in self.uncacheable or self._forces_origin(request):
+                return None                 # nothing to wait for: waiting would only serialise
+            if state.key in self.pending:
                 return self._follow(flow, state, request)
-            if method == "GET" and not self._forces_origin(request):
+            if method == "GET":
                 self.pending[state.key] = asyncio.get_running_loop().create_future()
                 state.leader = True
             return None
@@ -207,6 +212,7 @@ class Cache:
             why_not = "too-large"
         if why_not is not None:
             state.status.detail = state.status.detail or f"not stored: {why_not}"
+            self.uncacheable[state.key] = True
             return
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
@@ -214,6 +220,7 @@ class Cache:
         entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
+            self.uncacheable.pop(state.key, None)
             state.status.stored = True
             state.status.ttl = round(lifetime - self._age(entry))
 
@@ -355,7 +362,11 @@ class Cache:
     # -- keys and ages ---------------------------------------------------------------------------------
 
     def _key(self, flow: http.HTTPFlow) -> str:
-        return self._url_key(public_base(flow, self.trusted) + flow.request.path)
+        """The public URL, with a default port left out (as `_url_key` does)."""
+        base = public_base(flow, self.trusted).lower()
+        if base.endswith((":80", ":443")) and base.endswith(":80") == base.startswith("http:"):
+            base = base.rsplit(":", 1)[0]
+        return base + flow.request.path
 
     @staticmethod
     def _url_key(url: str) -> str:
@@ -363,6 +374,7 @@ class Cache:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         default = (parts.scheme, port) in (("http", 80), ("https", 443))
         host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
         authority = host if default else f"{host}:{port}"
         path = parts.path or "/"
         return f"{parts.scheme}://{authority}{path}" + (f"?{parts.query}" if parts.query else "")
