@@ -322,3 +322,18 @@ def test_host_case_and_default_port_share_one_key(site):
         c.get(f"{e.url}/fresh", headers={"Host": "Shop.Example:80"})
         r = c.get(f"{e.url}/fresh", headers={"Host": "shop.example"})
     assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/fresh") == 1
+
+
+def test_unsafe_method_invalidates_location_and_content_location(origin, edge):
+    o = origin("eu", pages={
+        "/a": page("max-age=60", b"a"), "/b": page("max-age=60", b"b"), "/c": page("max-age=60", b"c"),
+        "/form": lambda req, o: (303, [("Location", "/a"), ("Content-Location", f"{o.url}/b")], b""),
+    })
+    e = edge([o.url])
+    with httpx.Client() as c:
+        for path in ("/a", "/b", "/c"):
+            c.get(f"{e.url}{path}")
+        c.post(f"{e.url}/form", content=b"x")
+        statuses = {p: c.get(f"{e.url}{p}").headers["cache-status"].split(";")[1].strip() for p in ("/a", "/b", "/c")}
+    # /a is same-origin by relative Location; the origin's own URL in Content-Location names this site too
+    assert statuses == {"/a": "fwd=uri-miss", "/b": "fwd=uri-miss", "/c": "hit"}

@@ -18,10 +18,11 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.store import Entry, Store
-from addons.client import client_of, public_base
+from addons.client import client_of, public_base, split_host
 from addons.config import CacheConfig, EdgeConfig
 from addons.failsafe import edge_answer
 from addons.net import is_trusted, parse_ip
+from addons.scrub.masking import OriginMask
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
@@ -61,6 +62,7 @@ class Cache:
         self.settings = CacheConfig(enabled=False)
         self.store = Store(1)
         self.trusted: tuple = ()
+        self.mask = OriginMask([])          # origin URLs in Location name this site
         self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
         self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
         self.refreshing: set[str] = set()                    # keys with a background refresh running
@@ -70,6 +72,7 @@ class Cache:
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
         self.trusted = config.trusted_proxies
+        self.mask = OriginMask((o.host, o.port) for o in config.origins)
         if self.store.lru.maxsize != config.cache.max_size:
             self.store = Store(config.cache.max_size)
 
@@ -196,9 +199,10 @@ class Cache:
             self._refresh(entry, flow)
             return
         if req.method == "GET":
-            self._store(flow, state)
+            self._store(flow, state, request)
 
-    def _store(self, flow: http.HTTPFlow, state: FlowState) -> None:
+    def _store(self, flow: http.HTTPFlow, state: FlowState, request: dict[str, str]) -> None:
+        """Store the origin's response if RFC 9111 allows; `request` is the client's request."""
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
@@ -206,7 +210,6 @@ class Cache:
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time, self.settings.default_ttl)
-        request = self._client_request(req, state)
         why_not = policy.storable("GET", resp.status_code, request, headers, rules, lifetime)
         if why_not is None and len(resp.raw_content) > self.settings.max_object:
             why_not = "too-large"
@@ -294,10 +297,11 @@ class Cache:
         origin, the URIs in Location and Content-Location."""
         self.store.remove(state.key)
         base = public_base(flow, self.trusted)
+        public_host = split_host(base.split("://", 1)[1])
         for name in ("location", "content-location"):
             target = flow.response.headers.get(name)
             if target:
-                url = urljoin(base + flow.request.path, target)
+                url = self.mask.rewrite_url(urljoin(base + flow.request.path, target), base, public_host)
                 if urlsplit(url).netloc == urlsplit(base).netloc:
                     self.store.remove(self._url_key(url))
         state.status.detail = "invalidated"
