@@ -10,8 +10,9 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   response is sent instead of the 502. mitmproxy ignores such a response (its PR #7999, open).
 - Interim responses: an origin's 1xx (103 Early Hints, 100 Continue, 102) before its final
   response is taken by mitmproxy as the final one and the client hangs (mitmproxy #2229). The
-  interim heads are now dropped: forwarding them raw would bypass origin masking (a 103's Link
-  header names the origin as readily as a Location does).
+  interim heads are now taken off the origin's stream first and, for HTTP/1.1 clients, passed
+  through `interim_filter` (origin masking: a 103's Link names the origin as readily as a
+  Location does) and forwarded, as RFC 9110 15.2 requires; other clients do not get them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import re
 
 from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import events
+from collections.abc import Callable
+
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._events import ResponseProtocolError
@@ -83,6 +86,9 @@ def _handle_protocol_error(self, event):
 
 
 _INTERIM_HEAD = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d\b")
+Fields = tuple[tuple[bytes, bytes], ...]
+# (header fields of an interim response, the request it answers) -> the fields a client may see
+interim_filter: Callable[[Fields, http.Request], Fields] | None = None
 _original_read_headers = _http1.Http1Client.read_headers
 
 
@@ -92,16 +98,25 @@ def _read_headers(self, event):
         for _ in range(16):                     # bounded: an origin cannot loop us forever
             if not _INTERIM_HEAD.match(self.buf._data, 0, 16):     # h11's buffer, read in place
                 break
-            if self.buf.maybe_extract_lines() is None:
+            lines = self.buf.maybe_extract_lines()
+            if lines is None:
                 return                          # the interim head is incomplete: wait for more
+            if interim_filter is not None and self.request.http_version == "HTTP/1.1" \
+                    and self.context.client.alpn != b"h2":
+                status, *header_lines = (bytes(line) for line in lines)
+                fields = tuple((k.strip(), v.strip()) for k, _, v in (h.partition(b":") for h in header_lines))
+                fields = interim_filter(fields, self.request)
+                head = status + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in fields) + b"\r\n"
+                yield commands.SendData(self.context.client, head)
         if not self.buf:
             return
     yield from _original_read_headers(self, event)
 
 
-def install() -> None:
-    """Apply the patches (idempotent)."""
-    global _installed
+def install(interim: Callable[[Fields, http.Request], Fields]) -> None:
+    """Apply the patches (idempotent); `interim` masks interim responses' header fields."""
+    global _installed, interim_filter
+    interim_filter = interim
     if _installed:
         return
     if not version.VERSION.startswith(TESTED_WITH):

@@ -199,5 +199,10 @@ def test_interim_responses_do_not_hang_the_client(edge, tls, version):
                               f"https://127.0.0.1:{e.port}/"], capture_output=True).stdout.decode()
     finally:
         o.stop()
-    assert out.endswith("hello") and " 200" in out
-    assert "103" not in out and "10.0.0.5" not in out               # interim heads are not relayed raw
+    assert out.endswith("hello") and " 200" in out and "10.0.0.5" not in out
+    if version == "--http1.1":                  # RFC 9110 15.2: relayed, masked like any head
+        assert out.startswith("HTTP/1.1 103 Early Hints\r\n")
+        assert f"Link: <https://127.0.0.1:{e.port}/a.css>; rel=preload\r\n" in out
+        assert "HTTP/1.1 102 Processing\r\n" in out
+    else:
+        assert "103" not in out

@@ -52,6 +52,16 @@ class Scrub:
         if not flow.response.stream:
             self._mask(flow)
 
+    def interim_fields(self, fields: tuple, request: http.Request) -> tuple:
+        """The masking of `_mask` for an interim (1xx) response, which has no flow hook: the
+        public address comes from the forwarding headers this addon put on the request."""
+        headers = request.headers
+        proto = headers.get("x-forwarded-proto", "http")
+        host = headers.get("x-forwarded-host") or request.host_header or ""
+        base = f"{proto}://{host}"
+        masked, _, _ = self.mask.scrub_fields(fields, base, split_host(host), self.drop, None)
+        return masked
+
     def _mask(self, flow: http.HTTPFlow) -> None:
         rec, headers = decisions(flow), flow.response.headers
         base = public_base(flow, self.trusted)
