@@ -11,9 +11,9 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addons import internals
-from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.cache import Cache
 from addons.compress import Compress
+from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.trace import Trace

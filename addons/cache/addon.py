@@ -1,6 +1,9 @@
 """The cache addon: answers from memory in `requestheaders` (no origin connection for a hit),
 revalidates stale entries with the origin, stores in `response`, serves stale when the origin
-fails. The rules are in policy.py; this module only moves bytes between flows and the store."""
+fails. The rules are in policy.py; this module only moves bytes between flows and the store.
+
+Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
+mitmproxy logs it and the request simply goes to the origin, uncached."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -101,7 +105,9 @@ class Cache:
             state.invalidate = method not in policy.SAFE_METHODS
             state.status.fwd = "method"
             return None
-        request = header_map(req.headers.fields)
+        # mitmproxy's Headers answer get() and `in` case-insensitively, joining repeated
+        # fields with ", ": the policy reads them as they are, without a copy
+        request = req.headers
         entry, known = self.store.lookup(state.key, request)
         if flow.metadata.get(REFRESH):
             if entry is not None:
@@ -151,7 +157,7 @@ class Cache:
 
     # -- decisions on a stored entry ------------------------------------------------------------------
 
-    def _use(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: dict) -> None:
+    def _use(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]) -> None:
         age = self._age(entry)
         use = policy.usable(entry.rules, entry.lifetime, age, request)
         if use is not Use.REVALIDATE:
@@ -163,10 +169,10 @@ class Cache:
         state.status.fwd = "stale" if age >= entry.lifetime else "request"
         self._revalidate(flow, state, entry, request)
 
-    def _revalidate(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: dict) -> None:
+    def _revalidate(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]) -> None:
         """Send the request on to the origin, made conditional on the stored validators."""
         state.entry = entry
-        if not ({"if-none-match", "if-modified-since"} & request.keys()):
+        if "if-none-match" not in request and "if-modified-since" not in request:
             headers = flow.request.headers
             if "etag" in entry.headers:
                 headers["If-None-Match"] = entry.headers["etag"]
@@ -201,12 +207,12 @@ class Cache:
         if req.method == "GET":
             self._store(flow, state, request)
 
-    def _store(self, flow: http.HTTPFlow, state: FlowState, request: dict[str, str]) -> None:
+    def _store(self, flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> None:
         """Store the origin's response if RFC 9111 allows; `request` is the client's request."""
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
-        headers = header_map(resp.headers.fields)
+        headers = resp.headers
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time, self.settings.default_ttl)
@@ -220,7 +226,7 @@ class Cache:
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
         fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
+        entry = Entry(resp.status_code, resp.data.reason, fields, header_map(resp.headers.fields), resp.raw_content,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
             self.uncacheable.pop(state.key, None)
@@ -248,7 +254,7 @@ class Cache:
 
     # -- answering from the store -------------------------------------------------------------------------
 
-    def _answer(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, age: float, request: dict,
+    def _answer(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, age: float, request: Mapping[str, str],
                 revalidated: bool = False) -> None:
         """Set flow.response from a stored entry: 304 for a matching client validator, HEAD
         without a body, one byte range as 206, else the whole stored response."""
@@ -282,7 +288,7 @@ class Cache:
         flow.response = http.Response(b"HTTP/1.1", status, reason, http.Headers(fields), body, None, now, now)
 
     @staticmethod
-    def _if_range_ok(request: dict, entry: Entry) -> bool:
+    def _if_range_ok(request: Mapping[str, str], entry: Entry) -> bool:
         cond = request.get("if-range")
         if cond is None:
             return True
@@ -338,7 +344,7 @@ class Cache:
         finally:
             self.refreshing.discard(key)
 
-    async def _follow(self, flow: http.HTTPFlow, state: FlowState, request: dict) -> None:
+    async def _follow(self, flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> None:
         """Another request for this URL is on its way to the origin: wait for it, then answer
         from the cache if it stored something usable, else go to the origin too."""
         self.waiting[state.key] += 1
@@ -389,15 +395,16 @@ class Cache:
                                   entry.request_time, entry.response_time, time.time())
 
     @staticmethod
-    def _client_request(req: http.Request, state: FlowState) -> dict[str, str]:
+    def _client_request(req: http.Request, state: FlowState) -> Mapping[str, str]:
         """The request's headers as the client sent them (without validators the cache added)."""
+        if not state.added_validators:
+            return req.headers
         request = header_map(req.headers.fields)
-        if state.added_validators:
-            request.pop("if-none-match", None)
-            request.pop("if-modified-since", None)
+        request.pop("if-none-match", None)
+        request.pop("if-modified-since", None)
         return request
 
     @staticmethod
-    def _forces_origin(request: dict) -> bool:
+    def _forces_origin(request: Mapping[str, str]) -> bool:
         cc = policy.parse_directives(request.get("cache-control"))
         return "no-cache" in cc or "no-store" in cc or "if-none-match" in request or "if-modified-since" in request
