@@ -95,8 +95,10 @@ def test_heuristics_only_where_allowed_and_default_ttl():
 def test_storable(method, status, request_headers, cc, extra, expected):
     headers = dict(extra, **({"cache-control": cc} if cc else {}))
     r = ResponseRules.read(headers)
-    lifetime = policy.freshness_lifetime(status, headers, r, NOW)
-    assert policy.storable(method, status, request_headers, headers, r, lifetime) == expected
+    why_not = policy.storable(method, status, request_headers, headers, r)
+    if why_not is None and not policy.reusable(policy.freshness_lifetime(status, headers, r, NOW), headers, r):
+        why_not = "no-freshness"
+    assert why_not == expected
 
 
 @pytest.mark.parametrize("cc, lifetime, age, req, expected", [

@@ -215,8 +215,13 @@ class Cache:
         headers = resp.headers
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
-        lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time, self.settings.default_ttl)
-        why_not = policy.storable("GET", resp.status_code, request, headers, rules, lifetime)
+        why_not = policy.storable("GET", resp.status_code, request, headers, rules)
+        lifetime = 0.0
+        if why_not is None:
+            lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time,
+                                                 self.settings.default_ttl)
+            if not policy.reusable(lifetime, headers, rules):
+                why_not = "no-freshness"
         if why_not is None and len(resp.raw_content) > self.settings.max_object:
             why_not = "too-large"
         if why_not is not None:

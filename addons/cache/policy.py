@@ -182,9 +182,9 @@ def has_validator(headers: Headers) -> bool:
     return "etag" in headers or "last-modified" in headers
 
 
-def storable(method: str, status: int, request: Headers, headers: Headers, rules: ResponseRules,
-             lifetime: float) -> str | None:
-    """RFC 9111 3 for a shared cache. None if the response may be stored, else why not."""
+def storable(method: str, status: int, request: Headers, headers: Headers, rules: ResponseRules) -> str | None:
+    """RFC 9111 3 for a shared cache. None if the response may be stored, else why not.
+    (Whether it is worth storing depends on its lifetime: see `reusable`.)"""
     if method != "GET":
         return "method"
     if status < 200 or status in (206, 304) or status >= 600:
@@ -202,10 +202,14 @@ def storable(method: str, status: int, request: Headers, headers: Headers, rules
         (not rules.targeted and "expires" in headers)
     if not explicit and status not in CACHEABLE_BY_DEFAULT:
         return "status"
-    if lifetime <= 0 and not has_validator(headers) and \
-            not (rules.has("stale-while-revalidate") or rules.has("stale-if-error")):
-        return "no-freshness"         # could never be served without the origin: not worth storing
     return None
+
+
+def reusable(lifetime: float, headers: Headers, rules: ResponseRules) -> bool:
+    """Could a stored copy ever answer without the origin's full response? Not without
+    freshness, a validator or a stale-* allowance: such a response is not worth storing."""
+    return lifetime > 0 or has_validator(headers) or rules.has("stale-while-revalidate") \
+        or rules.has("stale-if-error")
 
 
 def age_seconds(value: str | None) -> int:
