@@ -20,11 +20,10 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections.abc import Callable
 
 from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
-from collections.abc import Callable
-
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2

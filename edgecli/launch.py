@@ -149,7 +149,7 @@ async def serve(launch: Launch) -> None:
     except exceptions.OptionsError as e:
         raise LaunchError(str(e)) from None
     except OSError as e:
-        raise LaunchError(f"{e.filename or ''}: {e.strerror}") from None
+        raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
     if launch.handle_signals and threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

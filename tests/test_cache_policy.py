@@ -4,6 +4,7 @@ import pytest
 
 from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
+from addons.cache.store import Entry
 
 NOW = 1_000_000.0
 
@@ -132,9 +133,13 @@ def test_stale_on_error(cc, age, req, expected):
     assert policy.stale_on_error(rules(cc), 0.0, age, req) is expected
 
 
-def test_current_age():
-    # response took 2 s; origin said Age 10; Date 5 s before we received it; 30 s in store
-    assert policy.current_age(NOW - 5, "10", NOW - 2, NOW, NOW + 30) == 12 + 30
+def test_age():
+    # response took 2 s; origin said Age 10; Date 5 s before we received it: 12 s old on arrival
+    assert policy.initial_age(NOW - 5, "10", NOW - 2, NOW) == 12
+    assert policy.initial_age(NOW - 20, "10", NOW - 2, NOW) == 20       # the Date says older
+    entry = Entry(200, b"OK", (), {"date": "Sun, 06 Nov 1994 08:49:37 GMT", "age": "10"}, b"", 784111777.0 - 2,
+                  784111777.0, rules(), 60.0, ())
+    assert entry.age(784111777.0 + 30) == 12 + 30                      # plus the time spent stored
     assert policy.age_seconds("7200, 0") == 7200 and policy.age_seconds("7200.0") == 0
 
 

@@ -54,6 +54,8 @@ def test_check_names_file_line_and_key(tmp_path):
      "cannot read --cert /nonexistent.pem"),
     (["run", "--origin", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--set", "no_such_option=1"], 1,
      "no_such_option"),
+    (["run", "--origin", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--access-log", "/nonexistent/dir/a.log"], 1,
+     "cannot open /nonexistent/dir/a.log: No such file or directory"),
 ])
 def test_run_errors_are_one_clear_line(args, code, message, tmp_path):
     r = CliRunner().invoke(cli, args + (["--confdir", str(tmp_path)] if args[0] == "run" and len(args) > 1 else []))

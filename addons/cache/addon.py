@@ -396,8 +396,7 @@ class Cache:
 
     @staticmethod
     def _age(entry: Entry) -> float:
-        return policy.current_age(policy.http_date(entry.headers.get("date")), entry.headers.get("age"),
-                                  entry.request_time, entry.response_time, time.time())
+        return entry.age(time.time())
 
     @staticmethod
     def _client_request(req: http.Request, state: FlowState) -> Mapping[str, str]:

@@ -217,14 +217,12 @@ def age_seconds(value: str | None) -> int:
     return delta_seconds((value or "").split(",", 1)[0].strip()) or 0
 
 
-def current_age(date: float | None, age_header: str | None, request_time: float, response_time: float,
-                now: float) -> float:
-    """RFC 9111 4.2.3."""
+def initial_age(date: float | None, age_header: str | None, request_time: float, response_time: float) -> float:
+    """RFC 9111 4.2.3 corrected_initial_age: how old the response was when it arrived."""
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_value = age_seconds(age_header)
-    corrected_age_value = age_value + (response_time - request_time)
-    corrected_initial_age = max(apparent_age, corrected_age_value)
-    return corrected_initial_age + (now - response_time)
+    corrected_age_value = age_seconds(age_header) + (response_time - request_time)
+    return max(apparent_age, corrected_age_value)
+
 
 
 class Use(Enum):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import cachetools
 
-from addons.cache.policy import ResponseRules, vary_key
+from addons.cache.policy import ResponseRules, http_date, initial_age, vary_key
 
 Fields = tuple[tuple[bytes, bytes], ...]
 ENTRY_OVERHEAD = 512        # bytes of bookkeeping counted per stored response
@@ -25,6 +25,15 @@ class Entry:
     rules: ResponseRules
     lifetime: float
     selected_by: tuple          # the request's values of the Vary'd headers
+    initial_age: float = 0.0    # RFC 9111 4.2.3 corrected_initial_age, fixed when stored
+
+    def __post_init__(self) -> None:
+        self.initial_age = initial_age(http_date(self.headers.get("date")), self.headers.get("age"),
+                                       self.request_time, self.response_time)
+
+    def age(self, now: float) -> float:
+        """current_age: the initial age plus the time spent here."""
+        return self.initial_age + (now - self.response_time)
 
     @property
     def size(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from functools import lru_cache
 
 import brotli
 
@@ -38,6 +39,7 @@ def accepted(accept_encoding: str | None) -> dict[str, float]:
     return out
 
 
+@lru_cache(maxsize=4096)     # a handful of distinct Accept-Encoding values serve most clients
 def choose(accept_encoding: str | None, offered: tuple[str, ...] = PREFERENCE) -> str | None:
     """The coding to send: the client's highest-rated one we offer (ties go to our order);
     `*` stands for codings the client did not name. None means identity."""
