@@ -337,3 +337,11 @@ def test_unsafe_method_invalidates_location_and_content_location(origin, edge):
         statuses = {p: c.get(f"{e.url}{p}").headers["cache-status"].split(";")[1].strip() for p in ("/a", "/b", "/c")}
     # /a is same-origin by relative Location; the origin's own URL in Content-Location names this site too
     assert statuses == {"/a": "fwd=uri-miss", "/b": "fwd=uri-miss", "/c": "hit"}
+
+
+def test_only_if_cached_never_reaches_the_origin(site):
+    o, e = site
+    r = httpx.get(f"{e.url}/fresh", headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 504 and hits(o, "/fresh") == 0
+    r = warm_then(e, "/fresh", headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 200 and r.headers["cache-status"].startswith("edge; hit") and hits(o, "/fresh") == 1

@@ -116,6 +116,8 @@ class Cache:
             return None
         if entry is None:
             state.status.fwd = "vary-miss" if known else "uri-miss"
+            if self._only_if_cached(flow, state, request):
+                return None
             if state.key in self.uncacheable or self._forces_origin(request):
                 return None                 # nothing to wait for: waiting would only serialise
             if state.key in self.pending:
@@ -167,7 +169,8 @@ class Cache:
             self._answer(flow, state, entry, age, request)
             return
         state.status.fwd = "stale" if age >= entry.lifetime else "request"
-        self._revalidate(flow, state, entry, request)
+        if not self._only_if_cached(flow, state, request):
+            self._revalidate(flow, state, entry, request)
 
     def _revalidate(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]) -> None:
         """Send the request on to the origin, made conditional on the stored validators."""
@@ -316,6 +319,15 @@ class Cache:
                 if urlsplit(url).netloc == urlsplit(base).netloc:
                     self.store.remove(self._url_key(url))
         state.status.detail = "invalidated"
+
+    @staticmethod
+    def _only_if_cached(flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> bool:
+        """RFC 9111 5.2.1.7: a client that wants nothing from the origin gets 504 on a miss."""
+        if "only-if-cached" not in policy.parse_directives(request.get("cache-control")):
+            return False
+        flow.response = edge_answer(flow, 504, "not in the cache (only-if-cached)")
+        state.answered = True
+        return True
 
     def _purge_request(self, flow: http.HTTPFlow, state: FlowState) -> None:
         client = parse_ip(client_of(flow, self.trusted))
