@@ -5,6 +5,7 @@ Pure (no mitmproxy imports): the CLI, the mitmdump script and the tests share it
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Origin:
     host: str
     port: int
     weight: int = 1
+    backup: bool = False         # used only when no primary origin of the pool is available
 
     @property
     def scheme_bytes(self) -> bytes:
@@ -59,6 +61,18 @@ class Origin:
 class Pool:
     name: str
     origins: tuple[Origin, ...]
+    health: HealthCheck | None = None    # active checks; passive marking is always on
+    fallback: str | None = None          # pool to use when nothing here is available
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str = "/health"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2                # consecutive successes that bring a down origin back
+    fall: int = 2                # consecutive failures that take an origin down
+    expect: tuple[int, int] = (200, 399)
 
 
 @dataclass(frozen=True)
@@ -250,6 +264,34 @@ class _Reader:
             raise self.doc.error(path, str(e)) from None
 
 
+def parse_status_range(value: Any) -> tuple[int, int]:
+    """`200`, or `200-399`."""
+    m = re.fullmatch(r"\s*([1-5]\d\d)\s*(?:-\s*([1-5]\d\d)\s*)?", str(value))
+    if not m or (m[2] and int(m[2]) < int(m[1])):
+        raise ValueError(f"{value!r}: expected a status or a range like 200-399")
+    return int(m[1]), int(m[2] or m[1])
+
+
+def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
+    raw = r.mapping(raw, path, {"path", "interval", "timeout", "rise", "fall", "expect"})
+    default = HealthCheck()
+    check_path = raw.get("path", default.path)
+    if not isinstance(check_path, str) or not check_path.startswith("/"):
+        raise r.doc.error(path + ("path",), "expected a path starting with /")
+    interval = r.convert(parse_duration, raw["interval"], path + ("interval",)) if "interval" in raw else default.interval
+    timeout = r.convert(parse_duration, raw["timeout"], path + ("timeout",)) if "timeout" in raw else default.timeout
+    if not 0 < timeout <= interval:
+        raise r.doc.error(path + ("timeout",), "must be more than 0 and at most the interval")
+    counts = {}
+    for key in ("rise", "fall"):
+        value = raw.get(key, getattr(default, key))
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+            raise r.doc.error(path + (key,), "expected a whole number from 1 to 100")
+        counts[key] = value
+    expect = r.convert(parse_status_range, raw["expect"], path + ("expect",)) if "expect" in raw else default.expect
+    return HealthCheck(check_path, interval, timeout, counts["rise"], counts["fall"], expect)
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
@@ -266,22 +308,32 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     pools = {}
     for name, body in pools_raw.items():
         path = ("pools", name)
-        body = r.mapping(body, path, {"origins"})
+        body = r.mapping(body, path, {"origins", "health", "fallback"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
             if isinstance(item, str):
                 item = {"url": item}
-            item = r.mapping(item, opath, {"url", "weight"})
+            item = r.mapping(item, opath, {"url", "weight", "backup"})
             if "url" not in item:
                 raise doc.error(opath, "an origin needs a url")
             weight = item.get("weight", 1)
             if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
                 raise doc.error(opath + ("weight",), "weight must be a whole number from 1 to 1000")
-            origins.append(r.convert(lambda u: parse_origin_url(u, weight), item["url"], opath + ("url",)))
+            backup = item.get("backup", False)
+            if not isinstance(backup, bool):
+                raise doc.error(opath + ("backup",), "expected true or false")
+            origin = r.convert(lambda u: parse_origin_url(u, weight), item["url"], opath + ("url",))
+            origins.append(dataclasses.replace(origin, backup=backup))
         if not origins:
             raise doc.error(path + ("origins",), "a pool needs at least one origin")
-        pools[str(name)] = Pool(str(name), tuple(origins))
+        if all(o.backup for o in origins):
+            raise doc.error(path + ("origins",), "a pool needs at least one origin that is not a backup")
+        health = _health(r, body["health"], path + ("health",)) if "health" in body else None
+        fallback = body.get("fallback")
+        if fallback is not None and (not isinstance(fallback, str) or fallback not in pools_raw or fallback == name):
+            raise doc.error(path + ("fallback",), "expected the name of another pool")
+        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback)
 
     routing = r.mapping(top.get("routing"), ("routing",), {"default_pool"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)

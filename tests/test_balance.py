@@ -22,3 +22,24 @@ def test_each_cycle_honours_weights_exactly():
 def test_empty_pool_is_an_error():
     with pytest.raises(ValueError):
         SmoothWeighted([])
+
+
+def test_unusable_items_are_skipped_and_the_rest_keep_their_ratio():
+    swrr = SmoothWeighted([("a", 3), ("b", 1), ("c", 2)])
+    picks = [swrr.pick(lambda x: x != "c") for _ in range(400)]
+    assert Counter(picks) == {"a": 300, "b": 100}
+    assert swrr.pick(lambda x: False) is None
+
+
+def test_health_rise_fall_and_passive_cooldown():
+    from addons.route.health import Health
+    h = Health(rise=2, fall=2)
+    assert h.available(0) and not h.check_failed("refused") and h.available(0)
+    assert h.check_failed("refused") and not h.available(0)            # fall=2: down now
+    assert not h.check_passed() and not h.available(0)                  # rise=2: not yet
+    assert h.check_passed() and h.available(0)                          # back
+    assert h.request_failed("refused", now=100.0, cooldown=10)          # passive: out for 10 s
+    assert not h.available(105.0) and h.available(110.0)
+    assert h.describe(105.0).startswith("cooling down 5s")
+    h.request_failed("refused", now=200.0)
+    assert not h.check_passed() and h.available(200.0)                  # a passing check clears it

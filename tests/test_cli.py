@@ -41,7 +41,7 @@ def test_check_names_file_line_and_key(tmp_path):
     bad.write_text("listen: 127.0.0.1:8080\npools:\n  eu:\n    origins:\n      - {url: http://127.0.0.1:9001, weigth: 3}\n")
     r = CliRunner().invoke(cli, ["check", "-c", str(bad)])
     assert r.exit_code == 2
-    assert r.output.strip() == f"edge: {bad}:5: pools.eu.origins[0].weigth: unknown key (known: url, weight)"
+    assert r.output.strip() == f"edge: {bad}:5: pools.eu.origins[0].weigth: unknown key (known: backup, url, weight)"
 
 
 @pytest.mark.parametrize("args, code, message", [

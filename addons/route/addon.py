@@ -1,36 +1,169 @@
 """The route addon: picks the pool and origin for each request before any upstream connection
-exists (mitmproxy decides the destination from request.host/port), keeping the client's Host."""
+exists (mitmproxy decides the destination from request.host/port), keeping the client's Host.
+Only available origins are picked: active checks run in the background, a refused connection
+takes an origin out for a cool-down, and a pool with nothing available hands over to its
+fallback pool. With nothing left anywhere, the client gets an origin-free 503."""
 
 from __future__ import annotations
 
-from mitmproxy import http
+import asyncio
+import logging
+import re
+import ssl
+import time
 
-from addons.config import EdgeConfig, Origin
-from addons.failsafe import fail_closed
+from mitmproxy import command, ctx, http
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+from addons.config import EdgeConfig, HealthCheck, Origin, Pool
+from addons.failsafe import edge_answer, fail_closed
 from addons.route.balance import SmoothWeighted
+from addons.route.health import Health
 from addons.trace import decisions
+
+logger = logging.getLogger("edge")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+
+
+class PoolBalancer:
+    """A pool's primaries, then its backups, each in smooth weighted round robin."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        primaries = [(o, o.weight) for o in pool.origins if not o.backup]
+        backups = [(o, o.weight) for o in pool.origins if o.backup]
+        self.primaries = SmoothWeighted(primaries)
+        self.backups = SmoothWeighted(backups) if backups else None
+
+    def pick(self, usable) -> Origin | None:
+        origin = self.primaries.pick(usable)
+        if origin is None and self.backups is not None:
+            origin = self.backups.pick(usable)
+        return origin
 
 
 class Route:
     def __init__(self) -> None:
-        self.balancers: dict[str, SmoothWeighted[Origin]] = {}
+        self.balancers: dict[str, PoolBalancer] = {}
         self.default_pool = ""
+        self.health: dict[tuple[str, int], Health] = {}
+        self.checker: asyncio.Task | None = None
 
     def apply(self, config: EdgeConfig) -> None:
-        self.balancers = {name: SmoothWeighted([(o, o.weight) for o in pool.origins])
-                          for name, pool in config.pools.items()}
+        self.balancers = {name: PoolBalancer(pool) for name, pool in config.pools.items()}
         self.default_pool = config.default_pool
+        old = self.health
+        self.health = {}
+        for pool in config.pools.values():
+            check = pool.health or HealthCheck()
+            for o in pool.origins:
+                self.health[(o.host, o.port)] = old.get((o.host, o.port)) or Health(check.rise, check.fall)
+
+    # -- choosing ---------------------------------------------------------------------------------
+
+    def choose(self, pool_name: str, now: float) -> tuple[str, Origin] | None:
+        """The first pool along the fallback chain with an available origin, and that origin."""
+        usable = lambda o: self.health[(o.host, o.port)].available(now)
+        seen = set()
+        while pool_name and pool_name not in seen:
+            seen.add(pool_name)
+            balancer = self.balancers[pool_name]
+            origin = balancer.pick(usable)
+            if origin is not None:
+                return pool_name, origin
+            pool_name = balancer.pool.fallback or ""
+        return None
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not self.balancers:
             return
-        pool = self.default_pool
-        origin = self.balancers[pool].pick()
+        rec = decisions(flow)
+        chosen = self.choose(self.default_pool, time.monotonic())
+        if chosen is None:
+            rec["route"] = "no origin available"
+            flow.response = edge_answer(flow, 503, "no origin is available to serve this request",
+                                        {"Retry-After": "5"})
+            return
+        pool, origin = chosen
         # The destination only: the Request.host/port setters would also rewrite the Host
         # header, and the origin must see the client's Host.
         data = flow.request.data
         data.scheme, data.host, data.port = origin.scheme_bytes, origin.host, origin.port
-        rec = decisions(flow)
         rec["pool"] = pool
         rec["origin"] = origin.url
+        if pool != self.default_pool:
+            rec["route"] = f"fallback from {self.default_pool}"
+
+    # -- passive health -----------------------------------------------------------------------------
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        address = data.server.address
+        health = self.health.get((address[0], address[1])) if address else None
+        if health is not None and health.request_failed(data.server.error or "connect failed", time.monotonic()):
+            logger.warning("edge: origin %s:%s marked down: %s", address[0], address[1], health.last_error)
+
+    # -- active health --------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        checked = [p for b in self.balancers.values() if (p := b.pool).health is not None]
+        if checked and self.checker is None:
+            self.checker = asyncio.get_running_loop().create_task(self._check_forever(checked))
+
+    def done(self) -> None:
+        if self.checker is not None:
+            self.checker.cancel()
+            self.checker = None
+
+    async def _check_forever(self, pools: list[Pool]) -> None:
+        interval = min(p.health.interval for p in pools)
+        while True:
+            await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins))
+            await asyncio.sleep(interval)
+
+    async def _check(self, origin: Origin, check: HealthCheck) -> None:
+        health = self.health[(origin.host, origin.port)]
+        try:
+            status = await asyncio.wait_for(probe(origin, check.path), check.timeout)
+            ok = check.expect[0] <= status <= check.expect[1]
+            why = f"health check answered {status}"
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            ok, why = False, f"health check failed: {type(e).__name__} {e}".strip()
+        if ok and health.check_passed():
+            logger.warning("edge: origin %s is up again", origin.url)
+        elif not ok and health.check_failed(why):
+            logger.warning("edge: origin %s is down: %s", origin.url, why)
+
+    @command.command("edge.status")
+    def status(self) -> str:
+        """Each pool's origins with their weight and health."""
+        now = time.monotonic()
+        lines = []
+        for name, balancer in self.balancers.items():
+            pool = balancer.pool
+            extra = f" (fallback {pool.fallback})" if pool.fallback else ""
+            lines.append(f"pool {name}{extra}")
+            for o in pool.origins:
+                role = " backup" if o.backup else ""
+                lines.append(f"  {o.url} weight {o.weight}{role}: {self.health[(o.host, o.port)].describe(now)}")
+        return "\n".join(lines)
+
+
+async def probe(origin: Origin, path: str) -> int:
+    """GET the health path over a fresh connection; the status code."""
+    context = None
+    if origin.scheme == "https":
+        context = ssl.create_default_context(cafile=ctx.options.ssl_verify_upstream_trusted_ca)
+        if ctx.options.ssl_insecure:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(origin.host, origin.port, ssl=context)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {origin.authority}\r\nUser-Agent: edge-health\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        m = _STATUS_LINE.match(await reader.readline())
+        if m is None:
+            raise ValueError("not an HTTP response")
+        return int(m[1])
+    finally:
+        writer.close()

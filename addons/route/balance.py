@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,14 +18,20 @@ class SmoothWeighted(Generic[T]):
         self.items = [item for item, _ in items]
         self.weights = [w for _, w in items]
         self.current = [0] * len(items)
-        self.total = sum(self.weights)
 
-    def pick(self) -> T:
-        best = 0
-        current, weights = self.current, self.weights
-        for i in range(len(current)):
+    def pick(self, usable: Callable[[T], bool] | None = None) -> T | None:
+        """The next item, among those `usable` accepts (None if it accepts none). Skipped
+        items keep their place, as in nginx: the spread stays smooth when they return."""
+        best, total = -1, 0
+        current, weights, items = self.current, self.weights, self.items
+        for i in range(len(items)):
+            if usable is not None and not usable(items[i]):
+                continue
             current[i] += weights[i]
-            if current[i] > current[best]:
+            total += weights[i]
+            if best < 0 or current[i] > current[best]:
                 best = i
-        current[best] -= self.total
-        return self.items[best]
+        if best < 0:
+            return None
+        current[best] -= total
+        return items[best]

@@ -1,0 +1,60 @@
+"""Is an origin available? Active checks with rise/fall thresholds (HAProxy) and passive
+marks with a cool-down after a failed connection (nginx max_fails/fail_timeout). Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PASSIVE_COOLDOWN = 10.0     # seconds an origin that refused a connection is left alone
+
+
+@dataclass
+class Health:
+    rise: int = 2
+    fall: int = 2
+    up: bool = True             # optimistic at start, as nginx and HAProxy are
+    successes: int = 0          # consecutive, while down
+    failures: int = 0           # consecutive, while up
+    down_until: float = 0.0     # passive mark
+    last_error: str = ""
+
+    def available(self, now: float) -> bool:
+        return self.up and now >= self.down_until
+
+    def check_passed(self) -> bool:
+        """An active check succeeded. True if the origin just came back."""
+        self.failures = 0
+        self.down_until = 0.0
+        if self.up:
+            return False
+        self.successes += 1
+        if self.successes >= self.rise:
+            self.up, self.successes = True, 0
+            return True
+        return False
+
+    def check_failed(self, why: str) -> bool:
+        """An active check failed. True if the origin just went down."""
+        self.successes = 0
+        self.last_error = why
+        if not self.up:
+            return False
+        self.failures += 1
+        if self.failures >= self.fall:
+            self.up, self.failures = False, 0
+            return True
+        return False
+
+    def request_failed(self, why: str, now: float, cooldown: float = PASSIVE_COOLDOWN) -> bool:
+        """A client request could not reach the origin. True if it was available until now."""
+        was = self.available(now)
+        self.down_until = now + cooldown
+        self.last_error = why
+        return was
+
+    def describe(self, now: float) -> str:
+        if not self.up:
+            return f"down ({self.last_error})"
+        if now < self.down_until:
+            return f"cooling down {self.down_until - now:.0f}s ({self.last_error})"
+        return "up"

@@ -1,0 +1,88 @@
+"""Routing with health: active checks, passive marks, backups, fallback pools, 503."""
+
+import time
+from collections import Counter
+
+import httpx
+
+from edgecli.origins import OriginServer
+from tests.conftest import free_port
+
+
+def wait_until(predicate, timeout=10.0):
+    """Poll the edge's own health table (the checks run on their own clock)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def served_by(e, n):
+    with httpx.Client() as c:
+        return Counter(c.get(f"{e.url}/echo").json()["origin"] for _ in range(n))
+
+
+HEALTH = "health: {path: /health, interval: 100ms, timeout: 100ms, rise: 2, fall: 2}"
+
+
+def test_active_checks_take_a_dead_origin_out_and_bring_it_back(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n    {HEALTH}\n")
+    route = e.master.addons.get("route")
+    assert served_by(e, 4) == {"a": 2, "b": 2}
+    a.stop()
+    wait_until(lambda: "down" in route.status().splitlines()[1])
+    assert served_by(e, 10) == {"b": 10}                           # no client paid for a's death
+    revived = OriginServer("a", port=a.port).start()
+    try:
+        wait_until(lambda: route.status().splitlines()[1].endswith(": up"))
+        assert served_by(e, 4) == {"a": 2, "b": 2}
+    finally:
+        revived.stop()
+
+
+def test_a_refused_connection_marks_the_origin_down(origin, edge):
+    b = origin("b")
+    dead = free_port()
+    e = edge(f"pools:\n  p:\n    origins: [http://127.0.0.1:{dead}, {b.url}]\n")
+    with httpx.Client() as c:
+        first = c.get(f"{e.url}/echo")
+    assert first.status_code == 502                                 # the request that found out
+    assert served_by(e, 10) == {"b": 10}
+    assert "cooling down" in e.master.commands.call("edge.status")
+
+
+def test_backup_only_when_the_primaries_are_gone(origin, edge):
+    a, spare = origin("a"), origin("spare")
+    e = edge(f"pools:\n  p:\n    origins:\n      - {a.url}\n      - {{url: {spare.url}, backup: true}}\n"
+             f"    {HEALTH}\n")
+    route = e.master.addons.get("route")
+    assert served_by(e, 6) == {"a": 6}
+    a.stop()
+    wait_until(lambda: "down" in route.status().splitlines()[1])
+    assert served_by(e, 3) == {"spare": 3}
+
+
+def test_fallback_pool_then_503(origin, edge):
+    eu, us = origin("eu"), origin("us")
+    e = edge(f"pools:\n  eu:\n    origins: [{eu.url}]\n    {HEALTH}\n    fallback: us\n"
+             f"  us:\n    origins: [{us.url}]\n    {HEALTH}\nrouting: {{default_pool: eu}}\n")
+    route = e.master.addons.get("route")
+    eu.stop()
+    wait_until(lambda: "down" in route.status().splitlines()[1])
+    assert served_by(e, 3) == {"us": 3}
+    us.stop()
+    wait_until(lambda: route.choose("eu", time.monotonic()) is None)
+    r = httpx.get(f"{e.url}/echo")
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert "no origin is available" in r.text and str(us.port) not in r.text and str(eu.port) not in r.text
+
+
+def test_health_check_expects_a_status(origin, edge):
+    sick = origin("sick", pages={"/health": lambda req, o: (500, [], b"broken"),
+                                 "/echo": lambda req, o: (200, [], b'{"origin": "sick"}')})
+    fine = origin("fine")
+    e = edge(f"pools:\n  p:\n    origins: [{sick.url}, {fine.url}]\n    {HEALTH}\n")
+    route = e.master.addons.get("route")
+    wait_until(lambda: "answered 500" in route.status())
+    assert served_by(e, 4) == {"fine": 4}
