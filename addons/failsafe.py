@@ -4,6 +4,7 @@ lets the request or response through unchecked. mitmproxy itself would log and c
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 from mitmproxy import http
@@ -24,23 +25,37 @@ def edge_answer(flow: http.HTTPFlow, status: int, reason: str, headers: dict | N
 
 
 def fail_closed(hook):
-    """Wrap an HTTP hook `(self, flow)`: on an exception, log it with the flow id and answer
-    500 (request side) or 502 (response side). In `responseheaders` the origin's body is still
-    to come and would fill any response set there, so the flow is killed instead."""
+    """Wrap an HTTP hook `(self, flow)`, sync or returning an awaitable: on an exception, log
+    it with the flow id and answer 500 (request side) or 502 (response side). In
+    `responseheaders` the origin's body is still to come and would fill any response set
+    there, so the flow is killed instead."""
     name = hook.__qualname__
     headers_phase = hook.__name__ == "responseheaders"
 
-    @functools.wraps(hook)
-    def guarded(self, flow: http.HTTPFlow) -> None:
+    def fail(flow: http.HTTPFlow, e: Exception) -> None:
+        logger.exception("%s failed on flow %s; failing closed", name, flow.id, exc_info=e)
+        decisions(flow)["failed"] = f"{name}: {type(e).__name__}"
+        if flow.response is None:
+            flow.response = edge_answer(flow, 500, "the edge could not process this request")
+        elif headers_phase or flow.response.stream:
+            flow.kill()
+        else:
+            flow.response = edge_answer(flow, 502, "the edge could not process the origin's response")
+
+    async def guarded_async(awaitable, flow: http.HTTPFlow) -> None:
         try:
-            hook(self, flow)
+            await awaitable
         except Exception as e:
-            logger.exception("%s failed on flow %s; failing closed", name, flow.id)
-            decisions(flow)["failed"] = f"{name}: {type(e).__name__}"
-            if flow.response is None:
-                flow.response = edge_answer(flow, 500, "the edge could not process this request")
-            elif headers_phase or flow.response.stream:
-                flow.kill()
-            else:
-                flow.response = edge_answer(flow, 502, "the edge could not process the origin's response")
+            fail(flow, e)
+
+    @functools.wraps(hook)
+    def guarded(self, flow: http.HTTPFlow):
+        try:
+            result = hook(self, flow)
+        except Exception as e:
+            fail(flow, e)
+            return None
+        if inspect.isawaitable(result):
+            return guarded_async(result, flow)
+        return result
     return guarded

@@ -41,15 +41,33 @@ def test_active_checks_take_a_dead_origin_out_and_bring_it_back(origin, edge):
         revived.stop()
 
 
-def test_a_refused_connection_marks_the_origin_down(origin, edge):
+def test_a_quiet_dead_origin_is_probed_before_a_client_pays(origin, edge):
     b = origin("b")
     dead = free_port()
     e = edge(f"pools:\n  p:\n    origins: [http://127.0.0.1:{dead}, {b.url}]\n")
+    assert served_by(e, 10) == {"b": 10}                            # not one 502
+    assert "connect probe: ConnectionRefusedError" in e.master.commands.call("edge.status")
+
+
+def test_an_origin_dying_under_traffic_is_marked_on_the_first_refusal(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n")
+    assert served_by(e, 4) == {"a": 2, "b": 2}                      # both recently heard from
+    a.stop()
     with httpx.Client() as c:
-        first = c.get(f"{e.url}/echo")
-    assert first.status_code == 502                                 # the request that found out
+        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(2)]
+    assert sorted(statuses) == [200, 502]                           # the one request that found out
     assert served_by(e, 10) == {"b": 10}
     assert "cooling down" in e.master.commands.call("edge.status")
+
+
+def test_weights_change_at_run_time(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n")
+    assert e.master.commands.call("edge.weight", "p", a.url, 0) == f"p {a.url} weight 0"
+    assert served_by(e, 6) == {"b": 6}                              # drained
+    e.master.commands.call("edge.weight", "p", a.url, 2)
+    assert served_by(e, 6) == {"a": 4, "b": 2}
 
 
 def test_backup_only_when_the_primaries_are_gone(origin, edge):

@@ -12,7 +12,7 @@ import re
 import ssl
 import time
 
-from mitmproxy import command, ctx, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
@@ -23,6 +23,8 @@ from addons.trace import decisions
 
 logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+QUIET = 5.0             # an origin not heard from for this long is probed before use
+PROBE_TIMEOUT = 0.3     # a TCP connect on a LAN takes well under a millisecond
 
 
 class PoolBalancer:
@@ -75,11 +77,38 @@ class Route:
         return None
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
         if flow.response or not self.balancers:
-            return
+            return None
+        now = time.monotonic()
+        chosen = self.choose(self.default_pool, now)
+        if chosen is not None and self._health(chosen[1]).suspect(now, QUIET):
+            return self._probe_then_route(flow, chosen)     # async only on this rare path
+        self._route(flow, chosen)
+        return None
+
+    async def _probe_then_route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin]) -> None:
+        """Learn that a quiet origin died before a client pays for it: a short TCP connect, and
+        on failure the origin is marked and the next choice is probed (each origin at most once)."""
+        for _ in range(len(self.health)):
+            origin = chosen[1]
+            if not self._health(origin).suspect(time.monotonic(), QUIET):
+                break
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(origin.host, origin.port), PROBE_TIMEOUT)
+                writer.close()
+                self._health(origin).last_ok = time.monotonic()
+                break
+            except (OSError, asyncio.TimeoutError) as e:
+                if self._health(origin).request_failed(f"connect probe: {type(e).__name__}", time.monotonic()):
+                    logger.warning("edge: origin %s marked down: connect probe failed", origin.url)
+                chosen = self.choose(self.default_pool, time.monotonic())
+                if chosen is None:
+                    break
+        self._route(flow, chosen)
+
+    def _route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
-        chosen = self.choose(self.default_pool, time.monotonic())
         if chosen is None:
             rec["route"] = "no origin available"
             flow.response = edge_answer(flow, 503, "no origin is available to serve this request",
@@ -95,7 +124,30 @@ class Route:
         if pool != self.default_pool:
             rec["route"] = f"fallback from {self.default_pool}"
 
+    def _health(self, origin: Origin) -> Health:
+        return self.health[(origin.host, origin.port)]
+
+    @command.command("edge.weight")
+    def weight(self, pool: str, origin: str, weight: int) -> str:
+        """Set an origin's weight at run time (0 drains it): edge.weight POOL ORIGIN_URL N."""
+        balancer = self.balancers.get(pool)
+        if balancer is None:
+            raise exceptions.CommandError(f"no pool named {pool!r}")
+        match = [o for o in balancer.pool.origins if o.url == origin or o.authority == origin]
+        if not match or not 0 <= weight <= 1000:
+            raise exceptions.CommandError(f"no origin {origin!r} in pool {pool!r}, or weight not 0..1000")
+        target = match[0]
+        (balancer.backups if target.backup else balancer.primaries).set_weight(target, weight)
+        return f"{pool} {target.url} weight {weight}"
+
     # -- passive health -----------------------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        address = flow.server_conn.address
+        if address is not None and flow.server_conn.timestamp_start:
+            health = self.health.get((address[0], address[1]))
+            if health is not None:
+                health.last_ok = time.monotonic()
 
     def server_connect_error(self, data: ServerConnectionHookData) -> None:
         address = data.server.address
@@ -129,6 +181,8 @@ class Route:
             why = f"health check answered {status}"
         except (OSError, asyncio.TimeoutError, ValueError) as e:
             ok, why = False, f"health check failed: {type(e).__name__} {e}".strip()
+        if ok:
+            health.last_ok = time.monotonic()
         if ok and health.check_passed():
             logger.warning("edge: origin %s is up again", origin.url)
         elif not ok and health.check_failed(why):

@@ -25,7 +25,7 @@ class SmoothWeighted(Generic[T]):
         best, total = -1, 0
         current, weights, items = self.current, self.weights, self.items
         for i in range(len(items)):
-            if usable is not None and not usable(items[i]):
+            if not weights[i] or (usable is not None and not usable(items[i])):
                 continue
             current[i] += weights[i]
             total += weights[i]
@@ -35,3 +35,7 @@ class SmoothWeighted(Generic[T]):
             return None
         current[best] -= total
         return items[best]
+
+    def set_weight(self, item: T, weight: int) -> None:
+        """Change an item's weight at run time; 0 drains it."""
+        self.weights[self.items.index(item)] = weight

@@ -17,6 +17,11 @@ class Health:
     failures: int = 0           # consecutive, while up
     down_until: float = 0.0     # passive mark
     last_error: str = ""
+    last_ok: float = float("-inf")   # last time the origin answered anything
+
+    def suspect(self, now: float, quiet: float) -> bool:
+        """Not heard from for `quiet` seconds: worth a connect probe before a client relies on it."""
+        return now - self.last_ok > quiet
 
     def available(self, now: float) -> bool:
         return self.up and now >= self.down_until
