@@ -273,13 +273,21 @@ def stale_on_error(rules: ResponseRules, lifetime: float, age: float, request: H
     return staleness <= max(limits) if limits else True
 
 
-def vary_key(vary: str | None, request: Headers) -> tuple[tuple[str, str], ...] | None:
-    """The request values a stored response was selected by (RFC 9111 4.1); None for Vary: *.
-    Values are normalised by folding whitespace around commas."""
+def vary_names(vary: str | None) -> tuple[str, ...] | None:
+    """The request headers a response varies on, sorted and unique; None for Vary: *."""
     names = field_names(vary)
-    if "*" in names:
-        return None
-    return tuple((n, ",".join(p.strip() for p in request.get(n, "").split(","))) for n in sorted(set(names)))
+    return None if "*" in names else tuple(sorted(set(names)))
+
+
+def selection(names: tuple[str, ...], request: Headers) -> tuple[tuple[str, str], ...]:
+    """The request's values of those headers, whitespace around commas folded."""
+    return tuple((n, ",".join(p.strip() for p in request.get(n, "").split(","))) for n in names)
+
+
+def vary_key(vary: str | None, request: Headers) -> tuple[tuple[str, str], ...] | None:
+    """The request values a stored response was selected by (RFC 9111 4.1); None for Vary: *."""
+    names = vary_names(vary)
+    return None if names is None else selection(names, request)
 
 
 def weak_match(etag: str | None, if_none_match: str) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import cachetools
 
-from addons.cache.policy import ResponseRules, http_date, initial_age, vary_key
+from addons.cache.policy import ResponseRules, http_date, initial_age, selection, vary_names
 
 Fields = tuple[tuple[bytes, bytes], ...]
 ENTRY_OVERHEAD = 512        # bytes of bookkeeping counted per stored response
@@ -26,10 +26,12 @@ class Entry:
     lifetime: float
     selected_by: tuple          # the request's values of the Vary'd headers
     initial_age: float = 0.0    # RFC 9111 4.2.3 corrected_initial_age, fixed when stored
+    vary: tuple[str, ...] = ()  # the request headers it varies on, parsed once
 
     def __post_init__(self) -> None:
         self.initial_age = initial_age(http_date(self.headers.get("date")), self.headers.get("age"),
                                        self.request_time, self.response_time)
+        self.vary = vary_names(self.headers.get("vary")) or ()
 
     def age(self, now: float) -> float:
         """current_age: the initial age plus the time spent here."""
@@ -61,7 +63,7 @@ class Store:
         if not variants:
             return None, False
         for entry in variants.values():
-            if vary_key(entry.headers.get("vary"), request) == entry.selected_by:
+            if not entry.vary or selection(entry.vary, request) == entry.selected_by:
                 return entry, True
         return None, True
 
