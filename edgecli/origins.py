@@ -56,6 +56,7 @@ class OriginServer:
         self.scheme = "https" if tls else "http"
         self.pages = demo_pages() if pages is None else pages
         self.seen: list[Seen] = []
+        self.connections = 0            # TCP connections accepted
         origin = self
 
         class RequestHandler(BaseHTTPRequestHandler):
@@ -89,7 +90,12 @@ class OriginServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
 
-        self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
+        class Server(ThreadingHTTPServer):
+            def verify_request(self, request, client_address) -> bool:
+                origin.connections += 1
+                return True
+
+        self.httpd = Server((host, port), RequestHandler)
         self.httpd.daemon_threads = True
         if tls:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)

@@ -104,3 +104,13 @@ def test_health_check_expects_a_status(origin, edge):
     route = e.master.addons.get("route")
     wait_until(lambda: "answered 500" in route.status())
     assert served_by(e, 4) == {"fine": 4}
+
+
+def test_a_burst_after_a_quiet_spell_shares_one_probe(origin, edge):
+    from concurrent.futures import ThreadPoolExecutor
+    a = origin("a")
+    e = edge([a.url])
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: httpx.get(f"{e.url}/echo").status_code, range(8)))
+    assert statuses == [200] * 8
+    assert a.connections == 1 + 8          # one probe, then one upstream connection per client connection

@@ -50,6 +50,7 @@ class Route:
         self.default_pool = ""
         self.health: dict[tuple[str, int], Health] = {}
         self.checker: asyncio.Task | None = None
+        self.probes: dict[tuple[str, int], asyncio.Task] = {}
 
     def apply(self, config: EdgeConfig) -> None:
         self.balancers = {name: PoolBalancer(pool) for name, pool in config.pools.items()}
@@ -92,20 +93,34 @@ class Route:
         on failure the origin is marked and the next choice is probed (each origin at most once)."""
         for _ in range(len(self.health)):
             origin = chosen[1]
-            if not self._health(origin).suspect(time.monotonic(), QUIET):
+            if not self._health(origin).suspect(time.monotonic(), QUIET) or await self._probe(origin):
                 break
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(origin.host, origin.port), PROBE_TIMEOUT)
-                writer.close()
-                self._health(origin).last_ok = time.monotonic()
+            chosen = self.choose(self.default_pool, time.monotonic())
+            if chosen is None:
                 break
-            except (OSError, asyncio.TimeoutError) as e:
-                if self._health(origin).request_failed(f"connect probe: {type(e).__name__}", time.monotonic()):
-                    logger.warning("edge: origin %s marked down: connect probe failed", origin.url)
-                chosen = self.choose(self.default_pool, time.monotonic())
-                if chosen is None:
-                    break
         self._route(flow, chosen)
+
+    async def _probe(self, origin: Origin) -> bool:
+        """One connect probe per origin at a time: a burst of requests after a quiet spell
+        shares it."""
+        key = (origin.host, origin.port)
+        task = self.probes.get(key)
+        if task is None:
+            task = self.probes[key] = asyncio.get_running_loop().create_task(self._connect(origin))
+            task.add_done_callback(lambda _: self.probes.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _connect(self, origin: Origin) -> bool:
+        health = self._health(origin)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(origin.host, origin.port), PROBE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
+            if health.request_failed(f"connect probe: {type(e).__name__}", time.monotonic()):
+                logger.warning("edge: origin %s marked down: connect probe failed", origin.url)
+            return False
+        writer.close()
+        health.last_ok = time.monotonic()
+        return True
 
     def _route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
