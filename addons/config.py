@@ -63,6 +63,8 @@ class Pool:
     origins: tuple[Origin, ...]
     health: HealthCheck | None = None    # active checks; passive marking is always on
     fallback: str | None = None          # pool to use when nothing here is available
+    balance: str = "weighted_round_robin"    # | least_conn | hash
+    hash_key: str = "client_ip"              # with hash: client_ip | cookie:NAME | header:NAME
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class CompressConfig:
 
 
 ENCODINGS = ("br", "zstd", "gzip")
+BALANCE = ("weighted_round_robin", "least_conn", "hash")
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     pools = {}
     for name, body in pools_raw.items():
         path = ("pools", name)
-        body = r.mapping(body, path, {"origins", "health", "fallback"})
+        body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
@@ -333,7 +336,13 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         fallback = body.get("fallback")
         if fallback is not None and (not isinstance(fallback, str) or fallback not in pools_raw or fallback == name):
             raise doc.error(path + ("fallback",), "expected the name of another pool")
-        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback)
+        balance = body.get("balance", "weighted_round_robin")
+        if balance not in BALANCE:
+            raise doc.error(path + ("balance",), f"expected one of {', '.join(BALANCE)}")
+        hash_key = body.get("hash_key", "client_ip")
+        if not isinstance(hash_key, str) or not re.fullmatch(r"client_ip|(cookie|header):[!#$%&'*+.^_`|~\w-]+", hash_key):
+            raise doc.error(path + ("hash_key",), "expected client_ip, cookie:NAME or header:NAME")
+        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key)
 
     routing = r.mapping(top.get("routing"), ("routing",), {"default_pool"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)

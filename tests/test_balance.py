@@ -43,3 +43,26 @@ def test_health_rise_fall_and_passive_cooldown():
     assert h.describe(105.0).startswith("cooling down 5s")
     h.request_failed("refused", now=200.0)
     assert not h.check_passed() and h.available(200.0)                  # a passing check clears it
+
+
+def test_rendezvous_is_sticky_and_moves_only_the_removed_share():
+    from addons.route.balance import rendezvous
+    four = [(f"o{i}", 1) for i in range(4)]
+    keys = [f"203.0.113.{i}" for i in range(4000)]
+    before = {k: rendezvous(k, four, str) for k in keys}
+    assert before == {k: rendezvous(k, four, str) for k in keys}          # sticky
+    share = Counter(before.values())
+    assert all(900 <= n <= 1100 for n in share.values())                 # equal weights: ~1000 each
+    after = {k: rendezvous(k, four, str, lambda o: o != "o3") for k in keys}
+    moved = sum(before[k] != after[k] for k in keys)
+    assert moved == share["o3"] and moved / len(keys) <= 0.30            # only o3's keys move
+
+
+def test_least_loaded_prefers_the_idle_weighted_origin():
+    from addons.route.balance import least_loaded
+    load = {"a": 4, "b": 1, "c": 0}
+    assert least_loaded([("a", 1), ("b", 1), ("c", 1)], load.get) == "c"
+    assert least_loaded([("a", 10), ("b", 1)], load.get) == "a"          # 5/10 < 2/1
+    assert least_loaded([("a", 1)], load.get, lambda o: False) is None
+    idle = {"a": 0, "b": 0}.get
+    assert [least_loaded([("a", 1), ("b", 1)], idle, start=i) for i in range(4)] == ["a", "b", "a", "b"]

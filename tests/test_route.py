@@ -114,3 +114,50 @@ def test_a_burst_after_a_quiet_spell_shares_one_probe(origin, edge):
         statuses = list(pool.map(lambda _: httpx.get(f"{e.url}/echo").status_code, range(8)))
     assert statuses == [200] * 8
     assert a.connections == 1 + 8          # one probe, then one upstream connection per client connection
+
+
+def test_hash_balancing_is_sticky_per_key(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n    balance: hash\n    hash_key: header:X-User\n")
+    with httpx.Client() as c:
+        first = {u: c.get(f"{e.url}/echo", headers={"X-User": u}).json()["origin"] for u in map(str, range(40))}
+        again = {u: c.get(f"{e.url}/echo", headers={"X-User": u}).json()["origin"] for u in map(str, range(40))}
+    assert first == again                                          # each user keeps its origin
+    assert set(first.values()) == {"a", "b"}                       # and users are spread
+
+
+def test_hash_by_cookie_falls_back_to_the_client_ip(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n    balance: hash\n    hash_key: cookie:sid\n")
+    with httpx.Client() as c:
+        anonymous = {c.get(f"{e.url}/echo").json()["origin"] for _ in range(6)}
+        by_cookie = {s: c.get(f"{e.url}/echo", headers={"Cookie": f"sid={s}"}).json()["origin"]
+                     for s in map(str, range(20))}
+    assert len(anonymous) == 1                                     # one client IP: one origin
+    assert set(by_cookie.values()) == {"a", "b"}
+
+
+def test_least_conn_avoids_the_busy_origin(origin, edge):
+    import threading
+    release, busy = threading.Event(), threading.Event()
+
+    def slow(req, o):
+        busy.set()
+        release.wait(10)
+        return 200, [], b"slow"
+    a = origin("a")
+    b = origin("b")
+    for o in (a, b):
+        o.pages["/slow"] = slow
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n    balance: least_conn\n")
+    stuck = threading.Thread(target=httpx.get, args=(f"{e.url}/slow",), kwargs={"timeout": 20})
+    stuck.start()
+    try:
+        assert busy.wait(10)                                       # one request is in flight
+        busy_one = "a" if any(s.path == "/slow" for s in a.seen) else "b"
+        other = {"a": "b", "b": "a"}[busy_one]
+        assert served_by(e, 5) == {other: 5}
+    finally:
+        release.set()
+        stuck.join(10)
+    assert served_by(e, 2) == {"a": 1, "b": 1}                     # idle again: ties take turns

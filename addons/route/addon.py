@@ -11,24 +11,28 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
 from addons.failsafe import edge_answer, fail_closed
-from addons.route.balance import SmoothWeighted
+from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
 from addons.route.health import Health
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+IN_FLIGHT = "edge.route.origin"   # the origin a flow counts against until it ends
 QUIET = 5.0             # an origin not heard from for this long is probed before use
 PROBE_TIMEOUT = 0.3     # a TCP connect on a LAN takes well under a millisecond
 
 
 class PoolBalancer:
-    """A pool's primaries, then its backups, each in smooth weighted round robin."""
+    """A pool's primaries, then its backups, by the pool's method: smooth weighted round robin,
+    weighted least connections, or weighted rendezvous hashing of a request key."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -36,12 +40,23 @@ class PoolBalancer:
         backups = [(o, o.weight) for o in pool.origins if o.backup]
         self.primaries = SmoothWeighted(primaries)
         self.backups = SmoothWeighted(backups) if backups else None
+        self.turn = 0               # least_conn: where ties start, moved on every pick
 
-    def pick(self, usable) -> Origin | None:
-        origin = self.primaries.pick(usable)
-        if origin is None and self.backups is not None:
-            origin = self.backups.pick(usable)
-        return origin
+    def pick(self, usable, key: str, load) -> Origin | None:
+        for group in (self.primaries, self.backups):
+            if group is None:
+                continue
+            weighted = list(zip(group.items, group.weights))
+            if self.pool.balance == "hash":
+                origin = rendezvous(key, weighted, lambda o: o.url, usable)
+            elif self.pool.balance == "least_conn":
+                self.turn += 1
+                origin = least_loaded(weighted, load, usable, self.turn)
+            else:
+                origin = group.pick(usable)
+            if origin is not None:
+                return origin
+        return None
 
 
 class Route:
@@ -51,10 +66,13 @@ class Route:
         self.health: dict[tuple[str, int], Health] = {}
         self.checker: asyncio.Task | None = None
         self.probes: dict[tuple[str, int], asyncio.Task] = {}
+        self.in_flight: Counter[tuple[str, int]] = Counter()
+        self.trusted: tuple = ()
 
     def apply(self, config: EdgeConfig) -> None:
         self.balancers = {name: PoolBalancer(pool) for name, pool in config.pools.items()}
         self.default_pool = config.default_pool
+        self.trusted = config.trusted_proxies
         old = self.health
         self.health = {}
         for pool in config.pools.values():
@@ -64,14 +82,16 @@ class Route:
 
     # -- choosing ---------------------------------------------------------------------------------
 
-    def choose(self, pool_name: str, now: float) -> tuple[str, Origin] | None:
+    def choose(self, pool_name: str, now: float, flow: http.HTTPFlow | None = None) -> tuple[str, Origin] | None:
         """The first pool along the fallback chain with an available origin, and that origin."""
         usable = lambda o: self.health[(o.host, o.port)].available(now)
+        load = lambda o: self.in_flight[(o.host, o.port)]
         seen = set()
         while pool_name and pool_name not in seen:
             seen.add(pool_name)
             balancer = self.balancers[pool_name]
-            origin = balancer.pick(usable)
+            key = self._hash_key(flow, balancer.pool) if flow is not None and balancer.pool.balance == "hash" else ""
+            origin = balancer.pick(usable, key, load)
             if origin is not None:
                 return pool_name, origin
             pool_name = balancer.pool.fallback or ""
@@ -82,7 +102,7 @@ class Route:
         if flow.response or not self.balancers:
             return None
         now = time.monotonic()
-        chosen = self.choose(self.default_pool, now)
+        chosen = self.choose(self.default_pool, now, flow)
         if chosen is not None and self._health(chosen[1]).suspect(now, QUIET):
             return self._probe_then_route(flow, chosen)     # async only on this rare path
         self._route(flow, chosen)
@@ -95,7 +115,7 @@ class Route:
             origin = chosen[1]
             if not self._health(origin).suspect(time.monotonic(), QUIET) or await self._probe(origin):
                 break
-            chosen = self.choose(self.default_pool, time.monotonic())
+            chosen = self.choose(self.default_pool, time.monotonic(), flow)
             if chosen is None:
                 break
         self._route(flow, chosen)
@@ -136,8 +156,20 @@ class Route:
         data.scheme, data.host, data.port = origin.scheme_bytes, origin.host, origin.port
         rec["pool"] = pool
         rec["origin"] = origin.url
+        key = (origin.host, origin.port)
+        self.in_flight[key] += 1
+        flow.metadata[IN_FLIGHT] = key
         if pool != self.default_pool:
             rec["route"] = f"fallback from {self.default_pool}"
+
+    def _hash_key(self, flow: http.HTTPFlow, pool: Pool) -> str:
+        kind, _, name = pool.hash_key.partition(":")
+        value = None
+        if kind == "cookie":
+            value = flow.request.cookies.get(name)
+        elif kind == "header":
+            value = flow.request.headers.get(name)
+        return value or client_of(flow, self.trusted)     # no cookie yet: stick to the client
 
     def _health(self, origin: Origin) -> Health:
         return self.health[(origin.host, origin.port)]
@@ -157,7 +189,16 @@ class Route:
 
     # -- passive health -----------------------------------------------------------------------------
 
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        key = flow.metadata.pop(IN_FLIGHT, None)
+        if key is not None:
+            self.in_flight[key] -= 1
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
     def response(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
         address = flow.server_conn.address
         if address is not None and flow.server_conn.timestamp_start:
             health = self.health.get((address[0], address[1]))

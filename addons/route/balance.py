@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -39,3 +41,39 @@ class SmoothWeighted(Generic[T]):
     def set_weight(self, item: T, weight: int) -> None:
         """Change an item's weight at run time; 0 drains it."""
         self.weights[self.items.index(item)] = weight
+
+
+def _unit(key: str, item_id: str) -> float:
+    """A stable pseudo-random number in (0, 1) for a (key, item) pair."""
+    digest = hashlib.blake2b(f"{key}\x00{item_id}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + 1) / (2**64 + 2)
+
+
+def rendezvous(key: str, items: Sequence[tuple[T, int]], ident: Callable[[T], str],
+               usable: Callable[[T], bool] | None = None) -> T | None:
+    """Weighted rendezvous hashing: the same key always gets the same item, and removing an
+    item moves only the keys it had (its weight's share)."""
+    best, best_score = None, -math.inf
+    for item, weight in items:
+        if weight <= 0 or (usable is not None and not usable(item)):
+            continue
+        score = -weight / math.log(_unit(key, ident(item)))
+        if score > best_score:
+            best, best_score = item, score
+    return best
+
+
+def least_loaded(items: Sequence[tuple[T, int]], load: Callable[[T], int],
+                 usable: Callable[[T], bool] | None = None, start: int = 0) -> T | None:
+    """Weighted least connections: the item with the fewest requests in flight per unit of
+    weight; ties go to the first from `start` (rotate it to spread ties round robin)."""
+    best, best_score = None, math.inf
+    n = len(items)
+    for j in range(n):
+        item, weight = items[(start + j) % n]
+        if weight <= 0 or (usable is not None and not usable(item)):
+            continue
+        score = (load(item) + 1) / weight
+        if score < best_score:
+            best, best_score = item, score
+    return best
