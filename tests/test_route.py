@@ -22,7 +22,7 @@ def served_by(e, n):
         return Counter(c.get(f"{e.url}/echo").json()["origin"] for _ in range(n))
 
 
-HEALTH = "health: {path: /health, interval: 100ms, timeout: 100ms, rise: 2, fall: 2}"
+HEALTH = "health: {path: /health, interval: 200ms, timeout: 200ms, rise: 2, fall: 2}"
 
 
 def test_active_checks_take_a_dead_origin_out_and_bring_it_back(origin, edge):
