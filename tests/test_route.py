@@ -161,3 +161,15 @@ def test_least_conn_avoids_the_busy_origin(origin, edge):
         release.set()
         stuck.join(10)
     assert served_by(e, 2) == {"a": 1, "b": 1}                     # idle again: ties take turns
+
+
+def test_an_origin_answering_503_in_a_row_is_taken_out(origin, edge):
+    from addons.route.health import PASSIVE_5XX
+    sick = origin("sick", pages={"/echo": lambda req, o: (503, [("Cache-Control", "no-store")], b"overloaded")})
+    fine = origin("fine")
+    e = edge(f"pools:\n  p:\n    origins: [{sick.url}, {fine.url}]\n")
+    with httpx.Client() as c:
+        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(2 * PASSIVE_5XX)]
+    assert statuses.count(503) == PASSIVE_5XX                       # then the sick origin is out
+    assert served_by(e, 6) == {"fine": 6}
+    assert f"{PASSIVE_5XX} answers of 503 in a row" in e.master.commands.call("edge.status")

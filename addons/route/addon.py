@@ -199,11 +199,13 @@ class Route:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
-        address = flow.server_conn.address
-        if address is not None and flow.server_conn.timestamp_start:
-            health = self.health.get((address[0], address[1]))
-            if health is not None:
-                health.last_ok = time.monotonic()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Passive health from the origin's own status, before the cache may answer for it."""
+        key = flow.metadata.get(IN_FLIGHT)            # set only for requests this addon routed
+        health = self.health.get(key) if key is not None else None
+        if health is not None and health.answered(flow.response.status_code, time.monotonic()):
+            logger.warning("edge: origin %s:%s marked down: %s", key[0], key[1], health.last_error)
 
     def server_connect_error(self, data: ServerConnectionHookData) -> None:
         address = data.server.address

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PASSIVE_COOLDOWN = 10.0     # seconds an origin that refused a connection is left alone
+PASSIVE_5XX = 5             # consecutive 502/503/504 answers that do the same
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Health:
     down_until: float = 0.0     # passive mark
     last_error: str = ""
     last_ok: float = float("-inf")   # last time the origin answered anything
+    server_errors: int = 0           # consecutive 502/503/504 answers
 
     def suspect(self, now: float, quiet: float) -> bool:
         """Not heard from for `quiet` seconds: worth a connect probe before a client relies on it."""
@@ -56,6 +58,19 @@ class Health:
         self.down_until = now + cooldown
         self.last_error = why
         return was
+
+    def answered(self, status: int, now: float) -> bool:
+        """The origin answered a client. True if this answer took it out: the origin says it
+        is overloaded or broken (502/503/504) PASSIVE_5XX times in a row."""
+        self.last_ok = now
+        if status not in (502, 503, 504):
+            self.server_errors = 0
+            return False
+        self.server_errors += 1
+        if self.server_errors < PASSIVE_5XX:
+            return False
+        self.server_errors = 0
+        return self.request_failed(f"{PASSIVE_5XX} answers of {status} in a row", now)
 
     def describe(self, now: float) -> str:
         if not self.up:
