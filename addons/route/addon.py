@@ -46,14 +46,14 @@ class PoolBalancer:
         for group in (self.primaries, self.backups):
             if group is None:
                 continue
-            weighted = list(zip(group.items, group.weights))
-            if self.pool.balance == "hash":
-                origin = rendezvous(key, weighted, lambda o: o.url, usable)
-            elif self.pool.balance == "least_conn":
-                self.turn += 1
-                origin = least_loaded(weighted, load, usable, self.turn)
-            else:
+            balance = self.pool.balance
+            if balance == "weighted_round_robin":
                 origin = group.pick(usable)
+            elif balance == "hash":
+                origin = rendezvous(key, list(zip(group.items, group.weights)), lambda o: o.url, usable)
+            else:
+                self.turn += 1
+                origin = least_loaded(list(zip(group.items, group.weights)), load, usable, self.turn)
             if origin is not None:
                 return origin
         return None
