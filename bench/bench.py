@@ -151,7 +151,7 @@ def main() -> None:
 
     plain = results["plain mitmdump -q"][0].rps
     direct_p50 = results["direct origin (nginx)"][1].p50
-    print(f"\nGET of 1 KiB unless named; bytes on the wire: "
+    print("\nGET of 1 KiB unless named; bytes on the wire: "
           + ", ".join(f"{n} {sizes[n]}" for n in systems if "100 KiB" in n))
     print(f"loopback, wrk pinned to CPU 0, systems under test to CPU 1; "
           f"median of {args.rounds} interleaved rounds of {args.seconds}s")

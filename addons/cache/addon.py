@@ -138,8 +138,7 @@ class Cache:
                 self._from_origin(flow, state)
         finally:
             self._release(state)
-            flow.response.headers.add("Cache-Status", state.status.render())
-            decisions(flow)["cache"] = state.status.render().removeprefix("edge; ")
+            flow.response.headers.add("Cache-Status", self._record(flow, state))
 
     def error(self, flow: http.HTTPFlow) -> None:
         """The origin could not be reached: a stale entry answers if the origin allows it."""
@@ -155,7 +154,14 @@ class Cache:
                 state.status.detail = "origin unreachable"
                 self._answer(flow, state, entry, age, request)
                 return
-        decisions(flow)["cache"] = state.status.render().removeprefix("edge; ")
+        self._record(flow, state)
+
+    @staticmethod
+    def _record(flow: http.HTTPFlow, state: FlowState) -> str:
+        """The verdict as a Cache-Status member, also put in the decision trace."""
+        member = state.status.render()
+        decisions(flow)["cache"] = member.removeprefix("edge; ")
+        return member
 
     # -- decisions on a stored entry ------------------------------------------------------------------
 
@@ -195,7 +201,7 @@ class Cache:
         request = self._client_request(req, state)
         if entry is not None:
             if status == 304 and state.added_validators:
-                entry = self._refresh(entry, flow)
+                entry = self._refresh(entry, flow, state.key)
                 self._answer(flow, state, entry, self._age(entry), request, revalidated=True)
                 return
             if status >= 500:
@@ -205,7 +211,7 @@ class Cache:
                     self._answer(flow, state, entry, age, request, revalidated=True)
                     return
         if status == 304 and entry is not None:     # the client's own conditional: keep our copy current
-            self._refresh(entry, flow)
+            self._refresh(entry, flow, state.key)
             return
         if req.method == "GET":
             self._store(flow, state, request)
@@ -241,7 +247,7 @@ class Cache:
             state.status.stored = True
             state.status.ttl = round(lifetime - self._age(entry))
 
-    def _refresh(self, entry: Entry, flow: http.HTTPFlow) -> Entry:
+    def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
         """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry."""
         resp = flow.response
         new = {k.lower() for k, _ in resp.headers.fields} - {n.encode() for n in policy.NOT_UPDATED_BY_304}
@@ -257,7 +263,7 @@ class Cache:
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
         if "no-store" not in rules.cc:
-            self.store.put(self._key(flow), refreshed)
+            self.store.put(key, refreshed)
         return refreshed
 
     # -- answering from the store -------------------------------------------------------------------------

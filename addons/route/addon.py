@@ -84,7 +84,7 @@ class Route:
 
     def choose(self, pool_name: str, now: float, flow: http.HTTPFlow | None = None) -> tuple[str, Origin] | None:
         """The first pool along the fallback chain with an available origin, and that origin."""
-        usable = lambda o: self.health[(o.host, o.port)].available(now)
+        usable = lambda o: self._health(o).available(now)
         load = lambda o: self.in_flight[(o.host, o.port)]
         seen = set()
         while pool_name and pool_name not in seen:
@@ -232,7 +232,7 @@ class Route:
             await asyncio.sleep(interval)
 
     async def _check(self, origin: Origin, check: HealthCheck) -> None:
-        health = self.health[(origin.host, origin.port)]
+        health = self._health(origin)
         try:
             status = await asyncio.wait_for(probe(origin, check.path), check.timeout)
             ok = check.expect[0] <= status <= check.expect[1]
@@ -257,7 +257,7 @@ class Route:
             lines.append(f"pool {name}{extra}")
             for o in pool.origins:
                 role = " backup" if o.backup else ""
-                lines.append(f"  {o.url} weight {o.weight}{role}: {self.health[(o.host, o.port)].describe(now)}")
+                lines.append(f"  {o.url} weight {o.weight}{role}: {self._health(o).describe(now)}")
         return "\n".join(lines)
 
 
