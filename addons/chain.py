@@ -53,7 +53,7 @@ class Edge:
     def load(self, loader: Loader) -> None:
         loader.add_option("edge_config", Optional[str], None,
                           "Path of the edge YAML config. Without it, the reverse-mode target is the one origin.")
-        internals.install(interim=self.scrub.interim_fields)
+        internals.install(interim=self.scrub.interim_fields, failover=self.route.failover)
         opts = loader.master.options
         opts.update(**{k: v for k, v in SAFE_DEFAULTS.items() if k in opts})
 

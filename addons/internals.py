@@ -13,6 +13,12 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   interim heads are now taken off the origin's stream first and, for HTTP/1.1 clients, passed
   through `interim_filter` (origin masking: a 103's Link names the origin as readily as a
   Location does) and forwarded, as RFC 9110 15.2 requires; other clients do not get them.
+- Failover: when the connection to the chosen origin cannot be opened, or breaks before the
+  origin's response head arrived, mitmproxy answers 502. `reroute(flow, error, sent)` is asked
+  first; when it points the flow at another origin, the same request goes there on a new
+  connection, before the client sees anything. `sent` says bytes may have reached the failed
+  origin (reroute declines that for non-idempotent requests). Rewriting the address in
+  `server_connect` instead leaks connections under lazy strategy (shield notes Q6).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
-from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 logger = logging.getLogger("edge")
@@ -58,15 +64,53 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
 
 
 _original_handle_protocol_error = http_layer.HttpStream.handle_protocol_error
+# (flow, error, sent) -> True if the flow now points at another origin worth trying
+reroute: Callable[[http.HTTPFlow, str, bool], bool] | None = None
+MAX_REROUTES = 8        # bounded whatever `reroute` says
+
+
+def _make_server_connection(self):
+    """mitmproxy's HttpStream.make_server_connection, asking `reroute` after a failed connect."""
+    for _ in range(MAX_REROUTES):
+        connection, err = yield http_layer.GetHttpConnection(
+            (self.flow.request.host, self.flow.request.port), self.flow.request.scheme == "https",
+            self.flow.server_conn.via, self.flow.server_conn.transport_protocol)
+        if not err:
+            self.context.server = self.flow.server_conn = connection
+            return True
+        if reroute is None or not reroute(self.flow, err, False):
+            break
+    yield from self.handle_protocol_error(ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
+    return False
+
+
+def _send_request(self):
+    """Send the (fully received) request on the stream's server connection, as mitmproxy's
+    state_consume_request_body does."""
+    request = self.flow.request
+    content = request.raw_content
+    yield http_layer.SendHttp(http_layer.RequestHeaders(self.stream_id, request, not (content or request.trailers)),
+                              self.context.server)
+    if content:
+        yield http_layer.SendHttp(http_layer.RequestData(self.stream_id, content), self.context.server)
+    if request.trailers:
+        yield http_layer.SendHttp(http_layer.RequestTrailers(self.stream_id, request.trailers), self.context.server)
+    yield http_layer.SendHttp(http_layer.RequestEndOfMessage(self.stream_id), self.context.server)
 
 
 def _handle_protocol_error(self, event):
-    """mitmproxy's handling, except that a response set by an `error` hook for an origin that
-    failed before answering is sent to the client (a fully received request only)."""
+    """mitmproxy's handling, except that (for a fully received request whose origin failed
+    before its response head) `reroute` may send the request to another origin, and a response
+    set by an `error` hook is sent to the client."""
     if not (isinstance(event, ResponseProtocolError) and self.flow.response is None
             and self.client_state == self.state_done
             and self.server_state not in (self.state_done, self.state_errored)):
         yield from _original_handle_protocol_error(self, event)
+        return
+    if (event.code != ErrorCode.CONNECT_FAILED and self.server_state == self.state_wait_for_response_headers
+            and reroute is not None and reroute(self.flow, event.message, True)):
+        if (yield from self.make_server_connection()):
+            yield from _send_request(self)
         return
     self.flow.error = flow.Error(event.message)
     yield HttpErrorHook(self.flow)
@@ -112,10 +156,12 @@ def _read_headers(self, event):
     yield from _original_read_headers(self, event)
 
 
-def install(interim: Callable[[Fields, http.Request], Fields]) -> None:
-    """Apply the patches (idempotent); `interim` masks interim responses' header fields."""
-    global _installed, interim_filter
-    interim_filter = interim
+def install(interim: Callable[[Fields, http.Request], Fields],
+            failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
+    """Apply the patches (idempotent); `interim` masks interim responses' header fields,
+    `failover` is asked for another origin when one fails before answering."""
+    global _installed, interim_filter, reroute
+    interim_filter, reroute = interim, failover
     if _installed:
         return
     if not version.VERSION.startswith(TESTED_WITH):
@@ -123,5 +169,6 @@ def install(interim: Callable[[Fields, http.Request], Fields]) -> None:
     _http1.make_error_response = _make_error_response
     _http2.format_error = error_page
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
+    http_layer.HttpStream.make_server_connection = _make_server_connection
     _http1.Http1Client.read_headers = _read_headers
     _installed = True

@@ -14,6 +14,10 @@ Page = tuple[int, list[tuple[str, str]], bytes]
 Handler = Callable[["Seen", "OriginServer"], Page]
 
 
+class Hangup(Exception):
+    """Raised by a page: the origin closes the connection without answering (a crash)."""
+
+
 @dataclass
 class Seen:
     method: str
@@ -77,7 +81,11 @@ class OriginServer:
                 seen = Seen(self.command, self.path, headers, self.rfile.read(length) if length else b"")
                 origin.seen.append(seen)
                 handler = origin.pages.get(self.path.split("?", 1)[0])
-                status, extra, body = handler(seen, origin) if handler else _text(404, "not found\n")
+                try:
+                    status, extra, body = handler(seen, origin) if handler else _text(404, "not found\n")
+                except Hangup:
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 if powered_by:
                     self.send_header("X-Powered-By", powered_by)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import httpx
 
-from edgecli.origins import OriginServer
+from edgecli.origins import Hangup, OriginServer
 from tests.conftest import free_port
 
 
@@ -49,16 +49,33 @@ def test_a_quiet_dead_origin_is_probed_before_a_client_pays(origin, edge):
     assert "connect probe: ConnectionRefusedError" in e.master.commands.call("edge.status")
 
 
-def test_an_origin_dying_under_traffic_is_marked_on_the_first_refusal(origin, edge):
+def test_an_origin_refusing_under_traffic_costs_no_request(origin, edge):
     a, b = origin("a"), origin("b")
-    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n")
-    assert served_by(e, 4) == {"a": 2, "b": 2}                      # both recently heard from
+    e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n", access_log=None)
+    assert served_by(e, 4) == {"a": 2, "b": 2}                      # both recently heard from: no probe
     a.stop()
-    with httpx.Client() as c:
-        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(2)]
-    assert sorted(statuses) == [200, 502]                           # the one request that found out
+    with httpx.Client() as c:                                       # a POST too: nothing reached a
+        statuses = [c.post(f"{e.url}/echo", content=b"x").status_code for _ in range(2)]
+    assert statuses == [200, 200]
     assert served_by(e, 10) == {"b": 10}
     assert "cooling down" in e.master.commands.call("edge.status")
+
+
+def hangs_up(req, o):
+    raise Hangup
+
+
+def test_an_origin_failing_mid_request_is_retried_elsewhere_only_when_idempotent(origin, edge):
+    broken = origin("broken", pages={"/echo": hangs_up})
+    b = origin("b")
+    config = f"pools:\n  p:\n    origins: [{broken.url}, {b.url}]\n"
+    with httpx.Client() as c:
+        got = c.get(f"{edge(config).url}/echo?first")               # round robin: `broken` first
+        posted = c.post(f"{edge(config).url}/echo", content=b"pay once")
+    assert (got.status_code, got.json()["origin"]) == (200, "b")    # then b, before the client saw anything
+    assert posted.status_code == 502                                # bytes reached `broken`: no replay
+    assert [(s.method, s.path) for s in broken.seen] == [("GET", "/echo?first"), ("POST", "/echo")]
+    assert [s.method for s in b.seen] == ["GET"]
 
 
 def test_weights_change_at_run_time(origin, edge):

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 
 from mitmproxy import command, ctx, exceptions, http
-from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
@@ -26,6 +25,8 @@ from addons.trace import decisions
 logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 IN_FLIGHT = "edge.route.origin"   # the origin a flow counts against until it ends
+# RFC 9110 9.2.2: safe to send again after bytes may have reached an origin (nginx's rule too)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 QUIET = 5.0             # an origin not heard from for this long is probed before use
 PROBE_TIMEOUT = 0.3     # a TCP connect on a LAN takes well under a millisecond
 
@@ -142,6 +143,28 @@ class Route:
         health.last_ok = time.monotonic()
         return True
 
+    def failover(self, flow: http.HTTPFlow, error: str, sent: bool) -> bool:
+        """The origin failed before answering: point the flow at the next available origin
+        (this pool, then its fallbacks). Called by the internals patch, which then connects
+        again; `sent`: bytes may have reached the failed origin."""
+        key = flow.metadata.get(IN_FLIGHT)
+        health = self.health.get(key) if key is not None else None
+        if health is None:
+            return False
+        if health.request_failed(error, time.monotonic()):
+            logger.warning("edge: origin %s:%s marked down: %s", key[0], key[1], error)
+        if sent and flow.request.method not in IDEMPOTENT:
+            return False
+        rec = decisions(flow)
+        tried = rec.setdefault("failover", [])
+        tried.append(f"{key[0]}:{key[1]} {error}")
+        self._finished(flow)
+        chosen = self.choose(rec["pool"], time.monotonic(), flow)
+        if chosen is None or len(tried) >= len(self.health):
+            return False
+        self._route(flow, chosen)
+        return True
+
     def _route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
         if chosen is None:
@@ -206,12 +229,6 @@ class Route:
         health = self.health.get(key) if key is not None else None
         if health is not None and health.answered(flow.response.status_code, time.monotonic()):
             logger.warning("edge: origin %s:%s marked down: %s", key[0], key[1], health.last_error)
-
-    def server_connect_error(self, data: ServerConnectionHookData) -> None:
-        address = data.server.address
-        health = self.health.get((address[0], address[1])) if address else None
-        if health is not None and health.request_failed(data.server.error or "connect failed", time.monotonic()):
-            logger.warning("edge: origin %s:%s marked down: %s", address[0], address[1], health.last_error)
 
     # -- active health --------------------------------------------------------------------------------
 
