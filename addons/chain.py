@@ -14,6 +14,7 @@ from addons import internals
 from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
+from addons.geo.locate import GeoDatabaseError
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.trace import Trace
@@ -63,10 +64,10 @@ class Edge:
         path = ctx.options.edge_config
         try:
             config = load_config(path) if path else config_from_mode(ctx.options.mode)
-        except (ConfigError, ValueError) as e:
+            if config is not None:
+                self.apply(config)
+        except (ConfigError, GeoDatabaseError, ValueError) as e:
             raise exceptions.OptionsError(str(e)) from None
-        if config is not None:
-            self.apply(config)
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

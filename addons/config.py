@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,8 @@ class Pool:
     fallback: str | None = None          # pool to use when nothing here is available
     balance: str = "weighted_round_robin"    # | least_conn | hash
     hash_key: str = "client_ip"              # with hash: client_ip | cookie:NAME | header:NAME
+    slow_start: float = 0.0              # seconds over which a recovered origin regains its weight
+    location: tuple[float, float] | None = None   # (lat, lon): geo steering's `nearest`
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,17 @@ class HealthCheck:
     rise: int = 2                # consecutive successes that bring a down origin back
     fall: int = 2                # consecutive failures that take an origin down
     expect: tuple[int, int] = (200, 399)
+
+
+CONTINENTS = ("AF", "AN", "AS", "EU", "NA", "OC", "SA")
+
+
+@dataclass(frozen=True)
+class GeoConfig:
+    database: str | None = None          # a MaxMind .mmdb; None = the embedded GeoLite2 City
+    countries: dict[str, str] = field(default_factory=dict)    # ISO code -> pool
+    continents: dict[str, str] = field(default_factory=dict)   # continent code -> pool
+    nearest: bool = True                 # then pools by distance from the client (needs locations)
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,7 @@ BALANCE = ("weighted_round_robin", "least_conn", "hash")
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
+    geo: GeoConfig | None = None
     listen: tuple[str, int] = DEFAULT_LISTEN
     trusted_proxies: tuple[Network, ...] = ()
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
@@ -295,6 +310,47 @@ def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     return HealthCheck(check_path, interval, timeout, counts["rise"], counts["fall"], expect)
 
 
+def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
+    raw = r.mapping(raw, path, {"lat", "lon"})
+    out = []
+    for key, limit in (("lat", 90), ("lon", 180)):
+        value = raw.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -limit <= value <= limit:
+            raise r.doc.error(path + (key,), f"expected degrees from -{limit} to {limit}")
+        out.append(float(value))
+    return out[0], out[1]
+
+
+def _geo(r: _Reader, raw: Any, path: tuple, pools: dict[str, Pool], source: str) -> GeoConfig:
+    raw = r.mapping(raw, path, {"database", "countries", "continents", "nearest"})
+    database = raw.get("database")
+    if database is not None:
+        if not isinstance(database, str) or not database:
+            raise r.doc.error(path + ("database",), "expected the path of a .mmdb file, or null for the embedded one")
+        if not os.path.isabs(database) and not source.startswith(("<", "--")):   # relative to the file
+            database = os.path.join(os.path.dirname(os.path.abspath(source)), database)
+        if not os.access(database, os.R_OK):
+            raise r.doc.error(path + ("database",), f"{database}: cannot read the file")
+    rules = {}
+    for key, pattern, what in (("countries", r"[A-Z]{2}", "an ISO country code like US"),
+                               ("continents", "|".join(CONTINENTS), f"one of {' '.join(CONTINENTS)}")):
+        table = r.mapping(raw.get(key), path + (key,), set(raw.get(key) or {}))
+        for code, pool in table.items():
+            if isinstance(code, bool):          # YAML 1.1 reads NO (Norway), ON, Y... as booleans
+                raise r.doc.error(path + (key, code), 'a YAML boolean: quote country codes like "NO"')
+            if not isinstance(code, str) or not re.fullmatch(pattern, code):
+                raise r.doc.error(path + (key, code), f"expected {what}")
+            if pool not in pools:
+                raise r.doc.error(path + (key, code), f"no pool named {pool!r}")
+        rules[key] = dict(table)
+    nearest = raw.get("nearest", True)
+    if not isinstance(nearest, bool):
+        raise r.doc.error(path + ("nearest",), "expected true or false")
+    if nearest and "nearest" in raw and not any(p.location for p in pools.values()):
+        raise r.doc.error(path + ("nearest",), "needs pools with a location: {lat, lon}")
+    return GeoConfig(database, rules["countries"], rules["continents"], nearest)
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
@@ -311,7 +367,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     pools = {}
     for name, body in pools_raw.items():
         path = ("pools", name)
-        body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key"})
+        body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key", "slow_start",
+                                      "location"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
@@ -342,14 +399,17 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         hash_key = body.get("hash_key", "client_ip")
         if not isinstance(hash_key, str) or not re.fullmatch(r"client_ip|(cookie|header):[!#$%&'*+.^_`|~\w-]+", hash_key):
             raise doc.error(path + ("hash_key",), "expected client_ip, cookie:NAME or header:NAME")
-        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key)
+        slow_start = r.convert(parse_duration, body["slow_start"], path + ("slow_start",)) if "slow_start" in body else 0.0
+        location = _location(r, body["location"], path + ("location",)) if "location" in body else None
+        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key, slow_start, location)
 
-    routing = r.mapping(top.get("routing"), ("routing",), {"default_pool"})
+    routing = r.mapping(top.get("routing"), ("routing",), {"default_pool", "geo"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)
     if default_pool is None:
         raise doc.error(("routing",), "routing.default_pool is required when there are several pools")
     if default_pool not in pools:
         raise doc.error(("routing", "default_pool"), f"no pool named {default_pool!r}")
+    geo = _geo(r, routing["geo"], ("routing", "geo"), pools, source) if routing.get("geo") is not None else None
 
     scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip"})
     server_header = scrub_raw.get("server_header", "edge")
@@ -401,7 +461,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if access_log is not None and (not isinstance(access_log, str) or not access_log):
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
-    return EdgeConfig(pools=pools, default_pool=default_pool, listen=listen, trusted_proxies=trusted,
+    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 

@@ -50,10 +50,17 @@ def access_record(flow: http.HTTPFlow) -> dict:
     return out
 
 
+def _short(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return "/".join(str(v) for v in value.values() if v is not None)
+    return str(value)
+
+
 def summary(rec: dict) -> str:
     """A short human line for mitmweb's comment column."""
-    return " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in rec.items()
-                    if k not in FACTS and v not in (None, [], ""))
+    return " ".join(f"{k}={_short(v)}" for k, v in rec.items() if k not in FACTS and v not in (None, [], ""))
 
 
 class Trace:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config, parse_hostport
+from addons.geo.locate import GeoDatabaseError, describe, embedded_database
 from edgecli import launch as launcher
 from edgecli.origins import OriginServer
 
@@ -33,9 +34,15 @@ class ConfigProblem(Problem):
 
 def read_config(path: str) -> EdgeConfig:
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as e:
         raise ConfigProblem(str(e)) from None
+    if config.geo is not None:
+        try:
+            describe(config.geo.database or embedded_database())
+        except GeoDatabaseError as e:
+            raise ConfigProblem(f"{path}: routing.geo.database: {e}") from None
+    return config
 
 
 def start(launch: launcher.Launch) -> None:
@@ -191,6 +198,61 @@ def check(config_path) -> None:
     config = read_config(config_path)
     n = sum(len(p.origins) for p in config.pools.values())
     click.echo(f"{config_path}: ok ({len(config.pools)} pools, {n} origins, default pool {config.default_pool!r})")
+
+
+@cli.group()
+def geoip() -> None:
+    """Where clients are: look an address up, or install a current MaxMind database."""
+
+
+@geoip.command()
+@click.argument("ip")
+@click.option("-c", "--config", "config_path", default=str(EXAMPLE_CONFIG), show_default="data/edge.example.yaml",
+              metavar="FILE", help="The config whose routing.geo rules decide.")
+def lookup(ip, config_path) -> None:
+    """Print where IP is and which pool the edge would send it to, and why."""
+    import ipaddress
+    from addons.geo.locate import Locator
+    from addons.geo.steer import Steering, steer
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise click.BadParameter(f"{ip!r} is not an IP address", param_hint="IP") from None
+    config = read_config(config_path)
+    if config.geo is None:
+        raise Problem(f"{config_path} has no routing.geo section: every client goes to {config.default_pool!r}")
+    locator = Locator(config.geo.database)
+    place = locator.locate(ip)
+    where = "not in the database (or a private address)"
+    if place is not None:
+        coords = f" ({place.lat:.2f}, {place.lon:.2f})" if place.lat is not None else ""
+        where = f"country {place.country or '-'}, continent {place.continent or '-'}{coords}"
+    pool, why = steer(Steering.from_config(config).options(place), lambda name: True, config.default_pool)
+    click.echo(f"{ip}: {where}\n  database {describe(locator.path)}\n  pool {pool}: {why}\n"
+               f"  (offline: every pool counted healthy; a running edge skips pools with nothing available)")
+
+
+@geoip.command()
+@click.option("--license-key", required=True, envvar="MAXMIND_LICENSE_KEY", metavar="KEY",
+              help="Your MaxMind licence key (or MAXMIND_LICENSE_KEY).")
+@click.option("--account-id", envvar="MAXMIND_ACCOUNT_ID", metavar="ID",
+              help="Your MaxMind account id (or MAXMIND_ACCOUNT_ID); without it the key-only endpoint is used.")
+@click.option("--edition", default="GeoLite2-City", show_default=True, help="GeoLite2-City, GeoLite2-Country, GeoIP2-City...")
+@click.option("--out", metavar="PATH", help="Where to install the .mmdb [routing.geo.database of -c FILE].")
+@click.option("-c", "--config", "config_path", metavar="FILE", help="Install where this config's routing.geo.database points.")
+def update(license_key, account_id, edition, out, config_path) -> None:
+    """Download a current database, check its SHA-256 and swap it in atomically; a running edge
+    reloads it within seconds."""
+    from addons.geo.update import UpdateError, update as install
+    if out is None and config_path:
+        config = read_config(config_path)
+        out = config.geo.database if config.geo else None
+    if out is None:
+        raise click.UsageError("give --out PATH, or -c FILE whose routing.geo.database names the file")
+    try:
+        click.echo(install(license_key, out, edition, account_id))
+    except UpdateError as e:
+        raise Problem(f"geoip update: {e} (nothing was changed)") from None
 
 
 SERVING_COMMANDS = {"run", "demo"}

@@ -18,6 +18,8 @@ from mitmproxy import command, ctx, exceptions, http
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
 from addons.failsafe import edge_answer, fail_closed
+from addons.geo.locate import Locator
+from addons.geo.steer import Steering, steer
 from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
 from addons.route.health import Health
 from addons.trace import decisions
@@ -43,18 +45,20 @@ class PoolBalancer:
         self.backups = SmoothWeighted(backups) if backups else None
         self.turn = 0               # least_conn: where ties start, moved on every pick
 
-    def pick(self, usable, key: str, load) -> Origin | None:
+    def pick(self, usable, key: str, load, share=None) -> Origin | None:
+        """`share` scales weights during slow start (not for hash: keys must stay put)."""
         for group in (self.primaries, self.backups):
             if group is None:
                 continue
             balance = self.pool.balance
             if balance == "weighted_round_robin":
-                origin = group.pick(usable)
+                origin = group.pick(usable, share)
             elif balance == "hash":
                 origin = rendezvous(key, list(zip(group.items, group.weights)), lambda o: o.url, usable)
             else:
                 self.turn += 1
-                origin = least_loaded(list(zip(group.items, group.weights)), load, usable, self.turn)
+                weighted = [(o, w * share(o) if share else w) for o, w in zip(group.items, group.weights)]
+                origin = least_loaded(weighted, load, usable, self.turn)
             if origin is not None:
                 return origin
         return None
@@ -69,11 +73,18 @@ class Route:
         self.probes: dict[tuple[str, int], asyncio.Task] = {}
         self.in_flight: Counter[tuple[str, int]] = Counter()
         self.trusted: tuple = ()
+        self.locator: Locator | None = None
+        self.steering: Steering | None = None
 
     def apply(self, config: EdgeConfig) -> None:
         self.balancers = {name: PoolBalancer(pool) for name, pool in config.pools.items()}
         self.default_pool = config.default_pool
         self.trusted = config.trusted_proxies
+        self.steering = Steering.from_config(config) if config.geo else None
+        if config.geo is None:
+            self.locator = None
+        elif self.locator is None or str(self.locator.path) != str(config.geo.database or self.locator.path):
+            self.locator = Locator(config.geo.database)
         old = self.health
         self.health = {}
         for pool in config.pools.values():
@@ -91,8 +102,10 @@ class Route:
         while pool_name and pool_name not in seen:
             seen.add(pool_name)
             balancer = self.balancers[pool_name]
-            key = self._hash_key(flow, balancer.pool) if flow is not None and balancer.pool.balance == "hash" else ""
-            origin = balancer.pick(usable, key, load)
+            pool = balancer.pool
+            key = self._hash_key(flow, pool) if flow is not None and pool.balance == "hash" else ""
+            share = (lambda o: self._health(o).share(now, pool.slow_start)) if pool.slow_start else None
+            origin = balancer.pick(usable, key, load, share)
             if origin is not None:
                 return pool_name, origin
             pool_name = balancer.pool.fallback or ""
@@ -103,23 +116,36 @@ class Route:
         if flow.response or not self.balancers:
             return None
         now = time.monotonic()
-        chosen = self.choose(self.default_pool, now, flow)
+        wanted = self._steer(flow, now) if self.steering is not None else self.default_pool
+        chosen = self.choose(wanted, now, flow)
         if chosen is not None and self._health(chosen[1]).suspect(now, QUIET):
-            return self._probe_then_route(flow, chosen)     # async only on this rare path
-        self._route(flow, chosen)
+            return self._probe_then_route(flow, wanted, chosen)     # async only on this rare path
+        self._route(flow, wanted, chosen)
         return None
 
-    async def _probe_then_route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin]) -> None:
+    def _steer(self, flow: http.HTTPFlow, now: float) -> str:
+        """Geo steering: the pool for where the client is, recorded in the trace."""
+        place = self.locator.locate(client_of(flow, self.trusted))
+        pool, why = steer(self.steering.options(place), lambda name: self._pool_available(name, now),
+                         self.default_pool)
+        decisions(flow)["geo"] = {"country": place and place.country, "continent": place and place.continent,
+                                  "pool": pool, "why": why}
+        return pool
+
+    def _pool_available(self, name: str, now: float) -> bool:
+        return any(self._health(o).available(now) for o in self.balancers[name].pool.origins)
+
+    async def _probe_then_route(self, flow: http.HTTPFlow, wanted: str, chosen: tuple[str, Origin]) -> None:
         """Learn that a quiet origin died before a client pays for it: a short TCP connect, and
         on failure the origin is marked and the next choice is probed (each origin at most once)."""
         for _ in range(len(self.health)):
             origin = chosen[1]
             if not self._health(origin).suspect(time.monotonic(), QUIET) or await self._probe(origin):
                 break
-            chosen = self.choose(self.default_pool, time.monotonic(), flow)
+            chosen = self.choose(wanted, time.monotonic(), flow)
             if chosen is None:
                 break
-        self._route(flow, chosen)
+        self._route(flow, wanted, chosen)
 
     async def _probe(self, origin: Origin) -> bool:
         """One connect probe per origin at a time: a burst of requests after a quiet spell
@@ -162,10 +188,10 @@ class Route:
         chosen = self.choose(rec["pool"], time.monotonic(), flow)
         if chosen is None or len(tried) >= len(self.health):
             return False
-        self._route(flow, chosen)
+        self._route(flow, rec["geo"]["pool"] if "geo" in rec else self.default_pool, chosen)
         return True
 
-    def _route(self, flow: http.HTTPFlow, chosen: tuple[str, Origin] | None) -> None:
+    def _route(self, flow: http.HTTPFlow, wanted: str, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
         if chosen is None:
             rec["route"] = "no origin available"
@@ -182,8 +208,8 @@ class Route:
         key = (origin.host, origin.port)
         self.in_flight[key] += 1
         flow.metadata[IN_FLIGHT] = key
-        if pool != self.default_pool:
-            rec["route"] = f"fallback from {self.default_pool}"
+        if pool != wanted:
+            rec["route"] = f"fallback from {wanted}"
 
     def _hash_key(self, flow: http.HTTPFlow, pool: Pool) -> str:
         kind, _, name = pool.hash_key.partition(":")
@@ -258,7 +284,7 @@ class Route:
             ok, why = False, f"health check failed: {type(e).__name__} {e}".strip()
         if ok:
             health.last_ok = time.monotonic()
-        if ok and health.check_passed():
+        if ok and health.check_passed(time.monotonic()):
             logger.warning("edge: origin %s is up again", origin.url)
         elif not ok and health.check_failed(why):
             logger.warning("edge: origin %s is down: %s", origin.url, why)
@@ -274,7 +300,7 @@ class Route:
             lines.append(f"pool {name}{extra}")
             for o in pool.origins:
                 role = " backup" if o.backup else ""
-                lines.append(f"  {o.url} weight {o.weight}{role}: {self._health(o).describe(now)}")
+                lines.append(f"  {o.url} weight {o.weight}{role}: {self._health(o).describe(now, pool.slow_start)}")
         return "\n".join(lines)
 
 

@@ -21,16 +21,19 @@ class SmoothWeighted(Generic[T]):
         self.weights = [w for _, w in items]
         self.current = [0] * len(items)
 
-    def pick(self, usable: Callable[[T], bool] | None = None) -> T | None:
+    def pick(self, usable: Callable[[T], bool] | None = None,
+             share: Callable[[T], float] | None = None) -> T | None:
         """The next item, among those `usable` accepts (None if it accepts none). Skipped
-        items keep their place, as in nginx: the spread stays smooth when they return."""
+        items keep their place, as in nginx: the spread stays smooth when they return.
+        `share` scales an item's weight (slow start)."""
         best, total = -1, 0
         current, weights, items = self.current, self.weights, self.items
         for i in range(len(items)):
             if not weights[i] or (usable is not None and not usable(items[i])):
                 continue
-            current[i] += weights[i]
-            total += weights[i]
+            weight = weights[i] if share is None else weights[i] * share(items[i])
+            current[i] += weight
+            total += weight
             if best < 0 or current[i] > current[best]:
                 best = i
         if best < 0:

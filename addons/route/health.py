@@ -20,6 +20,7 @@ class Health:
     last_error: str = ""
     last_ok: float = float("-inf")   # last time the origin answered anything
     server_errors: int = 0           # consecutive 502/503/504 answers
+    back_at: float = float("-inf")   # when it became (or will become) available again
 
     def suspect(self, now: float, quiet: float) -> bool:
         """Not heard from for `quiet` seconds: worth a connect probe before a client relies on it."""
@@ -28,15 +29,25 @@ class Health:
     def available(self, now: float) -> bool:
         return self.up and now >= self.down_until
 
-    def check_passed(self) -> bool:
+    def share(self, now: float, slow_start: float) -> float:
+        """Slow start (nginx, HAProxy): the fraction of its weight an origin gets, growing from
+        a tenth to all of it over `slow_start` seconds after it came back, so a cold origin
+        (empty caches, JIT, pools) is not handed a full share at once."""
+        if slow_start <= 0 or now - self.back_at >= slow_start:
+            return 1.0
+        return max(0.1, (now - self.back_at) / slow_start)
+
+    def check_passed(self, now: float) -> bool:
         """An active check succeeded. True if the origin just came back."""
         self.failures = 0
+        if self.down_until > now:           # a passive mark is lifted by a passing check
+            self.back_at = now
         self.down_until = 0.0
         if self.up:
             return False
         self.successes += 1
         if self.successes >= self.rise:
-            self.up, self.successes = True, 0
+            self.up, self.successes, self.back_at = True, 0, now
             return True
         return False
 
@@ -55,7 +66,7 @@ class Health:
     def request_failed(self, why: str, now: float, cooldown: float = PASSIVE_COOLDOWN) -> bool:
         """A client request could not reach the origin. True if it was available until now."""
         was = self.available(now)
-        self.down_until = now + cooldown
+        self.down_until = self.back_at = now + cooldown
         self.last_error = why
         return was
 
@@ -72,9 +83,10 @@ class Health:
         self.server_errors = 0
         return self.request_failed(f"{PASSIVE_5XX} answers of {status} in a row", now)
 
-    def describe(self, now: float) -> str:
+    def describe(self, now: float, slow_start: float = 0.0) -> str:
         if not self.up:
             return f"down ({self.last_error})"
         if now < self.down_until:
             return f"cooling down {self.down_until - now:.0f}s ({self.last_error})"
-        return "up"
+        share = self.share(now, slow_start)
+        return f"up, slow start {share:.0%}" if share < 1 else "up"
