@@ -11,6 +11,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addons import internals
+from addons.admin import Admin
 from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -42,9 +43,10 @@ class Edge:
         whatever they add is scrubbed too) and before the trace is written."""
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
+        self.admin = Admin(self.route.snapshot)
         # compress before cache: it narrows Accept-Encoding before the lookup, and compresses
         # before the cache stores, so each coding is stored once and hits never recompress
-        self.addons = [self.compress, self.cache, self.route, *extra, self.scrub, self.trace]
+        self.addons = [self.compress, self.cache, self.route, *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -76,3 +78,4 @@ class Edge:
         self.route.apply(config)
         self.scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
+        self.admin.apply(config)

@@ -128,6 +128,7 @@ class EdgeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     access_log: str | None = None
+    admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
     source: str = "<config>"
 
     @property
@@ -355,7 +356,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
-                                    "access_log"})
+                                    "access_log", "admin"})
 
     listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -461,7 +462,10 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if access_log is not None and (not isinstance(access_log, str) or not access_log):
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
-    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, trusted_proxies=trusted,
+    admin = r.convert(parse_hostport, top["admin"], ("admin",)) if top.get("admin") is not None else None
+    if admin is not None and admin == listen:
+        raise doc.error(("admin",), "must differ from listen")
+    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 

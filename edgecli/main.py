@@ -86,9 +86,11 @@ def cli() -> None:
 @click.option("--access-log", metavar="PATH|-", help="JSON access log: a file, or - for stdout.")
 @click.option("--cert", metavar="PEM", help="Terminate TLS with this PEM (certificate chain, then key).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Set a mitmproxy option (repeatable).")
+@click.option("--admin", callback=_listen_option, metavar="HOST:PORT",
+              help="Serve the status endpoint that `edge status` reads here [admin: in the config; off].")
 @click.option("--confdir", default=default_confdir, show_default="~/.config/edge/mitmproxy",
               help="mitmproxy's private state (its CA) lives here.")
-def run(origins, listen, config_path, web, web_port, access_log, cert, settings, confdir) -> None:
+def run(origins, listen, config_path, web, web_port, access_log, cert, settings, admin, confdir) -> None:
     """Run the edge in front of your origins."""
     if config_path and origins:
         raise click.UsageError("give either --origin URL ... or -c FILE, not both")
@@ -105,8 +107,12 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
         config = dataclasses.replace(config, listen=listen)
     if access_log:
         config = dataclasses.replace(config, access_log=access_log)
+    if admin:
+        config = dataclasses.replace(config, admin=admin)
     try:
         launcher.check_listen(*config.listen)
+        if config.admin:
+            launcher.check_listen(*config.admin)
         if cert:
             launcher.check_cert(cert)
     except launcher.LaunchError as e:
@@ -134,6 +140,8 @@ def demo(config_path, web, confdir) -> None:
                     raise Problem(f"demo origin {name} cannot listen on {origin.authority}: {e.strerror}") from None
         try:
             launcher.check_listen(*config.listen)
+            if config.admin:
+                launcher.check_listen(*config.admin)
         except launcher.LaunchError as e:
             raise Problem(str(e)) from None
         host, port = config.listen
@@ -146,6 +154,8 @@ def demo(config_path, web, confdir) -> None:
             f"  curl -i {base}/leaky       # internal IPs, Via and origin links removed or rewritten",
             f"  curl -i {base}/login       # Set-Cookie Domain rewritten to the public host",
             f"  curl -s {base}/echo        # what the origin saw: X-Forwarded-For, Forwarded, Host",
+            f"  curl -s {base}/echo -H 'X-Forwarded-For: 223.5.5.5'   # a client in China: pool ap",
+            "  edge status                # pools, origins, health, requests in flight",
             "Ctrl-C stops everything.",
         ]), err=True)
         start(launcher.Launch(config=config, confdir=confdir, web=web, on_ready=_announce(config, web)))
@@ -189,6 +199,35 @@ def purge(url, edge_url, insecure) -> None:
         raise Problem("the edge refused: this address is not in cache.purge_from")
     else:
         raise Problem(f"the edge answered {status}")
+
+
+@cli.command()
+@click.option("--admin", "admin_url", default="http://127.0.0.1:9090", show_default=True, metavar="URL",
+              help="The running edge's admin endpoint (admin: in its config, or edge run --admin).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(admin_url, as_json) -> None:
+    """Print each pool's origins of a running edge: weight, health, requests in flight."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+    from addons.route.addon import format_status
+    parts = urlsplit(admin_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise click.BadParameter("expected http://HOST:PORT", param_hint="--admin")
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+    try:
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        body = response.read()
+    except OSError as e:
+        raise Problem(f"cannot reach the edge's admin endpoint at {admin_url}: {e.strerror or e} "
+                      "(is the edge running, with admin: set in its config or --admin?)") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise Problem(f"the admin endpoint answered {response.status}")
+    snapshot = json.loads(body)
+    click.echo(json.dumps(snapshot, indent=1) if as_json else format_status(snapshot))
 
 
 @cli.command()

@@ -79,9 +79,9 @@ def test_port_in_use_and_bad_cert(tmp_path):
 
 
 def test_demo_starts_origins_and_edge_and_stops_cleanly(tmp_path):
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     text = (REPO / "data" / "edge.example.yaml").read_text()
-    for old, new in zip(["8080", "9001", "9002", "9003"], ports):
+    for old, new in zip(["8080", "9001", "9002", "9003", "9090"], ports):
         text = text.replace(old, str(new))
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(text)
@@ -93,6 +93,10 @@ def test_demo_starts_origins_and_edge_and_stops_cleanly(tmp_path):
         assert r.text == "hello from eu\n" and r.headers["server"] == "edge" and "x-powered-by" not in r.headers
         r = httpx.get(f"http://127.0.0.1:{ports[0]}/redirect")
         assert r.headers["location"] == f"http://127.0.0.1:{ports[0]}/"
+        assert httpx.get(f"http://127.0.0.1:{ports[0]}/echo", headers={"X-Forwarded-For": "223.5.5.5"}).json()["origin"] == "ap"
+        status = subprocess.run([BIN / "edge", "status", "--admin", f"http://127.0.0.1:{ports[4]}"],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "pool ap (weighted_round_robin, fallback eu)" in status.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
@@ -101,6 +105,7 @@ def test_demo_starts_origins_and_edge_and_stops_cleanly(tmp_path):
     assert '"status":200' in out                                  # the example config logs to stdout
     for port in ports:                                            # everything was let go
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers do: TIME_WAIT is fine
             s.bind(("127.0.0.1", port))
 
 

@@ -190,3 +190,31 @@ def test_an_origin_answering_503_in_a_row_is_taken_out(origin, edge):
     assert statuses.count(503) == PASSIVE_5XX                       # then the sick origin is out
     assert served_by(e, 6) == {"fine": 6}
     assert f"{PASSIVE_5XX} answers of 503 in a row" in e.master.commands.call("edge.status")
+
+
+def test_edge_status_reads_a_running_edge_through_its_admin_endpoint(origin, edge):
+    from click.testing import CliRunner
+    from edgecli.main import cli
+    a, b = origin("a"), origin("b")
+    e = edge(f"admin: 127.0.0.1:0\npools:\n  p:\n    origins: [{a.url}, {{url: {b.url}, weight: 3}}]\n"
+             f"    slow_start: 10s\n")
+    host, port = e.master.addons.get("admin").bound
+    e.master.commands.call("edge.weight", "p", a.url, 0)
+    result = CliRunner().invoke(cli, ["status", "--admin", f"http://{host}:{port}"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "pool p (weighted_round_robin, default)",
+        f"  {a.url} weight 0, 0 in flight: up",                      # the run-time weight
+        f"  {b.url} weight 3, 0 in flight: up"]
+    raw = httpx.get(f"http://{host}:{port}/status").json()
+    assert raw["pools"]["p"]["origins"][1] == {"url": b.url, "weight": 3, "backup": False, "available": True,
+                                               "state": "up", "in_flight": 0}
+    assert httpx.post(f"http://{host}:{port}/status").status_code == 405
+    assert httpx.get(f"http://{host}:{port}/other").status_code == 404
+
+
+def test_edge_status_says_clearly_when_no_edge_answers():
+    from click.testing import CliRunner
+    from edgecli.main import cli
+    result = CliRunner().invoke(cli, ["status", "--admin", f"http://127.0.0.1:{free_port()}"])
+    assert result.exit_code == 1 and "cannot reach the edge's admin endpoint" in result.output

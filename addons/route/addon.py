@@ -289,19 +289,40 @@ class Route:
         elif not ok and health.check_failed(why):
             logger.warning("edge: origin %s is down: %s", origin.url, why)
 
-    @command.command("edge.status")
-    def status(self) -> str:
-        """Each pool's origins with their weight and health."""
+    def snapshot(self) -> dict:
+        """Each pool's origins: current weight, role, health, requests in flight."""
         now = time.monotonic()
-        lines = []
+        pools = {}
         for name, balancer in self.balancers.items():
             pool = balancer.pool
-            extra = f" (fallback {pool.fallback})" if pool.fallback else ""
-            lines.append(f"pool {name}{extra}")
+            origins = []
             for o in pool.origins:
-                role = " backup" if o.backup else ""
-                lines.append(f"  {o.url} weight {o.weight}{role}: {self._health(o).describe(now, pool.slow_start)}")
-        return "\n".join(lines)
+                group = balancer.backups if o.backup else balancer.primaries
+                health = self._health(o)
+                origins.append({"url": o.url, "weight": group.weights[group.items.index(o)], "backup": o.backup,
+                                "available": health.available(now), "state": health.describe(now, pool.slow_start),
+                                "in_flight": self.in_flight[(o.host, o.port)]})
+            pools[name] = {"balance": pool.balance, "fallback": pool.fallback, "origins": origins}
+        return {"default_pool": self.default_pool, "geo": str(self.locator.path) if self.locator else None,
+                "pools": pools}
+
+    @command.command("edge.status")
+    def status(self) -> str:
+        """Each pool's origins with their weight, health and requests in flight."""
+        return format_status(self.snapshot())
+
+
+def format_status(snapshot: dict) -> str:
+    """The text `edge status` and the `edge.status` command print."""
+    lines = []
+    for name, pool in snapshot["pools"].items():
+        extra = f", fallback {pool['fallback']}" if pool["fallback"] else ""
+        default = ", default" if name == snapshot["default_pool"] else ""
+        lines.append(f"pool {name} ({pool['balance']}{extra}{default})")
+        for o in pool["origins"]:
+            role = " backup" if o["backup"] else ""
+            lines.append(f"  {o['url']} weight {o['weight']}{role}, {o['in_flight']} in flight: {o['state']}")
+    return "\n".join(lines)
 
 
 async def probe(origin: Origin, path: str) -> int:

@@ -1,0 +1,68 @@
+"""The admin endpoint: a small read-only HTTP listener, separate from the client listener (like
+HAProxy's stats socket or nginx's stub_status on a private port), that `edge status` reads.
+
+GET /status answers the route addon's snapshot as JSON. It binds only where `admin:` says
+(loopback in the example) and is off unless configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from addons.config import EdgeConfig
+
+logger = logging.getLogger("edge")
+HEAD_TIMEOUT = 5.0
+MAX_HEAD = 8192
+
+
+class Admin:
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self.snapshot = snapshot
+        self.address: tuple[str, int] | None = None
+        self.server: asyncio.Server | None = None
+        self.bound: tuple[str, int] | None = None       # the real address (port 0 picks one)
+
+    def apply(self, config: EdgeConfig) -> None:
+        self.address = config.admin
+
+    async def running(self) -> None:
+        if self.address is None or self.server is not None:
+            return
+        try:
+            self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD)
+        except OSError as e:
+            logger.error("edge: admin endpoint cannot listen on %s:%s: %s", *self.address, e.strerror)
+            return
+        self.bound = self.server.sockets[0].getsockname()[:2]
+        logger.info("edge: admin endpoint on http://%s:%s/status", *self.bound)
+
+    def done(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            method, target, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""]
+            if method not in ("GET", "HEAD"):
+                status, body = "405 Method Not Allowed", {"error": "read-only: GET /status"}
+            elif target.split("?", 1)[0] != "/status":
+                status, body = "404 Not Found", {"error": "GET /status"}
+            else:
+                status, body = "200 OK", self.snapshot()
+            payload = json.dumps(body, indent=1).encode() + b"\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                         f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
+                         + (payload if method != "HEAD" else b""))
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except Exception:          # never take the proxy down
+            logger.exception("edge: admin endpoint failed")
+        finally:
+            writer.close()
