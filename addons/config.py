@@ -67,6 +67,7 @@ class Pool:
     balance: str = "weighted_round_robin"    # | least_conn | hash
     hash_key: str = "client_ip"              # with hash: client_ip | cookie:NAME | header:NAME
     slow_start: float = 0.0              # seconds over which a recovered origin regains its weight
+    connect_timeout: float = 5.0         # HAProxy's `timeout connect`; then the next origin is tried
     location: tuple[float, float] | None = None   # (lat, lon): geo steering's `nearest`
 
 
@@ -369,7 +370,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     for name, body in pools_raw.items():
         path = ("pools", name)
         body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key", "slow_start",
-                                      "location"})
+                                      "location", "connect_timeout"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
@@ -402,7 +403,13 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
             raise doc.error(path + ("hash_key",), "expected client_ip, cookie:NAME or header:NAME")
         slow_start = r.convert(parse_duration, body["slow_start"], path + ("slow_start",)) if "slow_start" in body else 0.0
         location = _location(r, body["location"], path + ("location",)) if "location" in body else None
-        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key, slow_start, location)
+        connect_timeout = Pool.connect_timeout
+        if "connect_timeout" in body:
+            connect_timeout = r.convert(parse_duration, body["connect_timeout"], path + ("connect_timeout",))
+            if not 0 < connect_timeout <= 300:
+                raise doc.error(path + ("connect_timeout",), "must be more than 0 and at most 5m")
+        pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key,
+                                slow_start=slow_start, connect_timeout=connect_timeout, location=location)
 
     routing = r.mapping(top.get("routing"), ("routing",), {"default_pool", "geo"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)

@@ -26,13 +26,37 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 # /index.html must not be stored by edge's cache (the forwarding figure); /cached.html is
 # fresh for an hour (the cache-hit figure); /big/ serves distinct 100 KiB objects per query.
+# nginx listens on three ports: the routing figure balances over them as three origins.
 NGINX_CONF = """\
 daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
 events {{ worker_connections 1024; }}
 http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{port}; root {dir}/www;
+  server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{port2}; listen 127.0.0.1:{port3}; root {dir}/www;
     location = /index.html {{ add_header Cache-Control no-store; }}
     location / {{ expires 1h; }} }} }}
+"""
+
+
+# The same forwarding as `edge run --origin`, plus what issue 4 adds on every request: geo
+# steering from a trusted X-Forwarded-For (the embedded database), weighted balancing over two
+# origins, active health checks, slow start, a fallback pool.
+ROUTED = """\
+listen: 127.0.0.1:{listen}
+trusted_proxies: [127.0.0.1/32]
+pools:
+  eu:
+    origins: [{{url: http://127.0.0.1:{a}, weight: 3}}, {{url: http://127.0.0.1:{b}, weight: 1}}]
+    health: {{path: /cached.html, interval: 1s, timeout: 500ms}}
+    slow_start: 10s
+    location: {{lat: 50.11, lon: 8.68}}
+    fallback: us
+  us:
+    origins: [http://127.0.0.1:{c}]
+    health: {{path: /cached.html, interval: 1s, timeout: 500ms}}
+    location: {{lat: 39.04, lon: -77.49}}
+routing:
+  default_pool: us
+  geo: {{countries: {{US: us}}, continents: {{EU: eu, NA: us}}, nearest: true}}
 """
 
 
@@ -104,8 +128,10 @@ def main() -> None:
     text = b"".join(b"<tr><td>row %d</td><td>edge bench text, compressible like a real page</td></tr>\n" % i
                     for i in range(2000))[:100 * 1024]
     (work / "www" / "page100k.html").write_bytes(text)
-    origin_port, mitm_port, edge_port = free_port(), free_port(), free_port()
-    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port))
+    origin_port, mitm_port, edge_port, routed_port = free_port(), free_port(), free_port(), free_port()
+    port2, port3 = free_port(), free_port()
+    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port, port2=port2, port3=port3))
+    (work / "routed.yaml").write_text(ROUTED.format(listen=routed_port, a=origin_port, b=port2, c=port3))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     origin = f"http://127.0.0.1:{origin_port}"
     edge = [BIN / "edge", "run", "--origin", origin, "--listen", f"127.0.0.1:{edge_port}", "--confdir", work / "conf"]
@@ -116,6 +142,8 @@ def main() -> None:
                                "--set", f"confdir={work / 'conf'}"], mitm_port, "/index.html", ()),
         "edge run (forwarding)": (edge, edge_port, "/index.html", ()),
         "edge run (cache hit)": (None, edge_port, "/cached.html", ()),
+        "edge routing+health+geo": ([BIN / "edge", "run", "-c", work / "routed.yaml", "--confdir", work / "conf"],
+                                    routed_port, "/index.html", ("X-Forwarded-For: 81.2.69.160",)),
         "plain mitmdump 100 KiB": (None, mitm_port, "/page100k.html", br),
         "edge hit 100 KiB br": (None, edge_port, "/page100k.html", br),
     }
@@ -166,6 +194,9 @@ def main() -> None:
           f"{big_edge.rps / big_plain.rps:.2f}x")
     edge_many, edge_one = results["edge run (forwarding)"]
     print(f"\nedge forwarding vs plain mitmdump at c={args.connections}: {edge_many.rps / plain:.2f}x (goal >= 2.0x)")
+    routed = results["edge routing+health+geo"][0]
+    print(f"edge routing+health+geo vs edge forwarding at c={args.connections}: "
+          f"{routed.rps / edge_many.rps:.2f}x (goal >= 0.95)")
     hit = results["edge run (cache hit)"][0]
     print(f"edge cache hit vs plain mitmdump at c={args.connections}: {hit.rps / plain:.2f}x (goal >= 3.0x), "
           f"p99 {hit.p99:.2f} ms vs {results['plain mitmdump -q'][0].p99:.2f} ms")

@@ -1,5 +1,6 @@
 """Routing with health: active checks, passive marks, backups, fallback pools, 503."""
 
+import socket
 import time
 from collections import Counter
 
@@ -218,3 +219,34 @@ def test_edge_status_says_clearly_when_no_edge_answers():
     from edgecli.main import cli
     result = CliRunner().invoke(cli, ["status", "--admin", f"http://127.0.0.1:{free_port()}"])
     assert result.exit_code == 1 and "cannot reach the edge's admin endpoint" in result.output
+
+
+def blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback port that never completes a connect: a listener whose accept queue is full
+    drops new SYNs, as a firewalled or frozen origin does."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    return listener, fillers
+
+
+def test_a_connect_that_hangs_times_out_and_the_request_goes_elsewhere(origin, edge):
+    listener, fillers = blackhole()
+    try:
+        b = origin("b")
+        hole = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        e = edge(f"pools:\n  p:\n    origins: [{hole}, {b.url}]\n    connect_timeout: 300ms\n")
+        e.master.addons.get("route").health[("127.0.0.1", listener.getsockname()[1])].last_ok = time.monotonic()
+        with httpx.Client(timeout=10) as c:                          # (recently heard from: no probe first)
+            r = c.get(f"{e.url}/echo")
+        assert (r.status_code, r.json()["origin"]) == (200, "b")
+        assert "cooling down" in e.master.commands.call("edge.status")
+    finally:
+        for s in [listener, *fillers]:
+            s.close()

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
@@ -74,6 +75,7 @@ class Route:
         self.in_flight: Counter[tuple[str, int]] = Counter()
         self.trusted: tuple = ()
         self.locator: Locator | None = None
+        self.connect_timeouts: dict[tuple[str, int], float] = {}
         self.steering: Steering | None = None
 
     def apply(self, config: EdgeConfig) -> None:
@@ -81,6 +83,7 @@ class Route:
         self.default_pool = config.default_pool
         self.trusted = config.trusted_proxies
         self.steering = Steering.from_config(config) if config.geo else None
+        self.connect_timeouts = {(o.host, o.port): p.connect_timeout for p in config.pools.values() for o in p.origins}
         if config.geo is None:
             self.locator = None
         elif self.locator is None or str(self.locator.path) != str(config.geo.database or self.locator.path):
@@ -190,6 +193,15 @@ class Route:
             return False
         self._route(flow, rec["geo"]["pool"] if "geo" in rec else self.default_pool, chosen)
         return True
+
+    def server_connect(self, data: ServerConnectionHookData) -> None:
+        """mitmproxy has no upstream connect timeout (a blackholed origin holds a request for
+        the OS's ~2 min SYN retries). This hook runs in the task that is about to connect:
+        cancelling it after the pool's connect_timeout fails the connect, and failover takes
+        the request to the next origin."""
+        timeout = self.connect_timeouts.get(data.server.address)
+        if timeout is not None:
+            asyncio.get_running_loop().call_later(timeout, _cancel_if_connecting, asyncio.current_task(), data.server)
 
     def _route(self, flow: http.HTTPFlow, wanted: str, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
@@ -323,6 +335,11 @@ def format_status(snapshot: dict) -> str:
             role = " backup" if o["backup"] else ""
             lines.append(f"  {o['url']} weight {o['weight']}{role}, {o['in_flight']} in flight: {o['state']}")
     return "\n".join(lines)
+
+
+def _cancel_if_connecting(task: asyncio.Task | None, server) -> None:
+    if task is not None and not task.done() and server.timestamp_tcp_setup is None and server.error is None:
+        task.cancel("connect timeout")
 
 
 async def probe(origin: Origin, path: str) -> int:
