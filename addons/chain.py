@@ -18,6 +18,7 @@ from addons.config import ConfigError, EdgeConfig, config_from_origins, load_con
 from addons.geo.locate import GeoDatabaseError
 from addons.route import Route
 from addons.scrub import Scrub
+from addons.shield import Shield
 from addons.trace import Trace
 
 logger = logging.getLogger("edge")
@@ -43,10 +44,13 @@ class Edge:
         whatever they add is scrubbed too) and before the trace is written."""
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
+        self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.route.snapshot)
-        # compress before cache: it narrows Accept-Encoding before the lookup, and compresses
-        # before the cache stores, so each coding is stored once and hits never recompress
-        self.addons = [self.compress, self.cache, self.route, *extra, self.scrub, self.trace, self.admin]
+        # shield first: refusals are cheapest before any other work. compress before cache: it
+        # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
+        # each coding is stored once and hits never recompress
+        self.addons = [self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
+                       self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -73,9 +77,10 @@ class Edge:
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
+        self.route.apply(config)            # first: the shield uses its geo database
+        self.shield.apply(config)
         self.compress.apply(config)
         self.cache.apply(config)
-        self.route.apply(config)
         self.scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.admin.apply(config)

@@ -114,6 +114,63 @@ class CompressConfig:
     encodings: tuple[str, ...] = ("br", "zstd", "gzip")   # offered, in our order of preference
 
 
+MODES = ("block", "detect")          # detect: record the verdict in the trace, let the request pass
+BOT_CLASSES = ("browser", "search_engine", "scanner", "bad", "unknown")
+DEFAULT_CRS = "/usr/share/modsecurity-crs"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    rate: float                          # tokens per second
+    burst: int
+    key: str = "client_ip"               # client_ip | header:NAME | path
+    store: str = "memory"                # memory | redis://HOST:PORT/DB
+    mode: str = "block"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    request_headers: float = 10.0        # from connect (or the last response) to a complete head
+    request_body: float = 30.0           # from the head to the end of the body
+    idle: float = 60.0                   # keep-alive: between a response and the next request
+
+
+@dataclass(frozen=True)
+class WafConfig:
+    engine: str = "modsecurity"
+    paranoia: int = 1
+    anomaly_threshold: int = 5
+    mode: str = "block"
+    crs: str = DEFAULT_CRS               # Debian's modsecurity-crs (rules/ below it)
+    skip: tuple[str, ...] = ()           # mitmproxy filter expressions, e.g. "~u ^/upload"
+    exclusions: str | None = None        # a ModSecurity file of exclusion rules, loaded after the CRS
+    on_error: str = "block"              # an engine failure blocks (fail closed) or passes
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    block: tuple[str, ...] = ("scanner", "bad")
+    allow: tuple[str, ...] = ("search_engine",)
+    challenge: bool = False              # suspicious clients must return a signed cookie first
+    trap_paths: tuple[str, ...] = ("/wp-login.php", "/xmlrpc.php", "/.env", "/.git/config", "/phpmyadmin")
+    mode: str = "block"
+
+
+@dataclass(frozen=True)
+class ShieldConfig:
+    mode: str = "block"
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    deny_countries: tuple[str, ...] = ()
+    connections_per_ip: int | None = 64
+    rate_limit: RateLimit | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_header_bytes: int = 32 * 2**10
+    max_body: int = 10 * 2**20
+    waf: WafConfig | None = None
+    bots: BotConfig | None = None
+
+
 ENCODINGS = ("br", "zstd", "gzip")
 BALANCE = ("weighted_round_robin", "least_conn", "hash")
 
@@ -129,6 +186,7 @@ class EdgeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     access_log: str | None = None
+    shield: ShieldConfig | None = None
     admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
     source: str = "<config>"
 
@@ -353,11 +411,123 @@ def _geo(r: _Reader, raw: Any, path: tuple, pools: dict[str, Pool], source: str)
     return GeoConfig(database, rules["countries"], rules["continents"], nearest)
 
 
+def parse_rate(value: Any) -> float:
+    """Requests per second from `20/s`, `600/m`, `1000/h`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*", str(value))
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"{value!r}: expected a rate like 20/s, 600/m or 1000/h")
+    return float(m[1]) / {"s": 1, "m": 60, "h": 3600}[m[2]]
+
+
+def _mode(r: _Reader, raw: dict, path: tuple, default: str) -> str:
+    mode = raw.get("mode", default)
+    if mode not in MODES:
+        raise r.doc.error(path + ("mode",), "expected block or detect")
+    return mode
+
+
+def _positive_int(r: _Reader, raw: dict, key: str, path: tuple, default, top: int):
+    value = raw.get(key, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+        raise r.doc.error(path + (key,), f"expected a whole number from 1 to {top}")
+    return value
+
+
+def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldConfig:
+    raw = r.mapping(raw, path, {"mode", "allow", "deny", "deny_countries", "connections_per_ip", "rate_limit",
+                                "timeouts", "max_header_bytes", "max_body", "waf", "bots"})
+    mode = _mode(r, raw, path, "block")
+    nets = {key: tuple(r.convert(parse_network, v, path + (key, i))
+                       for i, v in enumerate(r.listing(raw.get(key), path + (key,)))) for key in ("allow", "deny")}
+    countries = tuple(r.listing(raw.get("deny_countries"), path + ("deny_countries",)))
+    for i, code in enumerate(countries):
+        if not isinstance(code, str) or not re.fullmatch(r"[A-Z]{2}", code):
+            raise r.doc.error(path + ("deny_countries", i), 'expected an ISO country code like "CN" (quote "NO")')
+    connections = _positive_int(r, raw, "connections_per_ip", path, 64, 100000) if raw.get(
+        "connections_per_ip", 64) is not None else None
+    rate_limit = None
+    if raw.get("rate_limit") is not None:
+        rpath = path + ("rate_limit",)
+        rl = r.mapping(raw["rate_limit"], rpath, {"rate", "burst", "key", "store", "mode"})
+        if "rate" not in rl:
+            raise r.doc.error(rpath, "rate_limit needs a rate like 20/s")
+        rate = r.convert(parse_rate, rl["rate"], rpath + ("rate",))
+        burst = _positive_int(r, rl, "burst", rpath, max(1, round(rate)), 10**6)
+        key = rl.get("key", "client_ip")
+        if not isinstance(key, str) or not re.fullmatch(r"client_ip|path|header:[!#$%&'*+.^_`|~\w-]+", key):
+            raise r.doc.error(rpath + ("key",), "expected client_ip, path or header:NAME")
+        store = rl.get("store", "memory")
+        if not isinstance(store, str) or not (store == "memory" or re.fullmatch(r"rediss?://[^\s]+", store)):
+            raise r.doc.error(rpath + ("store",), "expected memory or a redis://HOST:PORT/DB URL")
+        rate_limit = RateLimit(rate, burst, key, store, _mode(r, rl, rpath, mode))
+    timeouts = Timeouts()
+    if raw.get("timeouts") is not None:
+        tpath = path + ("timeouts",)
+        t = r.mapping(raw["timeouts"], tpath, {"request_headers", "request_body", "idle"})
+        values = {k: r.convert(parse_duration, t[k], tpath + (k,)) if k in t else getattr(timeouts, k)
+                  for k in ("request_headers", "request_body", "idle")}
+        for k, v in values.items():
+            if v <= 0:
+                raise r.doc.error(tpath + (k,), "must be more than 0")
+        timeouts = Timeouts(**values)
+    sizes = {k: r.convert(parse_size, raw[k], path + (k,)) if k in raw else getattr(ShieldConfig, k)
+             for k in ("max_header_bytes", "max_body")}
+    if sizes["max_header_bytes"] < 1024:
+        raise r.doc.error(path + ("max_header_bytes",), "at least 1KB (browsers send a few KB of headers)")
+    waf = None
+    if raw.get("waf") is not None:
+        wpath = path + ("waf",)
+        w = r.mapping(raw["waf"], wpath, {"engine", "paranoia", "anomaly_threshold", "mode", "crs", "skip",
+                                          "exclusions", "on_error"})
+        if w.get("engine", "modsecurity") != "modsecurity":
+            raise r.doc.error(wpath + ("engine",), "the engine is modsecurity (ModSecurity v3 with the OWASP CRS)")
+        paranoia = _positive_int(r, w, "paranoia", wpath, 1, 4)
+        threshold = _positive_int(r, w, "anomaly_threshold", wpath, 5, 1000)
+        crs = w.get("crs", DEFAULT_CRS)
+        if not isinstance(crs, str) or not os.path.isdir(os.path.join(crs, "rules")):
+            raise r.doc.error(wpath + ("crs",), f"{crs}: no rules/ folder here (Debian: apt-get install modsecurity-crs)")
+        skip = tuple(r.listing(w.get("skip"), wpath + ("skip",)))
+        for i, expr in enumerate(skip):
+            if not isinstance(expr, str) or not expr.strip():
+                raise r.doc.error(wpath + ("skip", i), "expected a mitmproxy filter expression like '~u ^/upload'")
+        exclusions = w.get("exclusions")
+        if exclusions is not None and (not isinstance(exclusions, str) or not os.access(exclusions, os.R_OK)):
+            raise r.doc.error(wpath + ("exclusions",), f"{exclusions}: cannot read the file")
+        on_error = w.get("on_error", "block")
+        if on_error not in ("block", "pass"):
+            raise r.doc.error(wpath + ("on_error",), "expected block (fail closed) or pass")
+        waf = WafConfig("modsecurity", paranoia, threshold, _mode(r, w, wpath, mode), crs, skip, exclusions, on_error)
+    bots = None
+    if raw.get("bots") is not None:
+        bpath = path + ("bots",)
+        b = r.mapping(raw["bots"], bpath, {"block", "allow", "challenge", "trap_paths", "mode"})
+        lists = {}
+        for key in ("block", "allow"):
+            lists[key] = tuple(r.listing(b[key], bpath + (key,))) if key in b else getattr(BotConfig, key)
+            for i, name in enumerate(lists[key]):
+                if name not in BOT_CLASSES:
+                    raise r.doc.error(bpath + (key, i), f"expected one of {', '.join(BOT_CLASSES)}")
+        challenge = b.get("challenge", False)
+        if not isinstance(challenge, bool):
+            raise r.doc.error(bpath + ("challenge",), "expected true or false")
+        traps = tuple(r.listing(b["trap_paths"], bpath + ("trap_paths",))) if "trap_paths" in b else BotConfig.trap_paths
+        for i, trap in enumerate(traps):
+            if not isinstance(trap, str) or not trap.startswith("/"):
+                raise r.doc.error(bpath + ("trap_paths", i), "expected a path starting with /")
+        bots = BotConfig(lists["block"], lists["allow"], challenge, traps, _mode(r, b, bpath, mode))
+    if countries and geo is None:
+        raise r.doc.error(path + ("deny_countries",), "needs routing.geo (its database locates clients)")
+    return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, timeouts,
+                        sizes["max_header_bytes"], sizes["max_body"], waf, bots)
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
-                                    "access_log", "admin"})
+                                    "access_log", "admin", "shield"})
 
     listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -470,9 +640,10 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
     admin = r.convert(parse_hostport, top["admin"], ("admin",)) if top.get("admin") is not None else None
+    shield = _shield(r, top["shield"], ("shield",), geo) if top.get("shield") is not None else None
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
-    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, trusted_proxies=trusted,
+    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 

@@ -93,6 +93,12 @@ class Trace:
         if flow.response is None:     # else an addon answered for the origin: logged at `response`
             self._finish(flow)
 
+    def write(self, record: dict) -> None:
+        """An access-log line for an event without a flow (a connection the shield refused)."""
+        if self.out is not None:
+            record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record}
+            self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
     def _finish(self, flow: http.HTTPFlow) -> None:
         if self.out is None and not self.annotate:
             return

@@ -51,7 +51,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("text, line, key, problem", [
-    ("pools:\n  a:\n    origins: [http://x:1]\nshield: {}\n", 4, "shield", "unknown key"),
+    ("pools:\n  a:\n    origins: [http://x:1]\nfirewall: {}\n", 4, "firewall", "unknown key"),
     ("pools: {a: {origins: [http://x]}}\ncompress:\n  encodings: [br, deflate]\n", 3, "compress.encodings[1]",
      "expected one of br, zstd, gzip"),
     ("pools: {a: {origins: [http://x]}}\ncompress:\n  min_size: -1\n", 3, "compress.min_size", "expected a size"),

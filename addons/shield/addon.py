@@ -1,0 +1,216 @@
+"""The shield addon: cheap refusals first, before the cache or any origin work.
+
+client_connected   deny/allow lists and deny_countries (peer IP), per-IP connection limit:
+                   a refused connection is closed before TLS or HTTP
+requestheaders     lists again for clients behind trusted proxies, head size (431), rate
+                   limit (429), then the WAF's and the bot check's request-head phases
+request            the WAF's body phase
+(timers)           slow clients: heads and bodies that do not complete in time are cut off
+
+Every verdict is recorded in the trace (`shield`); `mode: detect` records without refusing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from mitmproxy import ctx, http
+from mitmproxy.connection import Client
+
+from addons import internals
+from addons.client import client_of
+from addons.config import EdgeConfig, ShieldConfig
+from addons.failsafe import edge_answer, fail_closed
+from addons.geo.locate import Locator
+from addons.net import is_trusted, parse_ip
+from addons.shield.limits import ConnectionCounts, MemoryStore, retry_after_header
+from addons.shield.slow import Deadlines
+from addons.trace import decisions
+
+logger = logging.getLogger("edge")
+SWEEP = 0.25        # seconds between looks at the slow-client deadlines
+
+
+def head_bytes(request: http.Request) -> int:
+    """The size of a request head as sent (request line and fields)."""
+    return (len(request.data.method) + len(request.data.path) + len(request.data.http_version) + 4
+            + sum(len(k) + len(v) + 4 for k, v in request.data.headers.fields) + 2)
+
+
+class Shield:
+    def __init__(self, locator: Callable[[], Locator | None], log: Callable[[dict], None]) -> None:
+        self.locator = locator             # the route addon's geo database, for deny_countries
+        self.log = log                     # the access log, for connections refused before any request
+        self.config: ShieldConfig | None = None
+        self.trusted: tuple = ()
+        self.counts: ConnectionCounts | None = None
+        self.limiter: MemoryStore | None = None
+        self.deadlines: Deadlines | None = None
+        self.sweeper: asyncio.Task | None = None
+        self.clients: dict[str, Client] = {}        # connections with a deadline, by id
+        self.allowed: set[str] = set()              # connections from allow-listed peers
+        self.noted: dict[str, str] = {}             # detect mode: connection id -> what would have refused it
+        self.refused: Counter[str] = Counter()      # why -> count (connection-level; requests are in the log)
+        self.closed: dict[str, str] = {}            # connections the shield closed -> why
+
+    def apply(self, config: EdgeConfig) -> None:
+        shield = self.config = config.shield
+        self.trusted = config.trusted_proxies
+        internals.max_head = shield.max_header_bytes if shield else None
+        internals.max_request_body = shield.max_body if shield else None
+        self.counts = ConnectionCounts(shield.connections_per_ip) if shield and shield.connections_per_ip else None
+        rl = shield.rate_limit if shield else None
+        self.limiter = MemoryStore(rl.rate, rl.burst) if rl else None
+        t = shield.timeouts if shield else None
+        self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle) if t else None
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def client_connected(self, client: Client) -> None:
+        if self.config is None or client.error:
+            return
+        ip = parse_ip(client.peername[0])
+        if self.deadlines is not None:
+            self.clients[client.id] = client
+            self.deadlines.connected(client.id, time.monotonic())
+        if is_trusted(ip, self.trusted):
+            return                          # a proxy carries many clients: judged per request
+        if ip is not None and any(ip.version == n.version and ip in n for n in self.config.allow):
+            self.allowed.add(client.id)
+            return
+        why = self._listed(str(ip))
+        if why is None and self.counts is not None and not self.counts.admit(client.id, str(ip)):
+            why = f"more than {self.counts.limit} connections from this address"
+        if why is not None:
+            if self.config.mode == "detect":
+                self.noted[client.id] = why
+            else:
+                self.refused[why.split(":")[0]] += 1
+                client.error = f"edge shield: {why}"        # closed before TLS or HTTP
+                self.log({"client": str(ip), "status": None, "edge": {"shield": f"connection refused: {why}"}})
+
+    def client_disconnected(self, client: Client) -> None:
+        if self.counts is not None:
+            self.counts.release(client.id)
+        if self.deadlines is not None:
+            self.deadlines.forget(client.id)
+            self.clients.pop(client.id, None)
+        self.allowed.discard(client.id)
+        self.noted.pop(client.id, None)
+        self.closed.pop(client.id, None)
+
+    def _listed(self, ip: str) -> str | None:
+        """Why an address is refused by the lists, or None."""
+        addr = parse_ip(ip)
+        if addr is not None and any(addr.version == n.version and addr in n for n in self.config.deny):
+            return "address denied"
+        if self.config.deny_countries and (locator := self.locator()) is not None:
+            place = locator.locate(ip)
+            if place is not None and place.country in self.config.deny_countries:
+                return f"country denied: {place.country}"
+        return None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.config is None or flow.response:
+            return
+        conn = flow.client_conn
+        if self.deadlines is not None and conn.alpn != b"h2":
+            body = bool(flow.request.headers.get("content-length", "0") != "0"
+                        or "transfer-encoding" in flow.request.headers)
+            self.deadlines.head_received(conn.id, time.monotonic(), body)
+        rec = decisions(flow)
+        if conn.id in self.allowed:
+            rec["shield"] = "allow-listed"
+            return
+        ip = client_of(flow, self.trusted)
+        noted = self.noted.get(conn.id)
+        if noted is not None:
+            rec["shield"] = f"detect: {noted}"
+        if is_trusted(parse_ip(conn.peername[0]), self.trusted) and ip != conn.peername[0]:
+            if (why := self._listed(ip)) is not None and self._refuse(flow, "lists", self.config.mode, 403, why):
+                return
+        if head_bytes(flow.request) > self.config.max_header_bytes:
+            if self._refuse(flow, "size", self.config.mode, 431, "request header fields too large", close=True):
+                return
+        if self.limiter is not None:
+            rl = self.config.rate_limit
+            verdict = self.limiter.take(self._rate_key(flow, ip), time.monotonic())
+            if not verdict.allowed and self._refuse(flow, "rate", rl.mode, 429, "too many requests",
+                                                    {"Retry-After": retry_after_header(verdict.retry_after)}):
+                return
+
+    def _rate_key(self, flow: http.HTTPFlow, ip: str) -> str:
+        key = self.config.rate_limit.key
+        if key == "path":
+            return flow.request.path.split("?", 1)[0]
+        if key.startswith("header:"):
+            return flow.request.headers.get(key[7:]) or ip      # no header: limited as its client
+        return ip
+
+    def _refuse(self, flow: http.HTTPFlow, part: str, mode: str, status: int, why: str,
+                headers: dict | None = None, close: bool = False) -> bool:
+        """Answer with `status` (block) or only record it (detect). True if answered."""
+        rec = decisions(flow)
+        if mode == "detect":
+            rec["shield"] = f"detect: {part}: {why} ({status})"
+            return False
+        rec["shield"] = f"{part}: {why} ({status})"
+        if close:
+            headers = {**(headers or {}), "Connection": "close"}
+        flow.response = edge_answer(flow, status, why, headers)
+        return True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.deadlines is not None:
+            self.deadlines.body_received(flow.client_conn.id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if self.deadlines is not None and flow.client_conn.alpn != b"h2" and flow.client_conn.id in self.clients:
+            self.deadlines.answered(flow.client_conn.id, time.monotonic())
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if self.config is None or flow.error is None:
+            return
+        if flow.error.msg == internals.BODY_TOO_LARGE:
+            decisions(flow)["shield"] = "size: request body too large (413)"
+        elif (why := self.closed.get(flow.client_conn.id)) is not None:
+            decisions(flow)["shield"] = f"connection closed: {why}"
+
+    # -- slow clients -------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def done(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP)
+            if self.deadlines is None:
+                continue
+            now = time.monotonic()
+            for conn, why in self.deadlines.expired(now):
+                client = self.clients.pop(conn, None)
+                if client is None:
+                    continue
+                if why == "idle timeout" and internals.sending(ctx.master, client):
+                    self.clients[conn] = client                # still downloading a response
+                    self.deadlines.answered(conn, now)
+                    continue
+                if internals.close_client(ctx.master, client):
+                    self.refused[why] += 1
+                    self.closed[conn] = why         # a flow cut short says so in its own log line
+                    if why != "request body timeout":
+                        self.log({"client": client.peername[0], "status": None,
+                                  "edge": {"shield": f"connection closed: {why}"}})

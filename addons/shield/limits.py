@@ -1,0 +1,74 @@
+"""Token buckets (nginx limit_req, HAProxy stick tables) and per-IP connection counts. Pure.
+
+A bucket holds up to `burst` tokens and refills at `rate` per second; a request takes one.
+A key idle for burst/rate seconds is back to a full bucket, so that is exactly how long a key
+needs remembering: idle keys expire and memory stays bounded by the active keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+MAX_KEYS = 100_000          # in-process store: beyond this, the least recently used keys go
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_after: float       # seconds until a token is there (0 when allowed)
+    remaining: int           # whole tokens left
+
+
+def take(tokens: float, stamp: float, now: float, rate: float, burst: int) -> tuple[Verdict, float]:
+    """One request against a bucket last seen at `stamp` with `tokens`: the verdict and the
+    bucket's new token count (as of `now`)."""
+    tokens = min(float(burst), tokens + max(0.0, now - stamp) * rate)
+    if tokens >= 1.0:
+        return Verdict(True, 0.0, int(tokens - 1.0)), tokens - 1.0
+    return Verdict(False, (1.0 - tokens) / rate, 0), tokens
+
+
+class MemoryStore:
+    """The default store: buckets in this process, bounded in count and forgotten when idle."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = MAX_KEYS) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: TTLCache[str, tuple[float, float]] = TTLCache(max_keys, ttl=burst / rate + 1.0)
+
+    def take(self, key: str, now: float) -> Verdict:
+        tokens, stamp = self.buckets.get(key, (float(self.burst), now))
+        verdict, tokens = take(tokens, stamp, now, self.rate, self.burst)
+        self.buckets[key] = (tokens, now)
+        return verdict
+
+
+class ConnectionCounts:
+    """Open connections per client IP (HAProxy's conn_cur). Counts only what it admitted, so a
+    connection refused earlier is not undone twice."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+        self.admitted: dict[str, str] = {}        # connection id -> ip
+
+    def admit(self, conn_id: str, ip: str) -> bool:
+        if self.open[ip] >= self.limit:
+            return False
+        self.open[ip] += 1
+        self.admitted[conn_id] = ip
+        return True
+
+    def release(self, conn_id: str) -> None:
+        ip = self.admitted.pop(conn_id, None)
+        if ip is not None:
+            self.open[ip] -= 1
+            if self.open[ip] <= 0:
+                del self.open[ip]
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,228 @@
+"""The shield: pure limits and deadlines, and every refusal through a real proxy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from addons.config import ConfigError, parse_config, parse_rate
+from addons.shield.limits import ConnectionCounts, MemoryStore, take
+from addons.shield.slow import Deadlines
+
+# -- pure ------------------------------------------------------------------------------------------
+
+
+def test_token_bucket_allows_the_burst_then_the_rate():
+    tokens, stamp, out = 3.0, 0.0, []
+    for now in (0.0, 0.0, 0.0, 0.0, 0.5, 0.5):
+        verdict, tokens = take(tokens, stamp, now, rate=2.0, burst=3)
+        stamp = now
+        out.append(verdict.allowed)
+    assert out == [True, True, True, False, True, False]       # burst 3, then 2/s: one more after 0.5 s
+    verdict, _ = take(0.0, 0.0, 0.1, rate=2.0, burst=3)
+    assert not verdict.allowed and verdict.retry_after == pytest.approx(0.4)
+
+
+def test_memory_store_forgets_idle_keys_and_is_bounded():
+    store = MemoryStore(rate=10, burst=2, max_keys=100)
+    assert [store.take("a", 0.0).allowed for _ in range(3)] == [True, True, False]
+    for i in range(1000):
+        store.take(f"k{i}", 0.0)
+    assert len(store.buckets) == 100                               # bounded whatever the clients do
+    assert store.buckets.ttl == pytest.approx(1.2)                 # a key idle for burst/rate (+1 s) is full again
+
+
+def test_connection_counts_undo_only_what_they_admitted():
+    counts = ConnectionCounts(limit=2)
+    assert counts.admit("c1", "ip") and counts.admit("c2", "ip") and not counts.admit("c3", "ip")
+    counts.release("c3")                                           # refused: nothing to undo
+    assert counts.open["ip"] == 2
+    counts.release("c1")
+    assert counts.admit("c4", "ip")
+    counts.release("c2"), counts.release("c4")
+    assert not counts.open
+
+
+def test_deadlines_for_head_body_and_idle():
+    d = Deadlines(request_headers=10, request_body=30, idle=60)
+    d.connected("a", 0.0)
+    d.connected("b", 0.0)
+    d.head_received("b", 5.0, body_expected=True)
+    assert d.expired(9.9) == [] and d.expired(10.0) == [("a", "request headers timeout")]
+    assert d.expired(34.9) == [] and d.expired(35.0) == [("b", "request body timeout")]
+    d.connected("c", 0.0)
+    d.head_received("c", 1.0, body_expected=False)
+    d.answered("c", 2.0)
+    assert d.expired(71.9) == [] and d.expired(72.0) == [("c", "idle timeout")]
+
+
+def test_rates():
+    assert parse_rate("20/s") == 20 and parse_rate("600/m") == 10 and parse_rate("36/h") == 0.01
+    with pytest.raises(ValueError):
+        parse_rate("fast")
+
+
+@pytest.mark.parametrize("shield, key, problem", [
+    ("rate_limit: {burst: 3}", "shield.rate_limit", "needs a rate"),
+    ("rate_limit: {rate: 1/s, key: cookie:x}", "shield.rate_limit.key", "client_ip, path or header:NAME"),
+    ("rate_limit: {rate: 1/s, store: mongodb://x}", "shield.rate_limit.store", "redis://"),
+    ("deny: [not-a-net]", "shield.deny[0]", "not an IP"),
+    ("deny_countries: [CN]", "shield.deny_countries", "needs routing.geo"),
+    ("timeouts: {idle: 0s}", "shield.timeouts.idle", "more than 0"),
+    ("max_header_bytes: 100", "shield.max_header_bytes", "at least 1KB"),
+    ("waf: {crs: /nowhere}", "shield.waf.crs", "no rules/ folder"),
+    ("bots: {block: [robots]}", "shield.bots.block[0]", "expected one of browser"),
+    ("mode: observe", "shield.mode", "block or detect"),
+])
+def test_shield_config_errors_name_the_line(shield, key, problem):
+    with pytest.raises(ConfigError) as e:
+        parse_config(f"pools: {{a: {{origins: [http://x]}}}}\nshield:\n  {shield}\n", "s.yaml")
+    assert e.value.line == 3 and e.value.key == key and problem in e.value.problem
+
+
+# -- through the proxy ---------------------------------------------------------------------------------
+
+def shielded(edge, origin, shield: str, log=None, trusted: str = "[]"):
+    o = origin("o")
+    e = edge(f"trusted_proxies: {trusted}\npools: {{p: {{origins: [{o.url}]}}}}\nshield:\n" +
+             "".join(f"  {line}\n" for line in shield.strip().splitlines()), access_log=log)
+    return e, o
+
+
+def raw_connect(e, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection((e.host, e.port), timeout=5, source_address=(source, 0))
+    return s
+
+
+def closed_without_answer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_denied_address_is_refused_at_connect_and_logged(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "deny: [127.0.0.2/32]", log=str(log))
+    s = raw_connect(e, "127.0.0.2")
+    s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed_without_answer(s)
+    assert httpx.get(f"{e.url}/echo").status_code == 200            # everyone else is served
+    assert [seen.path for seen in o.seen] == ["/echo"]              # only the allowed client's
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["client"] == "127.0.0.2" and lines[0]["edge"] == {"shield": "connection refused: address denied"}
+
+
+def test_the_allow_list_bypasses_the_shield(origin, edge):
+    e, _ = shielded(edge, origin, "allow: [127.0.0.1/32]\nrate_limit: {rate: 1/m, burst: 1}")
+    with httpx.Client() as c:
+        assert [c.get(f"{e.url}/echo").status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_connections_per_ip(origin, edge):
+    e, _ = shielded(edge, origin, "connections_per_ip: 2")
+    first, second = raw_connect(e), raw_connect(e)
+    for s in (first, second):                                       # both admitted and served
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(1024).startswith(b"HTTP/1.1 200")
+    third = raw_connect(e)
+    third.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed_without_answer(third)
+    first.close()
+    deadline = time.monotonic() + 5
+    while True:                                                     # the slot comes back when mitmproxy has let go
+        s = raw_connect(e)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            if s.recv(1024).startswith(b"HTTP/1.1 200"):
+                break
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() < deadline, "slot never freed"
+    for sock in (second, third, s):
+        sock.close()
+
+
+def test_rate_limit_answers_429_and_costs_the_origin_nothing(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "rate_limit: {rate: 1/m, burst: 3}", log=str(log))
+    with httpx.Client() as c:
+        answers = [c.get(f"{e.url}/echo") for _ in range(5)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
+    assert int(answers[3].headers["retry-after"]) > 1 and "request id" in answers[3].text
+    assert len(o.seen) == 3
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["status"] == 429 and last["edge"]["shield"] == "rate: too many requests (429)"
+    assert "pool" not in last["edge"] and "cache" not in last["edge"]      # refused before cache and routing
+
+
+def test_rate_limit_by_header_and_detect_mode(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "rate_limit: {rate: 1/m, burst: 1, key: 'header:X-Api-Key', mode: detect}",
+                    log=str(log))
+    with httpx.Client() as c:
+        codes = [c.get(f"{e.url}/echo", headers={"X-Api-Key": k}).status_code for k in ("a", "b", "a")]
+    assert codes == [200, 200, 200]                                 # detect: recorded, not refused
+    verdicts = [json.loads(line)["edge"].get("shield") for line in log.read_text().splitlines()]
+    assert verdicts == [None, None, "detect: rate: too many requests (429)"]
+
+
+def test_clients_behind_a_trusted_proxy_are_judged_by_their_own_address(origin, edge):
+    e, o = shielded(edge, origin, "deny: [203.0.113.0/24]", trusted="[127.0.0.1/32]")
+    with httpx.Client() as c:
+        denied = c.get(f"{e.url}/echo", headers={"X-Forwarded-For": "203.0.113.9"})
+        fine = c.get(f"{e.url}/echo", headers={"X-Forwarded-For": "198.51.100.7"})
+    assert (denied.status_code, fine.status_code) == (403, 200)
+    assert len(o.seen) == 1
+
+
+def test_oversized_heads_get_431_parsed_or_not(origin, edge):
+    e, o = shielded(edge, origin, "max_header_bytes: 8KB")
+    assert httpx.get(f"{e.url}/echo", headers={"X-Big": "a" * 9000}).status_code == 431
+    assert httpx.get(f"{e.url}/echo", headers={"X-Fine": "a" * 4000}).status_code == 200
+    s = raw_connect(e)                                              # a head that never ends
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    sent = 0
+    try:
+        while sent < 4 * 2**20:
+            s.sendall(b"X-Trickle: " + b"a" * 1000 + b"\r\n")
+            sent += 1013
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    answer = s.recv(1024)
+    assert answer.startswith(b"HTTP/1.1 431") and sent < 4 * 2**20
+    assert len(o.seen) == 1
+
+
+def test_oversized_bodies_get_413_before_the_origin_sees_them(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "max_body: 1KB", log=str(log))
+    with httpx.Client() as c:
+        assert c.post(f"{e.url}/echo", content=b"x" * 2048).status_code == 413
+        assert c.post(f"{e.url}/echo", content=iter([b"x" * 600, b"x" * 600])).status_code == 413    # chunked
+        assert c.post(f"{e.url}/echo", content=b"x" * 1000).status_code == 200
+    assert [len(s.body) for s in o.seen] == [1000]
+    assert json.loads(log.read_text().splitlines()[0])["edge"]["shield"] == "size: request body too large (413)"
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "timeouts: {request_headers: 500ms, request_body: 500ms, idle: 500ms}",
+                    log=str(log))
+    loris, slow_post = raw_connect(e), raw_connect(e)
+    loris.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")                 # and then nothing more
+    slow_post.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    started = time.monotonic()
+    with httpx.Client() as c:
+        while time.monotonic() - started < 1.0:                     # a normal client meanwhile
+            assert c.get(f"{e.url}/health").status_code == 200
+    for s in (loris, slow_post):
+        s.settimeout(5)
+        assert closed_without_answer(s)
+    assert not [s for s in o.seen if s.method == "POST"]
+    verdicts = {json.loads(line)["edge"].get("shield") for line in log.read_text().splitlines()}
+    assert {"connection closed: request headers timeout", "connection closed: request body timeout"} <= verdicts
