@@ -3,13 +3,29 @@
 # any python >= 3.12 found first is used.
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+SYSTEM := $(VENV)/.system
+# Debian packages: the OWASP Core Rule Set for the WAF, redis-server for the shared rate-limit
+# store's tests, curl for the HTTP/2-over-TLS tests. Installed once if missing (root or sudo).
+DEBS   := modsecurity-crs:/usr/share/modsecurity-crs/rules redis-server:redis-server curl:curl
 PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
             $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
           done)
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv system clean
 
 venv: $(STAMP)
+
+system: $(SYSTEM)
+
+$(SYSTEM):
+	@missing=""; for d in $(DEBS); do pkg=$${d%%:*}; what=$${d#*:}; \
+	  { test -e "$$what" || command -v "$$what" >/dev/null; } || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "edge needs Python >= 3.12 (python3.12 on PATH, or pyenv)"; exit 1; }
@@ -18,10 +34,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(SYSTEM)
 	$(VENV)/bin/edge demo
 
-test: $(STAMP)
+test: $(STAMP) $(SYSTEM)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -19,6 +19,7 @@ from addons.geo.locate import GeoDatabaseError
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.shield import Shield
+from addons.shield.waf import WafError
 from addons.trace import Trace
 
 logger = logging.getLogger("edge")
@@ -72,7 +73,7 @@ class Edge:
             config = load_config(path) if path else config_from_mode(ctx.options.mode)
             if config is not None:
                 self.apply(config)
-        except (ConfigError, GeoDatabaseError, ValueError) as e:
+        except (ConfigError, GeoDatabaseError, WafError, ValueError) as e:
             raise exceptions.OptionsError(str(e)) from None
 
     def apply(self, config: EdgeConfig) -> None:

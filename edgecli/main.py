@@ -42,6 +42,13 @@ def read_config(path: str) -> EdgeConfig:
             describe(config.geo.database or embedded_database())
         except GeoDatabaseError as e:
             raise ConfigProblem(f"{path}: routing.geo.database: {e}") from None
+    if config.shield is not None and config.shield.waf is not None:
+        from addons.shield.waf import Waf, WafError, compile_filters
+        try:
+            compile_filters(config.shield.waf.skip)
+            Waf(config.shield.waf, config.shield.max_body)
+        except WafError as e:
+            raise ConfigProblem(f"{path}: shield.waf: {e}") from None
     return config
 
 

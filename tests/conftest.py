@@ -70,6 +70,9 @@ def edge(confdir) -> Iterator[Callable[..., RunningEdge]]:
     running: list[tuple[object, threading.Thread]] = []
 
     def start(config, access_log: str | None = None, **kw) -> RunningEdge:
+        # mitmproxy's connection handlers dispatch hooks to the process-wide ctx.master, so a
+        # second master in this process would take over the first one's flows: one per test.
+        assert not running, "one edge per test (mitmproxy's ctx.master is process-wide)"
         if isinstance(config, str):
             config = parse_config(config, "test.yaml")
         elif isinstance(config, list):

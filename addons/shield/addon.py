@@ -3,8 +3,9 @@
 client_connected   deny/allow lists and deny_countries (peer IP), per-IP connection limit:
                    a refused connection is closed before TLS or HTTP
 requestheaders     lists again for clients behind trusted proxies, head size (431), rate
-                   limit (429), then the WAF's and the bot check's request-head phases
-request            the WAF's body phase
+                   limit (429), then the WAF's phase 1 (connection, request line, headers)
+request            the WAF's phase 2 (body, anomaly score): for every request that will reach
+                   an origin; a cache hit, answered from memory, reaches none and is not scored
 (timers)           slow clients: heads and bodies that do not complete in time are cut off
 
 Every verdict is recorded in the trace (`shield`); `mode: detect` records without refusing.
@@ -29,6 +30,7 @@ from addons.geo.locate import Locator
 from addons.net import is_trusted, parse_ip
 from addons.shield.limits import ConnectionCounts, MemoryStore, retry_after_header
 from addons.shield.slow import Deadlines
+from addons.shield.waf import Finding, Waf, compile_filters
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
@@ -55,6 +57,9 @@ class Shield:
         self.allowed: set[str] = set()              # connections from allow-listed peers
         self.noted: dict[str, str] = {}             # detect mode: connection id -> what would have refused it
         self.refused: Counter[str] = Counter()      # why -> count (connection-level; requests are in the log)
+        self.waf: Waf | None = None
+        self.waf_skip: list = []
+        self.inspecting: dict[str, object] = {}     # flow id -> WAF transaction between the phases
         self.closed: dict[str, str] = {}            # connections the shield closed -> why
 
     def apply(self, config: EdgeConfig) -> None:
@@ -67,6 +72,8 @@ class Shield:
         self.limiter = MemoryStore(rl.rate, rl.burst) if rl else None
         t = shield.timeouts if shield else None
         self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle) if t else None
+        self.waf = Waf(shield.waf, shield.max_body) if shield and shield.waf else None
+        self.waf_skip = compile_filters(shield.waf.skip) if shield and shield.waf else []
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -145,7 +152,49 @@ class Shield:
             if not verdict.allowed and self._refuse(flow, "rate", rl.mode, 429, "too many requests",
                                                     {"Retry-After": retry_after_header(verdict.retry_after)}):
                 return
+        if self.waf is not None:
+            if any(f(flow) for f in self.waf_skip):
+                rec["waf"] = "skipped"
+                return
+            conn, req = flow.client_conn, flow.request
+            txn, finding = self._engine(flow, lambda: self.waf.begin(
+                (ip, conn.peername[1]), conn.sockname[:2], req.method, req.data.path.decode("latin-1"),
+                req.http_version, ((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.data.headers.fields)),
+                passed=(None, None))
+            if finding is not None:
+                self._waf_verdict(flow, finding)
+            elif txn is not None:
+                self.inspecting[flow.id] = txn
 
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.deadlines is not None:
+            self.deadlines.body_received(flow.client_conn.id)
+        txn = self.inspecting.pop(flow.id, None)
+        if txn is None or flow.response is not None:        # not inspected, refused, or a cache hit
+            return
+        finding = self._engine(flow, lambda: self.waf.finish(txn, flow.request.raw_content or b""))
+        if finding is not None:
+            self._waf_verdict(flow, finding)
+
+    def _engine(self, flow: http.HTTPFlow, step, passed=None):
+        """Run a WAF step. An engine failure blocks (fail closed: @fail_closed answers 500 and
+        logs it) unless on_error is pass; then it is logged, and `passed` lets the request on."""
+        try:
+            return step()
+        except Exception:
+            if self.config.waf.on_error != "pass":
+                raise
+            logger.exception("edge shield: WAF engine failed on flow %s; passing it (on_error: pass)", flow.id)
+            decisions(flow)["waf"] = "engine error: passed"
+            return passed
+
+    def _waf_verdict(self, flow: http.HTTPFlow, finding: Finding) -> None:
+        rec = decisions(flow)
+        rec["waf"] = finding.summary()
+        if finding.status is not None:
+            # no detail for the attacker: the rule ids and score are in the trace
+            self._refuse(flow, "waf", self.config.waf.mode, finding.status, "request blocked")
     def _rate_key(self, flow: http.HTTPFlow, ip: str) -> str:
         key = self.config.rate_limit.key
         if key == "path":
@@ -167,15 +216,13 @@ class Shield:
         flow.response = edge_answer(flow, status, why, headers)
         return True
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        if self.deadlines is not None:
-            self.deadlines.body_received(flow.client_conn.id)
-
     def response(self, flow: http.HTTPFlow) -> None:
+        self.inspecting.pop(flow.id, None)
         if self.deadlines is not None and flow.client_conn.alpn != b"h2" and flow.client_conn.id in self.clients:
             self.deadlines.answered(flow.client_conn.id, time.monotonic())
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.inspecting.pop(flow.id, None)
         if self.config is None or flow.error is None:
             return
         if flow.error.msg == internals.BODY_TOO_LARGE:
