@@ -330,3 +330,46 @@ def test_waf_config_errors_are_clear(tmp_path):
     config.write_text("pools: {a: {origins: [http://127.0.0.1:1]}}\nshield:\n  waf: {skip: ['~u (']}\n")
     result = CliRunner().invoke(cli, ["check", "-c", str(config)])
     assert result.exit_code == 2 and "shield.waf: waf.skip: '~u (' is not a mitmproxy filter expression" in result.output
+
+
+# -- the shared store: a real redis-server ---------------------------------------------------------------
+
+def test_two_edge_processes_share_one_limit_through_redis(origin, edge, redis_url, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tests.conftest import free_port
+    o = origin("o")
+    shield = f"shield:\n  rate_limit: {{rate: 1/m, burst: 4, store: '{redis_url}'}}\n"
+    e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\n{shield}")
+    port = free_port()
+    config = tmp_path / "other.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\npools: {{p: {{origins: [{o.url}]}}}}\n{shield}")
+    other = subprocess.Popen([Path(sys.executable).parent / "edge", "run", "-c", str(config),
+                              "--confdir", str(tmp_path / "conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert other.poll() is None and time.monotonic() < deadline, "second edge did not start"
+                time.sleep(0.05)
+        with httpx.Client() as c:
+            here = [c.get(f"{e.url}/echo").status_code for _ in range(3)]
+            there = [c.get(f"http://127.0.0.1:{port}/echo").status_code for _ in range(3)]
+    finally:
+        other.terminate()
+        other.wait(15)
+    assert here == [200, 200, 200] and there == [200, 429, 429]       # one bucket of 4 for both edges
+    assert len(o.seen) == 4
+
+
+def test_an_unreachable_redis_keeps_limiting_in_process(origin, edge):
+    from tests.conftest import free_port
+    e, o = shielded(edge, origin, f"rate_limit: {{rate: 1/m, burst: 2, store: 'redis://127.0.0.1:{free_port()}/0'}}")
+    with httpx.Client() as c:
+        codes = [c.get(f"{e.url}/echo").status_code for _ in range(4)]
+    assert codes == [200, 200, 429, 429]
+    assert "ConnectionError" in e.master.addons.get("shield").limiter.last_error

@@ -28,7 +28,7 @@ from addons.config import EdgeConfig, ShieldConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import is_trusted, parse_ip
-from addons.shield.limits import ConnectionCounts, MemoryStore, retry_after_header
+from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
 from addons.trace import decisions
@@ -50,7 +50,7 @@ class Shield:
         self.config: ShieldConfig | None = None
         self.trusted: tuple = ()
         self.counts: ConnectionCounts | None = None
-        self.limiter: MemoryStore | None = None
+        self.limiter: MemoryStore | RedisStore | None = None
         self.deadlines: Deadlines | None = None
         self.sweeper: asyncio.Task | None = None
         self.clients: dict[str, Client] = {}        # connections with a deadline, by id
@@ -69,7 +69,12 @@ class Shield:
         internals.max_request_body = shield.max_body if shield else None
         self.counts = ConnectionCounts(shield.connections_per_ip) if shield and shield.connections_per_ip else None
         rl = shield.rate_limit if shield else None
-        self.limiter = MemoryStore(rl.rate, rl.burst) if rl else None
+        if rl is None:
+            self.limiter = None
+        elif rl.store == "memory":
+            self.limiter = MemoryStore(rl.rate, rl.burst)
+        else:
+            self.limiter = RedisStore(rl.store, rl.rate, rl.burst)
         t = shield.timeouts if shield else None
         self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle) if t else None
         self.waf = Waf(shield.waf, shield.max_body) if shield and shield.waf else None
@@ -124,9 +129,9 @@ class Shield:
     # -- requests ---------------------------------------------------------------------------------
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
         if self.config is None or flow.response:
-            return
+            return None
         conn = flow.client_conn
         if self.deadlines is not None and conn.alpn != b"h2":
             body = bool(flow.request.headers.get("content-length", "0") != "0"
@@ -135,23 +140,40 @@ class Shield:
         rec = decisions(flow)
         if conn.id in self.allowed:
             rec["shield"] = "allow-listed"
-            return
+            return None
         ip = client_of(flow, self.trusted)
         noted = self.noted.get(conn.id)
         if noted is not None:
             rec["shield"] = f"detect: {noted}"
         if is_trusted(parse_ip(conn.peername[0]), self.trusted) and ip != conn.peername[0]:
             if (why := self._listed(ip)) is not None and self._refuse(flow, "lists", self.config.mode, 403, why):
-                return
+                return None
         if head_bytes(flow.request) > self.config.max_header_bytes:
             if self._refuse(flow, "size", self.config.mode, 431, "request header fields too large", close=True):
-                return
-        if self.limiter is not None:
-            rl = self.config.rate_limit
-            verdict = self.limiter.take(self._rate_key(flow, ip), time.monotonic())
-            if not verdict.allowed and self._refuse(flow, "rate", rl.mode, 429, "too many requests",
-                                                    {"Retry-After": retry_after_header(verdict.retry_after)}):
-                return
+                return None
+        if isinstance(self.limiter, RedisStore):
+            return self._limited_by_redis(flow, ip)         # async only with a shared store
+        if self.limiter is not None and not self._rate_verdict(
+                flow, self.limiter.take(self._rate_key(flow, ip), time.monotonic())):
+            return None
+        self._inspect_head(flow, ip)
+        return None
+
+    async def _limited_by_redis(self, flow: http.HTTPFlow, ip: str) -> None:
+        verdict = await self.limiter.take(self._rate_key(flow, ip), time.monotonic())
+        if self._rate_verdict(flow, verdict):
+            self._inspect_head(flow, ip)
+
+    def _rate_verdict(self, flow: http.HTTPFlow, verdict: Verdict) -> bool:
+        """True if the request may go on."""
+        if verdict.allowed:
+            return True
+        rl = self.config.rate_limit
+        return not self._refuse(flow, "rate", rl.mode, 429, "too many requests",
+                                {"Retry-After": retry_after_header(verdict.retry_after)})
+
+    def _inspect_head(self, flow: http.HTTPFlow, ip: str) -> None:
+        rec = decisions(flow)
         if self.waf is not None:
             if any(f(flow) for f in self.waf_skip):
                 rec["waf"] = "skipped"
@@ -236,10 +258,12 @@ class Shield:
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
+        if isinstance(self.limiter, RedisStore):
+            await self.limiter.close()
 
     async def _sweep(self) -> None:
         while True:

@@ -72,3 +72,59 @@ class ConnectionCounts:
 
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
+
+
+# Redis: the same bucket, updated atomically on the server with the server's clock, so every edge
+# process sharing the server shares the limit. Idle keys expire on their own (PEXPIRE).
+TAKE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(b[1]) or burst
+local stamp = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local allowed, retry = 0, 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  retry = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {allowed, tostring(retry), tostring(tokens)}
+"""
+REDIS_TIMEOUT = 0.25        # seconds; a slow store must not become the bottleneck
+REDIS_BACKOFF = 5.0         # after a failure, limit in-process for this long before trying again
+
+
+class RedisStore:
+    """Buckets in a Redis server shared by several edge processes or machines. When Redis cannot
+    be reached the limits are kept in-process meanwhile (logged): neither open to a flood nor
+    refusing everyone because the store is down."""
+
+    def __init__(self, url: str, rate: float, burst: int, prefix: str = "edge:rl:") -> None:
+        import redis.asyncio
+        self.url, self.rate, self.burst, self.prefix = url, rate, burst, prefix
+        self.client = redis.asyncio.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT,
+                                                   socket_connect_timeout=REDIS_TIMEOUT)
+        self.script = self.client.register_script(TAKE_SCRIPT)
+        self.ttl_ms = int((burst / rate + 1.0) * 1000)
+        self.fallback = MemoryStore(rate, burst)
+        self.down_until = 0.0
+        self.last_error = ""
+
+    async def take(self, key: str, now: float) -> Verdict:
+        if now < self.down_until:
+            return self.fallback.take(key, now)
+        try:
+            allowed, retry, tokens = await self.script(keys=[self.prefix + key],
+                                                       args=[self.rate, self.burst, self.ttl_ms])
+        except Exception as e:          # any failure of the store: limit in-process meanwhile
+            self.down_until, self.last_error = now + REDIS_BACKOFF, f"{type(e).__name__}: {e}"
+            return self.fallback.take(key, now)
+        return Verdict(bool(int(allowed)), float(retry), int(float(tokens)))
+
+    async def close(self) -> None:
+        await self.client.aclose()
