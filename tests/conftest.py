@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +44,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Poll until the port accepts (the process gives no other readiness signal)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.communicate()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"port {port} never opened")
 
 
 @pytest.fixture
@@ -155,23 +172,13 @@ def tls(tmp_path_factory) -> TLSFiles:
 @pytest.fixture
 def redis_url(tmp_path) -> Iterator[str]:
     """A real redis-server on an ephemeral loopback port, for this test only."""
-    import shutil
-    import subprocess
-    import time
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (make test installs Debian's redis-server)")
     port = free_port()
     proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+    wait_for_port(port, proc)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

@@ -4,7 +4,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -12,23 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgecli.main import cli
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for_port
 
 BIN = Path(sys.executable).parent
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    """Poll until the port accepts (the process gives no other readiness signal)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early: {proc.communicate()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"port {port} never opened")
 
 
 def test_check_accepts_the_example():

@@ -207,7 +207,7 @@ def test_geoip_update_verifies_and_swaps_in_a_running_edge_picks_it_up(origin, e
     mock_maxmind(maxmind_archive(moved))
     result = CliRunner().invoke(cli, ["geoip", "update", "--license-key", "KEY", "--out", str(installed)])
     assert result.exit_code == 0, result.output
-    assert f"GeoIP2-City built" in result.output and str(installed) in result.output
+    assert "GeoIP2-City built" in result.output and str(installed) in result.output
     assert installed.read_bytes() == moved.read_bytes()
     assert sorted(os.listdir(installed.parent)) == ["GeoLite2-City.mmdb"]      # no leftovers
     assert pool_for(e, GB_IP) == "us"                       # reloaded, no restart

@@ -338,7 +338,7 @@ def test_two_edge_processes_share_one_limit_through_redis(origin, edge, redis_ur
     import subprocess
     import sys
     from pathlib import Path
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_for_port
     o = origin("o")
     shield = f"shield:\n  rate_limit: {{rate: 1/m, burst: 4, store: '{redis_url}'}}\n"
     e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\n{shield}")
@@ -348,14 +348,7 @@ def test_two_edge_processes_share_one_limit_through_redis(origin, edge, redis_ur
     other = subprocess.Popen([Path(sys.executable).parent / "edge", "run", "-c", str(config),
                               "--confdir", str(tmp_path / "conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert other.poll() is None and time.monotonic() < deadline, "second edge did not start"
-                time.sleep(0.05)
+        wait_for_port(port, other)
         with httpx.Client() as c:
             here = [c.get(f"{e.url}/echo").status_code for _ in range(3)]
             there = [c.get(f"http://127.0.0.1:{port}/echo").status_code for _ in range(3)]
