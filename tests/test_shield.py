@@ -366,3 +366,91 @@ def test_an_unreachable_redis_keeps_limiting_in_process(origin, edge):
         codes = [c.get(f"{e.url}/echo").status_code for _ in range(4)]
     assert codes == [200, 200, 429, 429]
     assert "ConnectionError" in e.master.addons.get("shield").limiter.last_error
+
+
+# -- bots -----------------------------------------------------------------------------------------------
+
+from addons.shield.bots import Behaviour, Challenge, classify  # noqa: E402
+
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+@pytest.mark.parametrize("ua, kind", [
+    (FIREFOX, "browser"),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/17.0 Mobile/15E148 Safari/604.1", "browser"),
+    (GOOGLEBOT, "search_engine"),
+    ("Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)", "search_engine"),
+    ("sqlmap/1.7.2#stable (https://sqlmap.org)", "scanner"),
+    ("Mozilla/5.00 (Nikto/2.1.6) (Evasions:None) (Test:000003)", "scanner"),
+    ("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)", "bad"),
+    ("", "bad"),
+    ("curl/8.5.0", "unknown"),
+    ("python-requests/2.31.0", "unknown"),
+    ("NotARealClient/1.0", "unknown"),
+])
+def test_user_agent_classes(ua, kind):
+    assert classify(ua) == kind
+
+
+def test_behaviour_trap_paths_and_404_share():
+    b = Behaviour(("/wp-login.php", "/.env"))
+    assert b.requested("1.1.1.1", "/", 0.0) is None
+    assert b.requested("1.1.1.1", "/wp-login.php?x=1", 1.0) == "trap path /wp-login.php"
+    assert b.requested("1.1.1.1", "/", 2.0) == "trap path /wp-login.php"        # stays bad for a while
+    assert b.requested("1.1.1.1", "/", 602.0) is None
+    for i in range(19):
+        b.answered("2.2.2.2", 404, float(i))
+    assert b.requested("2.2.2.2", "/", 19.0) is None                           # not enough answers yet
+    b.answered("2.2.2.2", 200, 19.5)
+    assert b.requested("2.2.2.2", "/", 20.0) == "19 of 20 answers were 404"
+
+
+def test_challenge_tokens_are_signed_bound_to_the_address_and_expire():
+    c = Challenge(secret=b"k" * 32, ttl=60)
+    token = c.issue("1.2.3.4", now=1000.0)
+    assert c.valid(token, "1.2.3.4", now=1059.0)
+    assert not c.valid(token, "1.2.3.5", now=1059.0)                           # another address
+    assert not c.valid(token, "1.2.3.4", now=1061.0)                           # expired
+    expiry, sig = token.split(".")
+    assert not c.valid(f"{int(expiry) + 999}.{sig}", "1.2.3.4", now=1000.0)    # tampered expiry
+    assert not c.valid("garbage", "1.2.3.4") and not c.valid(None, "1.2.3.4")
+    assert not Challenge(ttl=60).valid(token, "1.2.3.4", now=1000.0)           # another secret
+
+
+def test_bots_blocked_by_class_and_search_engines_served(origin, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e, o = shielded(edge, origin, "bots: {block: [scanner, bad], allow: [search_engine]}", log=str(log))
+    with httpx.Client() as c:
+        ua = lambda agent: c.get(f"{e.url}/echo", headers={"User-Agent": agent}).status_code
+        assert ua("sqlmap/1.7.2#stable (https://sqlmap.org)") == 403
+        assert ua("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)") == 403
+        assert ua(GOOGLEBOT) == 200 and ua(FIREFOX) == 200 and ua("curl/8.5.0") == 200
+    assert len(o.seen) == 3
+    first = json.loads(log.read_text().splitlines()[0])["edge"]
+    assert first["bot"] == "scanner" and first["shield"] == "bots: automated clients of this kind are not served (403)"
+
+
+def test_a_client_that_springs_a_trap_is_refused_afterwards(origin, edge):
+    e, o = shielded(edge, origin, "bots: {trap_paths: [/wp-login.php]}")
+    with httpx.Client(headers={"User-Agent": FIREFOX}) as c:
+        assert c.get(f"{e.url}/echo").status_code == 200
+        assert c.get(f"{e.url}/wp-login.php").status_code == 403
+        assert c.get(f"{e.url}/echo").status_code == 403                        # bad for a while now
+    assert [s.path for s in o.seen] == ["/echo"]
+
+
+def test_the_cookie_challenge(origin, edge):
+    e, o = shielded(edge, origin, "bots: {challenge: true}")
+    with httpx.Client(headers={"User-Agent": "curl/8.5.0"}) as c:             # an `unknown` client
+        first = c.get(f"{e.url}/echo")
+        assert first.status_code == 403 and "Checking your browser" in first.text
+        assert Challenge.COOKIE in c.cookies and not o.seen
+        again = c.get(f"{e.url}/echo")
+        assert again.status_code == 200                                         # came back with the cookie
+        assert Challenge.COOKIE not in again.json()["headers"].get("cookie", "")   # the origin never sees it
+    forged = httpx.get(f"{e.url}/echo", headers={"User-Agent": "curl/8.5.0",
+                                                 "Cookie": f"{Challenge.COOKIE}=9999999999.{'0' * 32}"})
+    assert forged.status_code == 403
+    assert httpx.get(f"{e.url}/echo", headers={"User-Agent": FIREFOX}).status_code == 200    # browsers pass

@@ -3,7 +3,8 @@
 client_connected   deny/allow lists and deny_countries (peer IP), per-IP connection limit:
                    a refused connection is closed before TLS or HTTP
 requestheaders     lists again for clients behind trusted proxies, head size (431), rate
-                   limit (429), then the WAF's phase 1 (connection, request line, headers)
+                   limit (429), bots (403, or a cookie challenge), then the WAF's phase 1
+                   (connection, request line, headers)
 request            the WAF's phase 2 (body, anomaly score): for every request that will reach
                    an origin; a cache hit, answered from memory, reaches none and is not scored
 (timers)           slow clients: heads and bodies that do not complete in time are cut off
@@ -28,6 +29,7 @@ from addons.config import EdgeConfig, ShieldConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import is_trusted, parse_ip
+from addons.shield.bots import Behaviour, Challenge, classify
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
@@ -60,6 +62,8 @@ class Shield:
         self.waf: Waf | None = None
         self.waf_skip: list = []
         self.inspecting: dict[str, object] = {}     # flow id -> WAF transaction between the phases
+        self.behaviour: Behaviour | None = None
+        self.challenge: Challenge | None = None
         self.closed: dict[str, str] = {}            # connections the shield closed -> why
 
     def apply(self, config: EdgeConfig) -> None:
@@ -78,6 +82,11 @@ class Shield:
         t = shield.timeouts if shield else None
         self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle) if t else None
         self.waf = Waf(shield.waf, shield.max_body) if shield and shield.waf else None
+        self.behaviour = Behaviour(shield.bots.trap_paths) if shield and shield.bots else None
+        if shield and shield.bots and shield.bots.challenge:
+            self.challenge = self.challenge or Challenge()      # keep the secret across reloads
+        else:
+            self.challenge = None
         self.waf_skip = compile_filters(shield.waf.skip) if shield and shield.waf else []
 
     # -- connections ----------------------------------------------------------------------------
@@ -156,12 +165,47 @@ class Shield:
         if self.limiter is not None and not self._rate_verdict(
                 flow, self.limiter.take(self._rate_key(flow, ip), time.monotonic())):
             return None
-        self._inspect_head(flow, ip)
+        if self._bot_verdict(flow, ip):
+            self._inspect_head(flow, ip)
         return None
+
+    def _bot_verdict(self, flow: http.HTTPFlow, ip: str) -> bool:
+        """True if the request may go on: its class is allowed, or not blocked (and, with the
+        challenge on, an `unknown` client brought a valid cookie)."""
+        bots = self.config.bots
+        if bots is None:
+            return True
+        kind = classify(flow.request.headers.get("user-agent", ""))
+        why = self.behaviour.requested(ip, flow.request.path, time.monotonic())
+        if why is not None:
+            kind = "bad"
+        rec = decisions(flow)
+        rec["bot"] = f"bad: {why}" if why else kind
+        if kind in bots.allow:
+            return True
+        if kind in bots.block:
+            return not self._refuse(flow, "bots", bots.mode, 403, "automated clients of this kind are not served")
+        if self.challenge is None or kind != "unknown":
+            return True
+        cookies = flow.request.cookies
+        if self.challenge.valid(cookies.get(Challenge.COOKIE), ip):
+            del cookies[Challenge.COOKIE]               # ours: the origin never sees it
+            flow.request.cookies = cookies
+            rec["bot"] = "unknown: challenge passed"
+            return True
+        if bots.mode == "detect":
+            rec["shield"] = "detect: bots: challenge (403)"
+            return True
+        rec["shield"] = "bots: challenge (403)"
+        flow.response = http.Response.make(403, self.challenge.page(flow.request.path), {
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
+            "Set-Cookie": f"{Challenge.COOKIE}={self.challenge.issue(ip)}; Path=/; "
+                          f"Max-Age={int(self.challenge.ttl)}; HttpOnly; SameSite=Lax"})
+        return False
 
     async def _limited_by_redis(self, flow: http.HTTPFlow, ip: str) -> None:
         verdict = await self.limiter.take(self._rate_key(flow, ip), time.monotonic())
-        if self._rate_verdict(flow, verdict):
+        if self._rate_verdict(flow, verdict) and self._bot_verdict(flow, ip):
             self._inspect_head(flow, ip)
 
     def _rate_verdict(self, flow: http.HTTPFlow, verdict: Verdict) -> bool:
@@ -240,6 +284,8 @@ class Shield:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.inspecting.pop(flow.id, None)
+        if self.behaviour is not None and "shield" not in decisions(flow):
+            self.behaviour.answered(client_of(flow, self.trusted), flow.response.status_code, time.monotonic())
         if self.deadlines is not None and flow.client_conn.alpn != b"h2" and flow.client_conn.id in self.clients:
             self.deadlines.answered(flow.client_conn.id, time.monotonic())
 

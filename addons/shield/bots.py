@@ -1,0 +1,142 @@
+"""Who is knocking: user-agent classes, behaviour, and a cookie challenge. Pure.
+
+Classes: browser, search_engine, scanner, bad, unknown. crawlerdetect (a maintained list of
+crawler signatures) says whether a User-Agent is automated and which signature matched;
+ua-parser says which browser a human one claims. The few names that decide the class of an
+automated client (search engines we let in, scanners, scrapers that are commonly refused) are
+ours. A User-Agent can be forged: search engines are trusted by name only (no reverse DNS
+check), which is why `allow` never bypasses the rate limit or the WAF.
+
+Behaviour overrides the name: a client that asks for a trap path (a WordPress login on a site
+without WordPress, /.env, /.git/config), or whose answers are mostly 404s, is `bad` for a while.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cachetools import TTLCache
+
+SCANNERS = ("sqlmap", "nikto", "nmap", "masscan", "zgrab", "nuclei", "wpscan", "dirbuster", "gobuster", "ffuf",
+            "feroxbuster", "wfuzz", "acunetix", "nessus", "openvas", "w3af", "arachni", "skipfish", "burpsuite",
+            "owasp zap", "zaproxy", "jaeles", "whatweb", "commix", "netsparker", "zmeu", "morfeus")
+SEARCH_ENGINES = ("googlebot", "google-inspectiontool", "adsbot-google", "mediapartners-google", "storebot-google",
+                  "bingbot", "adidxbot", "duckduckbot", "baiduspider", "yandexbot", "yandeximages", "applebot",
+                  "slurp", "sogou", "seznambot", "qwantify", "qwantbot", "petalbot", "naverbot", "yeti", "daum",
+                  "exabot", "mojeekbot")
+BAD = ("ahrefsbot", "semrushbot", "mj12bot", "dotbot", "blexbot", "megaindex", "bytespider", "dataforseobot",
+       "serpstatbot", "zoominfobot", "barkrowler", "seekportbot", "mauibot", "linkpadbot", "aspiegelbot")
+BAD_FOR = 600.0             # seconds a client stays `bad` after misbehaving
+WINDOW = 60.0               # seconds over which answers are counted for the 404 share
+MIN_ANSWERS, MAX_404_SHARE = 20, 0.5
+
+
+@lru_cache(maxsize=8192)
+def classify(user_agent: str) -> str:
+    """The class a User-Agent claims."""
+    ua = user_agent.strip().lower()
+    if not ua:
+        return "bad"                        # no browser sends none
+    if any(name in ua for name in SCANNERS):
+        return "scanner"
+    if any(name in ua for name in SEARCH_ENGINES):
+        return "search_engine"
+    if any(name in ua for name in BAD):
+        return "bad"
+    if _crawler(user_agent):
+        return "unknown"                    # scripts, libraries and other crawlers
+    return "browser" if _browser(user_agent) else "unknown"
+
+
+_detector = None
+
+
+def _crawler(user_agent: str) -> bool:
+    global _detector
+    if _detector is None:
+        from crawlerdetect import CrawlerDetect
+        _detector = CrawlerDetect()
+    return _detector.isCrawler(user_agent)
+
+
+def _browser(user_agent: str) -> bool:
+    import ua_parser
+    result = ua_parser.parse_user_agent(user_agent)
+    return result is not None and result.family not in ("Other", "")
+
+
+@dataclass
+class Seen:
+    window_start: float
+    answers: int = 0
+    not_found: int = 0
+    bad_until: float = 0.0
+    why: str = ""
+
+
+class Behaviour:
+    """What each client IP has been doing lately, bounded in memory (idle clients forgotten)."""
+
+    def __init__(self, trap_paths: tuple[str, ...], max_clients: int = 100_000) -> None:
+        self.traps = frozenset(p.rstrip("/") or "/" for p in trap_paths)
+        self.seen: TTLCache[str, Seen] = TTLCache(max_clients, ttl=BAD_FOR)
+
+    def _get(self, ip: str, now: float) -> Seen:
+        s = self.seen.get(ip)
+        if s is None:
+            s = self.seen[ip] = Seen(now)
+        return s
+
+    def requested(self, ip: str, path: str, now: float) -> str | None:
+        """Why this client counts as bad now (a trap just sprung, or earlier misbehaviour)."""
+        s = self._get(ip, now)
+        if path.split("?", 1)[0].rstrip("/") in self.traps:
+            s.bad_until, s.why = now + BAD_FOR, f"trap path {path.split('?', 1)[0]}"
+        self.seen[ip] = s                       # refresh its time to live
+        return s.why if now < s.bad_until else None
+
+    def answered(self, ip: str, status: int, now: float) -> None:
+        s = self._get(ip, now)
+        if now - s.window_start > WINDOW:
+            s.window_start, s.answers, s.not_found = now, 0, 0
+        s.answers += 1
+        s.not_found += status == 404
+        if s.answers >= MIN_ANSWERS and s.not_found / s.answers >= MAX_404_SHARE:
+            s.bad_until, s.why = now + BAD_FOR, f"{s.not_found} of {s.answers} answers were 404"
+
+
+class Challenge:
+    """A signed, expiring cookie a suspicious client must bring back: HMAC-SHA256 over the
+    client IP and the expiry. A client that keeps cookies passes once per `ttl`; a script that
+    does not, or that moves to another address, does not."""
+
+    COOKIE = "edge_challenge"
+
+    def __init__(self, secret: bytes | None = None, ttl: float = 3600.0) -> None:
+        self.secret = secret or os.urandom(32)      # per process unless given
+        self.ttl = ttl
+
+    def _sign(self, ip: str, expiry: int) -> str:
+        return hmac.new(self.secret, f"{ip}|{expiry}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def issue(self, ip: str, now: float | None = None) -> str:
+        expiry = int((now if now is not None else time.time()) + self.ttl)
+        return f"{expiry}.{self._sign(ip, expiry)}"
+
+    def valid(self, token: str | None, ip: str, now: float | None = None) -> bool:
+        if not token or "." not in token:
+            return False
+        expiry_text, _, signature = token.partition(".")
+        if not expiry_text.isdigit() or int(expiry_text) < (now if now is not None else time.time()):
+            return False
+        return hmac.compare_digest(signature, self._sign(ip, int(expiry_text)))
+
+    def page(self, path: str) -> bytes:
+        return (b"<!doctype html><html><head><meta charset=utf-8><title>One moment</title>"
+                b"<meta http-equiv=refresh content=1></head><body><p>Checking your browser before "
+                b"continuing. This page reloads by itself; cookies must be enabled.</p></body></html>\n")
