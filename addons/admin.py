@@ -66,3 +66,18 @@ class Admin:
             logger.exception("edge: admin endpoint failed")
         finally:
             writer.close()
+
+
+def format_status(snapshot: dict) -> str:
+    """The text `edge status` and the `edge.status` command print."""
+    lines = []
+    for name, pool in snapshot["pools"].items():
+        extra = f", fallback {pool['fallback']}" if pool["fallback"] else ""
+        default = ", default" if name == snapshot["default_pool"] else ""
+        lines.append(f"pool {name} ({pool['balance']}{extra}{default})")
+        for o in pool["origins"]:
+            role = " backup" if o["backup"] else ""
+            lines.append(f"  {o['url']} weight {o['weight']}{role}, {o['in_flight']} in flight: {o['state']}")
+    if snapshot.get("shield"):
+        lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
+    return "\n".join(lines)

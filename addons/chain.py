@@ -46,7 +46,7 @@ class Edge:
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
-        self.admin = Admin(self.route.snapshot)
+        self.admin = Admin(self.snapshot)
         # shield first: refusals are cheapest before any other work. compress before cache: it
         # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
         # each coding is stored once and hits never recompress
@@ -75,6 +75,10 @@ class Edge:
                 self.apply(config)
         except (ConfigError, GeoDatabaseError, WafError, ValueError) as e:
             raise exceptions.OptionsError(str(e)) from None
+
+    def snapshot(self) -> dict:
+        """What `edge status` shows: the pools, and what the shield refused, by kind."""
+        return {**self.route.snapshot(), "shield": dict(self.shield.refused)}
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from mitmproxy import http
 
-from addons.net import client_ip, is_trusted, parse_ip
+from addons.net import client_ip, in_networks, parse_ip
 from addons.trace import decisions
 
 
@@ -34,7 +34,7 @@ def public_base(flow: http.HTTPFlow, trusted: Sequence) -> str:
         req = flow.request
         proto = "https" if flow.client_conn.tls_established else "http"
         host = req.host_header
-        if trusted and is_trusted(parse_ip(flow.client_conn.peername[0]), trusted):
+        if trusted and in_networks(parse_ip(flow.client_conn.peername[0]), trusted):
             proto = _last(req.headers.get("x-forwarded-proto")) or proto
             host = _last(req.headers.get("x-forwarded-host")) or host
         base = rec["public_base"] = f"{proto}://{host or flow.client_conn.sockname[0]}"

@@ -33,8 +33,9 @@ def is_internal(ip: IPAddress) -> bool:
     return any(ip in net for net in INTERNAL_NETWORKS if net.version == ip.version)
 
 
-def is_trusted(ip: IPAddress | None, trusted: Sequence) -> bool:
-    return ip is not None and any(ip.version == n.version and ip in n for n in trusted)
+def in_networks(ip: IPAddress | None, networks: Sequence) -> bool:
+    """Is the address in one of the networks (trusted proxies, allow and deny lists)?"""
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 def client_ip(peer: str, forwarded_for: Iterable[str], trusted: Sequence) -> str:
@@ -42,13 +43,13 @@ def client_ip(peer: str, forwarded_for: Iterable[str], trusted: Sequence) -> str
     X-Forwarded-For entry that is not itself a trusted proxy (entries left of it are
     whatever the client claimed and are not believed)."""
     peer_ip = parse_ip(peer)
-    if not trusted or not is_trusted(peer_ip, trusted):
+    if not trusted or not in_networks(peer_ip, trusted):
         return str(peer_ip) if peer_ip else peer
     hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
     for hop in reversed(hops):
         ip = parse_ip(hop)
         if ip is None:          # garbage in the chain: stop believing it here
             break
-        if not is_trusted(ip, trusted):
+        if not in_networks(ip, trusted):
             return str(ip)
     return str(peer_ip)

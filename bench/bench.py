@@ -60,6 +60,27 @@ routing:
 """
 
 
+# The whole shield on every request (limits generous enough never to refuse the benchmark), and
+# an edge whose rate limit refuses everything after the first request (the cost of a refusal).
+SHIELDED = """\
+listen: 127.0.0.1:{listen}
+pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
+shield:
+  connections_per_ip: 10000
+  rate_limit: {{rate: 1000000/s, burst: 1000000}}
+  waf: {{paranoia: 1, anomaly_threshold: 5}}
+  bots: {{block: [scanner, bad]}}
+"""
+REFUSING = """\
+listen: 127.0.0.1:{listen}
+pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
+shield:
+  rate_limit: {{rate: 1/h, burst: 1}}
+"""
+BROWSER = ("Host: shop.example", "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+           "Accept: text/html,application/xhtml+xml")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +150,9 @@ def main() -> None:
                     for i in range(2000))[:100 * 1024]
     (work / "www" / "page100k.html").write_bytes(text)
     origin_port, mitm_port, edge_port, routed_port = free_port(), free_port(), free_port(), free_port()
-    port2, port3 = free_port(), free_port()
+    port2, port3, shielded_port, refusing_port = free_port(), free_port(), free_port(), free_port()
+    (work / "shielded.yaml").write_text(SHIELDED.format(listen=shielded_port, a=origin_port))
+    (work / "refusing.yaml").write_text(REFUSING.format(listen=refusing_port, a=origin_port))
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port, port2=port2, port3=port3))
     (work / "routed.yaml").write_text(ROUTED.format(listen=routed_port, a=origin_port, b=port2, c=port3))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -144,6 +167,11 @@ def main() -> None:
         "edge run (cache hit)": (None, edge_port, "/cached.html", ()),
         "edge routing+health+geo": ([BIN / "edge", "run", "-c", work / "routed.yaml", "--confdir", work / "conf"],
                                     routed_port, "/index.html", ("X-Forwarded-For: 81.2.69.160",)),
+        "edge forwarding, browser": (None, edge_port, "/index.html", BROWSER),
+        "edge shield+WAF, browser": ([BIN / "edge", "run", "-c", work / "shielded.yaml", "--confdir", work / "conf"],
+                                     shielded_port, "/index.html", BROWSER),
+        "edge refusing (429)": ([BIN / "edge", "run", "-c", work / "refusing.yaml", "--confdir", work / "conf"],
+                                refusing_port, "/index.html", BROWSER),
         "plain mitmdump 100 KiB": (None, mitm_port, "/page100k.html", br),
         "edge hit 100 KiB br": (None, edge_port, "/page100k.html", br),
     }
@@ -158,7 +186,7 @@ def main() -> None:
             check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
                                     *[a for h in headers for a in ("-H", h)], f"http://127.0.0.1:{port}{path}"],
                                    capture_output=True, text=True).stdout.split()
-            if check[0] != "200":
+            if check[0] != "200":              # (the refusing edge lets its first request through)
                 raise SystemExit(f"bench: {name} answered {check!r}, not 200")
             sizes[name] = int(check[1])
         runs: dict[str, list[tuple[Result, Result]]] = {name: [] for name in systems}
@@ -197,6 +225,13 @@ def main() -> None:
     routed = results["edge routing+health+geo"][0]
     print(f"edge routing+health+geo vs edge forwarding at c={args.connections}: "
           f"{routed.rps / edge_many.rps:.2f}x (goal >= 0.95)")
+    plain_fwd, waf = results["edge forwarding, browser"], results["edge shield+WAF, browser"]
+    print(f"edge shield+WAF vs edge forwarding (same browser-like request) at c={args.connections}: "
+          f"{waf[0].rps / plain_fwd[0].rps:.2f}x; the shield costs {1000 / waf[0].rps - 1000 / plain_fwd[0].rps:.2f} ms "
+          f"of CPU per request, {waf[1].p50 - plain_fwd[1].p50:.2f} ms of p50 at c=1")
+    refused = results["edge refusing (429)"][0]
+    print(f"edge refusing (429) vs edge forwarding at c={args.connections}: {refused.rps / plain_fwd[0].rps:.2f}x "
+          f"the requests/s (a refusal is cheaper than a forwarded request when > 1)")
     hit = results["edge run (cache hit)"][0]
     print(f"edge cache hit vs plain mitmdump at c={args.connections}: {hit.rps / plain:.2f}x (goal >= 3.0x), "
           f"p99 {hit.p99:.2f} ms vs {results['plain mitmdump -q'][0].p99:.2f} ms")

@@ -217,7 +217,7 @@ def status(admin_url, as_json) -> None:
     import http.client
     import json
     from urllib.parse import urlsplit
-    from addons.route.addon import format_status
+    from addons.admin import format_status
     parts = urlsplit(admin_url)
     if parts.scheme != "http" or not parts.hostname:
         raise click.BadParameter("expected http://HOST:PORT", param_hint="--admin")

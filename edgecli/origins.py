@@ -4,6 +4,7 @@ the tests' origins. Each remembers what it received. Some pages leak on purpose.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import ssl
 import threading
 from collections.abc import Callable
@@ -48,6 +49,8 @@ def demo_pages() -> dict[str, Handler]:
                                  json.dumps({"origin": o.name, "method": req.method, "path": req.path,
                                              "headers": req.headers}).encode()),
         "/health": lambda req, o: _text(200, "ok\n"),
+        "/seen": lambda req, o: (200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                                 json.dumps(Counter(s.headers.get("x-forwarded-for", "-") for s in o.seen)).encode()),
     }
 
 

@@ -25,7 +25,7 @@ from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
 from addons.config import CacheConfig, EdgeConfig
 from addons.failsafe import edge_answer
-from addons.net import is_trusted, parse_ip
+from addons.net import in_networks, parse_ip
 from addons.scrub.masking import OriginMask
 from addons.trace import decisions
 
@@ -337,7 +337,7 @@ class Cache:
 
     def _purge_request(self, flow: http.HTTPFlow, state: FlowState) -> None:
         client = parse_ip(client_of(flow, self.trusted))
-        if not is_trusted(client, self.settings.purge_from):
+        if not in_networks(client, self.settings.purge_from):
             flow.response = edge_answer(flow, 403, "purge is not allowed from this address")
         elif self.store.remove(state.key):
             flow.response = edge_answer(flow, 200, "purged")

@@ -16,6 +16,7 @@ from collections import Counter
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from addons.admin import format_status
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
 from addons.failsafe import edge_answer, fail_closed
@@ -322,19 +323,6 @@ class Route:
     def status(self) -> str:
         """Each pool's origins with their weight, health and requests in flight."""
         return format_status(self.snapshot())
-
-
-def format_status(snapshot: dict) -> str:
-    """The text `edge status` and the `edge.status` command print."""
-    lines = []
-    for name, pool in snapshot["pools"].items():
-        extra = f", fallback {pool['fallback']}" if pool["fallback"] else ""
-        default = ", default" if name == snapshot["default_pool"] else ""
-        lines.append(f"pool {name} ({pool['balance']}{extra}{default})")
-        for o in pool["origins"]:
-            role = " backup" if o["backup"] else ""
-            lines.append(f"  {o['url']} weight {o['weight']}{role}, {o['in_flight']} in flight: {o['state']}")
-    return "\n".join(lines)
 
 
 def _cancel_if_connecting(task: asyncio.Task | None, server) -> None:

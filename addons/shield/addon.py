@@ -28,7 +28,7 @@ from addons.client import client_of
 from addons.config import EdgeConfig, ShieldConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
-from addons.net import is_trusted, parse_ip
+from addons.net import in_networks, parse_ip
 from addons.shield.bots import Behaviour, Challenge, classify
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, retry_after_header
 from addons.shield.slow import Deadlines
@@ -94,13 +94,20 @@ class Shield:
     def client_connected(self, client: Client) -> None:
         if self.config is None or client.error:
             return
+        try:
+            self._admit(client)
+        except Exception:               # fail closed: a connection we could not judge is not served
+            logger.exception("edge shield: could not judge a connection from %s; refusing it", client.peername[0])
+            client.error = "edge shield: internal error"
+
+    def _admit(self, client: Client) -> None:
         ip = parse_ip(client.peername[0])
         if self.deadlines is not None:
             self.clients[client.id] = client
             self.deadlines.connected(client.id, time.monotonic())
-        if is_trusted(ip, self.trusted):
+        if in_networks(ip, self.trusted):
             return                          # a proxy carries many clients: judged per request
-        if ip is not None and any(ip.version == n.version and ip in n for n in self.config.allow):
+        if in_networks(ip, self.config.allow):
             self.allowed.add(client.id)
             return
         why = self._listed(str(ip))
@@ -110,7 +117,7 @@ class Shield:
             if self.config.mode == "detect":
                 self.noted[client.id] = why
             else:
-                self.refused[why.split(":")[0]] += 1
+                self.refused["connection: " + why.split(":")[0]] += 1
                 client.error = f"edge shield: {why}"        # closed before TLS or HTTP
                 self.log({"client": str(ip), "status": None, "edge": {"shield": f"connection refused: {why}"}})
 
@@ -126,8 +133,7 @@ class Shield:
 
     def _listed(self, ip: str) -> str | None:
         """Why an address is refused by the lists, or None."""
-        addr = parse_ip(ip)
-        if addr is not None and any(addr.version == n.version and addr in n for n in self.config.deny):
+        if in_networks(parse_ip(ip), self.config.deny):
             return "address denied"
         if self.config.deny_countries and (locator := self.locator()) is not None:
             place = locator.locate(ip)
@@ -154,7 +160,7 @@ class Shield:
         noted = self.noted.get(conn.id)
         if noted is not None:
             rec["shield"] = f"detect: {noted}"
-        if is_trusted(parse_ip(conn.peername[0]), self.trusted) and ip != conn.peername[0]:
+        if in_networks(parse_ip(conn.peername[0]), self.trusted) and ip != conn.peername[0]:
             if (why := self._listed(ip)) is not None and self._refuse(flow, "lists", self.config.mode, 403, why):
                 return None
         if head_bytes(flow.request) > self.config.max_header_bytes:
@@ -185,7 +191,9 @@ class Shield:
             return True
         if kind in bots.block:
             return not self._refuse(flow, "bots", bots.mode, 403, "automated clients of this kind are not served")
-        if self.challenge is None or kind != "unknown":
+        if self.challenge is None or kind not in ("unknown", "browser"):
+            return True
+        if kind == "browser" and not self.behaviour.busy(ip):
             return True
         cookies = flow.request.cookies
         if self.challenge.valid(cookies.get(Challenge.COOKIE), ip):
@@ -197,6 +205,7 @@ class Shield:
             rec["shield"] = "detect: bots: challenge (403)"
             return True
         rec["shield"] = "bots: challenge (403)"
+        self.refused["bots challenge (403)"] += 1
         flow.response = http.Response.make(403, self.challenge.page(flow.request.path), {
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
             "Set-Cookie": f"{Challenge.COOKIE}={self.challenge.issue(ip)}; Path=/; "
@@ -277,6 +286,7 @@ class Shield:
             rec["shield"] = f"detect: {part}: {why} ({status})"
             return False
         rec["shield"] = f"{part}: {why} ({status})"
+        self.refused[f"{part} ({status})"] += 1
         if close:
             headers = {**(headers or {}), "Connection": "close"}
         flow.response = edge_answer(flow, status, why, headers)
@@ -295,6 +305,7 @@ class Shield:
             return
         if flow.error.msg == internals.BODY_TOO_LARGE:
             decisions(flow)["shield"] = "size: request body too large (413)"
+            self.refused["size (413)"] += 1
         elif (why := self.closed.get(flow.client_conn.id)) is not None:
             decisions(flow)["shield"] = f"connection closed: {why}"
 
@@ -326,7 +337,7 @@ class Shield:
                     self.deadlines.answered(conn, now)
                     continue
                 if internals.close_client(ctx.master, client):
-                    self.refused[why] += 1
+                    self.refused[f"connection: {why}"] += 1
                     self.closed[conn] = why         # a flow cut short says so in its own log line
                     if why != "request body timeout":
                         self.log({"client": client.peername[0], "status": None,

@@ -8,7 +8,8 @@ ours. A User-Agent can be forged: search engines are trusted by name only (no re
 check), which is why `allow` never bypasses the rate limit or the WAF.
 
 Behaviour overrides the name: a client that asks for a trap path (a WordPress login on a site
-without WordPress, /.env, /.git/config), or whose answers are mostly 404s, is `bad` for a while.
+without WordPress, /.env, /.git/config), or whose answers are mostly 404s, is `bad` for a while;
+one that asks faster than people browse is `busy` (challenged, when the challenge is on).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ BAD = ("ahrefsbot", "semrushbot", "mj12bot", "dotbot", "blexbot", "megaindex", "
 BAD_FOR = 600.0             # seconds a client stays `bad` after misbehaving
 WINDOW = 60.0               # seconds over which answers are counted for the 404 share
 MIN_ANSWERS, MAX_404_SHARE = 20, 0.5
+BUSY = 120                  # requests within WINDOW: faster than people browse; challenged when on
 
 
 @lru_cache(maxsize=8192)
@@ -73,6 +75,7 @@ def _browser(user_agent: str) -> bool:
 @dataclass
 class Seen:
     window_start: float
+    requests: int = 0
     answers: int = 0
     not_found: int = 0
     bad_until: float = 0.0
@@ -92,18 +95,27 @@ class Behaviour:
             s = self.seen[ip] = Seen(now)
         return s
 
+    def _window(self, s: Seen, now: float) -> None:
+        if now - s.window_start > WINDOW:
+            s.window_start, s.requests, s.answers, s.not_found = now, 0, 0, 0
+
     def requested(self, ip: str, path: str, now: float) -> str | None:
         """Why this client counts as bad now (a trap just sprung, or earlier misbehaviour)."""
         s = self._get(ip, now)
+        self._window(s, now)
+        s.requests += 1
         if path.split("?", 1)[0].rstrip("/") in self.traps:
             s.bad_until, s.why = now + BAD_FOR, f"trap path {path.split('?', 1)[0]}"
         self.seen[ip] = s                       # refresh its time to live
         return s.why if now < s.bad_until else None
 
+    def busy(self, ip: str) -> bool:
+        s = self.seen.get(ip)
+        return s is not None and s.requests >= BUSY
+
     def answered(self, ip: str, status: int, now: float) -> None:
         s = self._get(ip, now)
-        if now - s.window_start > WINDOW:
-            s.window_start, s.answers, s.not_found = now, 0, 0
+        self._window(s, now)
         s.answers += 1
         s.not_found += status == 404
         if s.answers >= MIN_ANSWERS and s.not_found / s.answers >= MAX_404_SHARE:
