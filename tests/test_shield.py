@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from addons.config import ConfigError, parse_config, parse_rate
-from addons.shield.limits import ConnectionCounts, MemoryStore, take
+from addons.shield.limits import ConnectionCounts, MemoryStore, rate_key, take
 from addons.shield.slow import Deadlines
 
 # -- pure ------------------------------------------------------------------------------------------
@@ -59,6 +59,14 @@ def test_deadlines_for_head_body_and_idle():
     d.head_received("c", 1.0, body_expected=False)
     d.answered("c", 2.0)
     assert d.expired(71.9) == [] and d.expired(72.0) == [("c", "idle timeout")]
+
+
+def test_rate_keys():
+    headers = {"X-Api-Key": "k1"}.get
+    assert rate_key("client_ip", "1.2.3.4", "/a?b", headers) == "1.2.3.4"
+    assert rate_key("path", "1.2.3.4", "/search?q=x", headers) == "path /search"
+    assert rate_key("header:X-Api-Key", "1.2.3.4", "/", headers) == "header k1"
+    assert rate_key("header:X-Other", "1.2.3.4", "/", headers) == "1.2.3.4"     # no header: its client
 
 
 def test_rates():

@@ -30,7 +30,7 @@ from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
 from addons.shield.bots import Behaviour, Challenge, classify
-from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, retry_after_header
+from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
 from addons.trace import decisions
@@ -271,12 +271,7 @@ class Shield:
             # no detail for the attacker: the rule ids and score are in the trace
             self._refuse(flow, "waf", self.config.waf.mode, finding.status, "request blocked")
     def _rate_key(self, flow: http.HTTPFlow, ip: str) -> str:
-        key = self.config.rate_limit.key
-        if key == "path":
-            return flow.request.path.split("?", 1)[0]
-        if key.startswith("header:"):
-            return flow.request.headers.get(key[7:]) or ip      # no header: limited as its client
-        return ip
+        return rate_key(self.config.rate_limit.key, ip, flow.request.path, flow.request.headers.get)
 
     def _refuse(self, flow: http.HTTPFlow, part: str, mode: str, status: int, why: str,
                 headers: dict | None = None, close: bool = False) -> bool:

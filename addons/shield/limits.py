@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -68,6 +69,17 @@ class ConnectionCounts:
             self.open[ip] -= 1
             if self.open[ip] <= 0:
                 del self.open[ip]
+
+
+def rate_key(key: str, ip: str, path: str, header: Callable[[str], str | None]) -> str:
+    """What a request is counted against: `client_ip`, `path` (without the query), or
+    `header:NAME` (a request without the header is counted as its client)."""
+    if key == "path":
+        return "path " + path.split("?", 1)[0]
+    if key.startswith("header:"):
+        value = header(key[7:])
+        return f"header {value}" if value else ip
+    return ip
 
 
 def retry_after_header(seconds: float) -> str:
