@@ -28,10 +28,16 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 - Closing a client connection from outside a hook (slow clients): cancel the task that runs it,
   as mitmproxy's own tcp_timeout does (shield notes Q1; public attributes of the proxyserver
   addon, no underscore names).
+- A socket leak in mitmproxy: ConnectionHandler.handle_connection closes the socket only when
+  its read loop ends normally. A cancellation ("closed by command": a 431, a refusal) that lands
+  while it waits for the event lock escapes without closing it, and the peer is never told: its
+  sends block forever (seen under CPU load with a >64 KB first segment). The socket is closed
+  on that path too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import re
@@ -40,6 +46,7 @@ from collections.abc import Callable
 from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
@@ -196,6 +203,23 @@ def sending(master, client) -> bool:
     return transport is not None and transport.get_write_buffer_size() > 0
 
 
+_original_handle_connection = proxy_server.ConnectionHandler.handle_connection
+
+
+async def _handle_connection(self, connection):
+    """mitmproxy's, closing the socket when a cancellation escapes before it did."""
+    try:
+        await _original_handle_connection(self, connection)
+    except asyncio.CancelledError:
+        io = self.transports.pop(connection, None)     # still there: mitmproxy did not close it
+        if io is not None and io.writer is not None:
+            try:
+                io.writer.close()
+            except OSError:
+                pass
+        raise
+
+
 def close_client(master, client) -> bool:
     """Close a client connection now (from a timer, not a hook). False if it is gone."""
     io = _client_io(master, client)
@@ -250,4 +274,5 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.Http1Client.read_headers = _read_headers
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
+    proxy_server.ConnectionHandler.handle_connection = _handle_connection
     _installed = True

@@ -218,6 +218,21 @@ def test_oversized_heads_get_431_parsed_or_not(origin, edge):
     assert len(o.seen) == 2
 
 
+def test_a_huge_first_segment_is_refused_and_the_socket_closed(origin, edge):
+    """The same on a fresh connection whose first read is already past the cap. Under CPU load
+    the 431's close used to race mitmproxy's event lock and leave the socket open with the
+    client's sends blocked (internals: the handle_connection patch); now it is always closed."""
+    e, o = shielded(edge, origin, "max_header_bytes: 8KB")
+    s = raw_connect(e)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    sent, line = 0, b"X-Trickle: " + b"a" * 65_000 + b"\r\n"
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):   # not TimeoutError: a leaked socket
+        while sent < 64 * 2**20:
+            s.sendall(line)
+            sent += len(line)
+    assert not o.seen
+
+
 def test_oversized_bodies_get_413_before_the_origin_sees_them(origin, edge, tmp_path):
     log = tmp_path / "access.log"
     e, o = shielded(edge, origin, "max_body: 1KB", log=str(log))
