@@ -71,6 +71,14 @@ shield:
   waf: {{paranoia: 1, anomaly_threshold: 5}}
   bots: {{block: [scanner, bad]}}
 """
+LIMITS_ONLY = """\
+listen: 127.0.0.1:{listen}
+pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
+shield:
+  connections_per_ip: 10000
+  rate_limit: {{rate: 1000000/s, burst: 1000000}}
+  bots: {{block: [scanner, bad]}}
+"""
 REFUSING = """\
 listen: 127.0.0.1:{listen}
 pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
@@ -151,6 +159,8 @@ def main() -> None:
     (work / "www" / "page100k.html").write_bytes(text)
     origin_port, mitm_port, edge_port, routed_port = free_port(), free_port(), free_port(), free_port()
     port2, port3, shielded_port, refusing_port = free_port(), free_port(), free_port(), free_port()
+    limits_port = free_port()
+    (work / "limits.yaml").write_text(LIMITS_ONLY.format(listen=limits_port, a=origin_port))
     (work / "shielded.yaml").write_text(SHIELDED.format(listen=shielded_port, a=origin_port))
     (work / "refusing.yaml").write_text(REFUSING.format(listen=refusing_port, a=origin_port))
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=origin_port, port2=port2, port3=port3))
@@ -168,6 +178,8 @@ def main() -> None:
         "edge routing+health+geo": ([BIN / "edge", "run", "-c", work / "routed.yaml", "--confdir", work / "conf"],
                                     routed_port, "/index.html", ("X-Forwarded-For: 81.2.69.160",)),
         "edge forwarding, browser": (None, edge_port, "/index.html", BROWSER),
+        "edge shield w/o WAF, browser": ([BIN / "edge", "run", "-c", work / "limits.yaml", "--confdir", work / "conf"],
+                                         limits_port, "/index.html", BROWSER),
         "edge shield+WAF, browser": ([BIN / "edge", "run", "-c", work / "shielded.yaml", "--confdir", work / "conf"],
                                      shielded_port, "/index.html", BROWSER),
         "edge refusing (429)": ([BIN / "edge", "run", "-c", work / "refusing.yaml", "--confdir", work / "conf"],
@@ -229,6 +241,10 @@ def main() -> None:
     print(f"edge shield+WAF vs edge forwarding (same browser-like request) at c={args.connections}: "
           f"{waf[0].rps / plain_fwd[0].rps:.2f}x; the shield costs {1000 / waf[0].rps - 1000 / plain_fwd[0].rps:.2f} ms "
           f"of CPU per request, {waf[1].p50 - plain_fwd[1].p50:.2f} ms of p50 at c=1")
+    limits = results["edge shield w/o WAF, browser"][0]
+    print(f"edge shield without the WAF (lists, limits, bots, deadlines) vs edge forwarding: "
+          f"{limits.rps / plain_fwd[0].rps:.2f}x; the WAF alone costs "
+          f"{1000 / waf[0].rps - 1000 / limits.rps:.2f} ms of CPU per request")
     refused = results["edge refusing (429)"][0]
     print(f"edge refusing (429) vs edge forwarding at c={args.connections}: {refused.rps / plain_fwd[0].rps:.2f}x "
           f"the requests/s (a refusal is cheaper than a forwarded request when > 1)")
