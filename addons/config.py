@@ -152,6 +152,7 @@ class BotConfig:
     block: tuple[str, ...] = ("scanner", "bad")
     allow: tuple[str, ...] = ("search_engine",)
     challenge: bool = False              # suspicious clients must return a signed cookie first
+    secret_file: str | None = None       # the challenge's signing key (shared by several edges); None: per process
     trap_paths: tuple[str, ...] = ("/wp-login.php", "/xmlrpc.php", "/.env", "/.git/config", "/phpmyadmin")
     mode: str = "block"
 
@@ -502,7 +503,7 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
     bots = None
     if raw.get("bots") is not None:
         bpath = path + ("bots",)
-        b = r.mapping(raw["bots"], bpath, {"block", "allow", "challenge", "trap_paths", "mode"})
+        b = r.mapping(raw["bots"], bpath, {"block", "allow", "challenge", "trap_paths", "mode", "secret_file"})
         lists = {}
         for key in ("block", "allow"):
             lists[key] = tuple(r.listing(b[key], bpath + (key,))) if key in b else getattr(BotConfig, key)
@@ -516,7 +517,15 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
         for i, trap in enumerate(traps):
             if not isinstance(trap, str) or not trap.startswith("/"):
                 raise r.doc.error(bpath + ("trap_paths", i), "expected a path starting with /")
-        bots = BotConfig(lists["block"], lists["allow"], challenge, traps, _mode(r, b, bpath, mode))
+        secret_file = b.get("secret_file")
+        if secret_file is not None:
+            try:
+                with open(secret_file, "rb") as f:
+                    if len(f.read().strip()) < 16:
+                        raise r.doc.error(bpath + ("secret_file",), f"{secret_file}: fewer than 16 bytes of key")
+            except OSError as e:
+                raise r.doc.error(bpath + ("secret_file",), f"{secret_file}: cannot read: {e.strerror}") from None
+        bots = BotConfig(lists["block"], lists["allow"], challenge, secret_file, traps, _mode(r, b, bpath, mode))
     if countries and geo is None:
         raise r.doc.error(path + ("deny_countries",), "needs routing.geo (its database locates clients)")
     return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, timeouts,

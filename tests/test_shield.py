@@ -493,3 +493,16 @@ def test_the_cookie_challenge(origin, edge):
                                                  "Cookie": f"{Challenge.COOKIE}=9999999999.{'0' * 32}"})
     assert forged.status_code == 403
     assert httpx.get(f"{e.url}/echo", headers={"User-Agent": FIREFOX}).status_code == 200    # browsers pass
+
+
+def test_a_shared_challenge_secret_lets_another_edge_accept_the_cookie(origin, edge, tmp_path):
+    secret = tmp_path / "challenge.key"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    e, o = shielded(edge, origin, f"bots: {{challenge: true, secret_file: {secret}}}")
+    first = httpx.get(f"{e.url}/echo", headers={"User-Agent": "curl/8.5.0"})
+    token = first.cookies[Challenge.COOKIE]
+    assert Challenge(secret.read_bytes().strip()).valid(token, "127.0.0.1")     # what any other edge checks
+    with pytest.raises(ConfigError) as bad:
+        secret.write_bytes(b"short")
+        parse_config(f"pools: {{a: {{origins: [http://x]}}}}\nshield:\n  bots: {{challenge: true, secret_file: {secret}}}\n")
+    assert "fewer than 16 bytes" in str(bad.value)

@@ -84,7 +84,11 @@ class Shield:
         self.waf = Waf(shield.waf, shield.max_body) if shield and shield.waf else None
         self.behaviour = Behaviour(shield.bots.trap_paths) if shield and shield.bots else None
         if shield and shield.bots and shield.bots.challenge:
-            self.challenge = self.challenge or Challenge()      # keep the secret across reloads
+            if shield.bots.secret_file:                         # shared by every edge that reads it
+                with open(shield.bots.secret_file, "rb") as f:
+                    self.challenge = Challenge(f.read().strip())
+            else:
+                self.challenge = self.challenge or Challenge()  # per process; kept across reloads
         else:
             self.challenge = None
         self.waf_skip = compile_filters(shield.waf.skip) if shield and shield.waf else []
