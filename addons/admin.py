@@ -1,8 +1,9 @@
 """The admin endpoint: a small read-only HTTP listener, separate from the client listener (like
 HAProxy's stats socket or nginx's stub_status on a private port), that `edge status` reads.
 
-GET /status answers the route addon's snapshot as JSON. It binds only where `admin:` says
-(loopback in the example) and is off unless configured.
+GET /status answers the edge's snapshot as JSON; GET /metrics the same facts and the request
+counts in Prometheus' text format. It binds only where `admin:` says (loopback in the example)
+and is off unless configured.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ MAX_HEAD = 8192
 
 
 class Admin:
-    def __init__(self, snapshot: Callable[[], dict]) -> None:
+    def __init__(self, snapshot: Callable[[], dict], metrics: Callable[[], str]) -> None:
         self.snapshot = snapshot
+        self.metrics = metrics
         self.address: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None       # the real address (port 0 picks one)
@@ -49,14 +51,17 @@ class Admin:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             method, target, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""]
+            path, kind = target.split("?", 1)[0], "application/json"
             if method not in ("GET", "HEAD"):
-                status, body = "405 Method Not Allowed", {"error": "read-only: GET /status"}
-            elif target.split("?", 1)[0] != "/status":
-                status, body = "404 Not Found", {"error": "GET /status"}
-            else:
+                status, body = "405 Method Not Allowed", {"error": "read-only: GET /status or /metrics"}
+            elif path == "/status":
                 status, body = "200 OK", self.snapshot()
-            payload = json.dumps(body, indent=1).encode() + b"\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            elif path == "/metrics":
+                status, body, kind = "200 OK", self.metrics(), "text/plain; version=0.0.4"
+            else:
+                status, body = "404 Not Found", {"error": "GET /status or /metrics"}
+            payload = body.encode() if isinstance(body, str) else json.dumps(body, indent=1).encode() + b"\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(payload)}\r\n"
                          f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
                          + (payload if method != "HEAD" else b""))
             await writer.drain()
@@ -81,3 +86,29 @@ def format_status(snapshot: dict) -> str:
     if snapshot.get("shield"):
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
     return "\n".join(lines)
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(snapshot: dict, answered: dict, served_by: dict, cache_bytes: int) -> str:
+    """The metrics page: what `edge status` shows, and the request counts, as Prometheus text."""
+    out = ["# HELP edge_requests_total Requests answered, by status class and cache verdict.",
+           "# TYPE edge_requests_total counter"]
+    out += [f'edge_requests_total{{status="{_label(s)}",cache="{_label(c)}"}} {n}' for (s, c), n in sorted(answered.items())]
+    out += ["# HELP edge_origin_requests_total Requests an origin answered.", "# TYPE edge_origin_requests_total counter"]
+    out += [f'edge_origin_requests_total{{pool="{_label(p)}",origin="{_label(o)}"}} {n}'
+            for (p, o), n in sorted(served_by.items())]
+    for name, key, help_text in (("edge_origin_available", "available", "1 if the origin is in rotation."),
+                                 ("edge_origin_weight", "weight", "The origin's weight now."),
+                                 ("edge_origin_in_flight", "in_flight", "Requests in flight to the origin.")):
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        out += [f'{name}{{pool="{_label(pool)}",origin="{_label(o["url"])}"}} {int(o[key])}'
+                for pool, body in snapshot["pools"].items() for o in body["origins"]]
+    out += ["# HELP edge_shield_refusals_total What the shield refused, by kind.",
+            "# TYPE edge_shield_refusals_total counter"]
+    out += [f'edge_shield_refusals_total{{kind="{_label(k)}"}} {n}' for k, n in sorted(snapshot.get("shield", {}).items())]
+    out += ["# HELP edge_cache_bytes Bytes held by the cache.", "# TYPE edge_cache_bytes gauge",
+            f"edge_cache_bytes {cache_bytes}"]
+    return "\n".join(out) + "\n"

@@ -11,7 +11,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addons import internals
-from addons.admin import Admin
+from addons.admin import Admin, prometheus
 from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -46,7 +46,7 @@ class Edge:
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
-        self.admin = Admin(self.snapshot)
+        self.admin = Admin(self.snapshot, self.metrics)
         # shield first: refusals are cheapest before any other work. compress before cache: it
         # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
         # each coding is stored once and hits never recompress
@@ -79,6 +79,9 @@ class Edge:
     def snapshot(self) -> dict:
         """What `edge status` shows: the pools, and what the shield refused, by kind."""
         return {**self.route.snapshot(), "shield": dict(self.shield.refused)}
+
+    def metrics(self) -> str:
+        return prometheus(self.snapshot(), self.trace.answered, self.trace.served_by, self.cache.store.bytes)
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import IO
 
@@ -63,12 +64,24 @@ def summary(rec: dict) -> str:
     return " ".join(f"{k}={_short(v)}" for k, v in rec.items() if k not in FACTS and v not in (None, [], ""))
 
 
+def cache_verdict(rec: dict) -> str:
+    """`hit`, or what the cache forwarded for (`uri-miss`, `stale`, ...), or `none`."""
+    status = rec.get("cache")
+    if not status:
+        return "none"
+    first = status.split(";", 1)[0].strip()
+    return first.removeprefix("fwd=") if first.startswith("fwd=") else first
+
+
 class Trace:
-    """Writes the access log and annotates flows for mitmweb. Runs last in the chain."""
+    """Writes the access log, annotates flows for mitmweb, and counts what it writes (the
+    metrics endpoint reads the counts). Runs last in the chain."""
 
     def __init__(self) -> None:
         self.out: IO[str] | None = None
         self.annotate = False
+        self.answered: Counter[tuple[str, str]] = Counter()     # (status class, cache verdict)
+        self.served_by: Counter[tuple[str, str]] = Counter()    # (pool, origin) that answered
 
     def apply(self, access_log: str | None, annotate: bool = False) -> None:
         self.close()
@@ -100,6 +113,11 @@ class Trace:
             self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def _finish(self, flow: http.HTTPFlow) -> None:
+        rec = decisions(flow)
+        status = flow.response.status_code if flow.response is not None else None
+        self.answered[(f"{status // 100}xx" if status else "error", cache_verdict(rec))] += 1
+        if "origin" in rec:
+            self.served_by[(rec.get("pool", ""), rec["origin"])] += 1
         if self.out is None and not self.annotate:
             return
         try:

@@ -219,6 +219,26 @@ def test_edge_status_reads_a_running_edge_through_its_admin_endpoint(origin, edg
     assert httpx.get(f"http://{host}:{port}/other").status_code == 404
 
 
+def test_metrics_in_prometheus_text(origin, edge):
+    a, b = origin("a"), origin("b")
+    e = edge(f"admin: 127.0.0.1:0\npools:\n  p:\n    origins: [{a.url}, {b.url}]\n"
+             f"shield:\n  rate_limit: {{rate: 1/m, burst: 3}}\n")
+    with httpx.Client() as c:
+        codes = [c.get(f"{e.url}/cacheable").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    host, port = e.master.addons.get("admin").bound
+    r = httpx.get(f"http://{host}:{port}/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = set(r.text.splitlines())
+    assert 'edge_requests_total{status="2xx",cache="uri-miss"} 1' in lines        # stored, then
+    assert 'edge_requests_total{status="2xx",cache="hit"} 2' in lines             # two hits
+    assert 'edge_requests_total{status="4xx",cache="none"} 1' in lines            # the 429
+    assert f'edge_origin_requests_total{{pool="p",origin="{a.url}"}} 1' in lines
+    assert f'edge_origin_available{{pool="p",origin="{b.url}"}} 1' in lines
+    assert 'edge_shield_refusals_total{kind="rate (429)"} 1' in lines
+    assert any(line.startswith("edge_cache_bytes ") and int(line.split()[1]) > 0 for line in lines)
+
+
 def test_edge_status_says_clearly_when_no_edge_answers():
     from click.testing import CliRunner
     from edgecli.main import cli
