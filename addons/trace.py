@@ -116,7 +116,9 @@ class Trace:
         rec = decisions(flow)
         status = flow.response.status_code if flow.response is not None else None
         self.answered[(f"{status // 100}xx" if status else "error", cache_verdict(rec))] += 1
-        if "origin" in rec:
+        shield = rec.get("shield", "")
+        refused = bool(shield) and not shield.startswith(("detect", "allow"))   # the edge answered
+        if "origin" in rec and not refused:
             self.served_by[(rec.get("pool", ""), rec["origin"])] += 1
         if self.out is None and not self.annotate:
             return

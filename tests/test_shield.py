@@ -312,6 +312,8 @@ def test_waf_blocks_attacks_and_passes_ordinary_traffic(origin, edge, tmp_path):
     assert all("request id" in r.text and "942" not in r.text and "score" not in r.text for r in blocked.values())
     assert set(passed.values()) == {200, 404} and len(o.seen) == len(ORDINARY)      # (the demo origin 404s some paths)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
+    served = e.master.addons.get("edge").trace.served_by
+    assert sum(served.values()) == len(ORDINARY)                   # refused ones are not counted as served
     sqli = lines[0]["edge"]
     assert sqli["shield"] == "waf: request blocked (403)" and "942100" in sqli["waf"] and "score " in sqli["waf"]
     assert int(sqli["waf"].split("score ")[1].split(",")[0]) >= 5
