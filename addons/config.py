@@ -351,6 +351,14 @@ def parse_status_range(value: Any) -> tuple[int, int]:
     return int(m[1]), int(m[2] or m[1])
 
 
+def _whole(r: _Reader, raw: dict, key: str, path: tuple, default: int, top: int) -> int:
+    """raw[key] (or `default`) as a whole number from 1 to `top`."""
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+        raise r.doc.error(path + (key,), f"expected a whole number from 1 to {top}")
+    return value
+
+
 def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     raw = r.mapping(raw, path, {"path", "interval", "timeout", "rise", "fall", "expect"})
     default = HealthCheck()
@@ -361,14 +369,10 @@ def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     timeout = r.convert(parse_duration, raw["timeout"], path + ("timeout",)) if "timeout" in raw else default.timeout
     if not 0 < timeout <= interval:
         raise r.doc.error(path + ("timeout",), "must be more than 0 and at most the interval")
-    counts = {}
-    for key in ("rise", "fall"):
-        value = raw.get(key, getattr(default, key))
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
-            raise r.doc.error(path + (key,), "expected a whole number from 1 to 100")
-        counts[key] = value
+    rise = _whole(r, raw, "rise", path, default.rise, 100)
+    fall = _whole(r, raw, "fall", path, default.fall, 100)
     expect = r.convert(parse_status_range, raw["expect"], path + ("expect",)) if "expect" in raw else default.expect
-    return HealthCheck(check_path, interval, timeout, counts["rise"], counts["fall"], expect)
+    return HealthCheck(check_path, interval, timeout, rise, fall, expect)
 
 
 def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
@@ -427,15 +431,6 @@ def _mode(r: _Reader, raw: dict, path: tuple, default: str) -> str:
     return mode
 
 
-def _positive_int(r: _Reader, raw: dict, key: str, path: tuple, default, top: int):
-    value = raw.get(key, default)
-    if value is None and default is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-        raise r.doc.error(path + (key,), f"expected a whole number from 1 to {top}")
-    return value
-
-
 def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldConfig:
     raw = r.mapping(raw, path, {"mode", "allow", "deny", "deny_countries", "connections_per_ip", "rate_limit",
                                 "timeouts", "max_header_bytes", "max_body", "waf", "bots"})
@@ -446,8 +441,8 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
     for i, code in enumerate(countries):
         if not isinstance(code, str) or not re.fullmatch(r"[A-Z]{2}", code):
             raise r.doc.error(path + ("deny_countries", i), 'expected an ISO country code like "CN" (quote "NO")')
-    connections = _positive_int(r, raw, "connections_per_ip", path, 64, 100000) if raw.get(
-        "connections_per_ip", 64) is not None else None
+    connections = (_whole(r, raw, "connections_per_ip", path, ShieldConfig.connections_per_ip, 100000)
+                   if raw.get("connections_per_ip", ShieldConfig.connections_per_ip) is not None else None)
     rate_limit = None
     if raw.get("rate_limit") is not None:
         rpath = path + ("rate_limit",)
@@ -455,7 +450,7 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
         if "rate" not in rl:
             raise r.doc.error(rpath, "rate_limit needs a rate like 20/s")
         rate = r.convert(parse_rate, rl["rate"], rpath + ("rate",))
-        burst = _positive_int(r, rl, "burst", rpath, max(1, round(rate)), 10**6)
+        burst = _whole(r, rl, "burst", rpath, max(1, round(rate)), 10**6)
         key = rl.get("key", "client_ip")
         if not isinstance(key, str) or not re.fullmatch(r"client_ip|path|header:[!#$%&'*+.^_`|~\w-]+", key):
             raise r.doc.error(rpath + ("key",), "expected client_ip, path or header:NAME")
@@ -484,8 +479,8 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
                                           "exclusions", "on_error"})
         if w.get("engine", "modsecurity") != "modsecurity":
             raise r.doc.error(wpath + ("engine",), "the engine is modsecurity (ModSecurity v3 with the OWASP CRS)")
-        paranoia = _positive_int(r, w, "paranoia", wpath, 1, 4)
-        threshold = _positive_int(r, w, "anomaly_threshold", wpath, 5, 1000)
+        paranoia = _whole(r, w, "paranoia", wpath, 1, 4)
+        threshold = _whole(r, w, "anomaly_threshold", wpath, 5, 1000)
         crs = w.get("crs", DEFAULT_CRS)
         if not isinstance(crs, str) or not os.path.isdir(os.path.join(crs, "rules")):
             raise r.doc.error(wpath + ("crs",), f"{crs}: no rules/ folder here (Debian: apt-get install modsecurity-crs)")
