@@ -245,3 +245,15 @@ def test_geoip_update_with_an_account_id_uses_basic_auth(mmdb, tmp_path):
     result = CliRunner().invoke(cli, ["geoip", "update", "--license-key", "KEY", "--account-id", "1234",
                                       "--out", str(tmp_path / "db.mmdb")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_reloaded_config_without_a_database_goes_back_to_the_embedded_one(mmdb):
+    from addons.route import Route
+    pools = "pools:\n  eu: {origins: [http://127.0.0.1:1]}\n"
+    route = Route()
+    route.apply(parse_config(f"{pools}routing:\n  default_pool: eu\n  geo:\n    database: {mmdb}\n"))
+    kept = route.locator
+    route.apply(parse_config(f"{pools}routing:\n  default_pool: eu\n  geo:\n    database: {mmdb}\n"))
+    assert route.locator is kept                                  # same file: same reader and cache
+    route.apply(parse_config(f"{pools}routing:\n  default_pool: eu\n  geo: {{countries: {{}}}}\n"))
+    assert route.locator.path == locate.embedded_database()

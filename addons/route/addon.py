@@ -12,6 +12,7 @@ import re
 import ssl
 import time
 from collections import Counter
+from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -20,7 +21,7 @@ from addons.admin import format_status
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, Pool
 from addons.failsafe import edge_answer, fail_closed
-from addons.geo.locate import Locator
+from addons.geo.locate import Locator, embedded_database
 from addons.geo.steer import Steering, steer
 from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
 from addons.route.health import Health
@@ -85,10 +86,11 @@ class Route:
         self.trusted = config.trusted_proxies
         self.steering = Steering.from_config(config) if config.geo else None
         self.connect_timeouts = {(o.host, o.port): p.connect_timeout for p in config.pools.values() for o in p.origins}
-        if config.geo is None:
+        database = None if config.geo is None else Path(config.geo.database or embedded_database())
+        if database is None:
             self.locator = None
-        elif self.locator is None or str(self.locator.path) != str(config.geo.database or self.locator.path):
-            self.locator = Locator(config.geo.database)
+        elif self.locator is None or self.locator.path != database:     # same file: keep its cache
+            self.locator = Locator(database)
         old = self.health
         self.health = {}
         for pool in config.pools.values():
