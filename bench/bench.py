@@ -60,17 +60,9 @@ routing:
 """
 
 
-# The whole shield on every request (limits generous enough never to refuse the benchmark), and
-# an edge whose rate limit refuses everything after the first request (the cost of a refusal).
-SHIELDED = """\
-listen: 127.0.0.1:{listen}
-pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
-shield:
-  connections_per_ip: 10000
-  rate_limit: {{rate: 1000000/s, burst: 1000000}}
-  waf: {{paranoia: 1, anomaly_threshold: 5}}
-  bots: {{block: [scanner, bad]}}
-"""
+# The shield without and with the WAF on every request (limits generous enough never to refuse
+# the benchmark), and an edge whose rate limit refuses everything after the first request (the
+# cost of a refusal).
 LIMITS_ONLY = """\
 listen: 127.0.0.1:{listen}
 pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}
@@ -79,6 +71,7 @@ shield:
   rate_limit: {{rate: 1000000/s, burst: 1000000}}
   bots: {{block: [scanner, bad]}}
 """
+SHIELDED = LIMITS_ONLY + "  waf: {{paranoia: 1, anomaly_threshold: 5}}\n"
 REFUSING = """\
 listen: 127.0.0.1:{listen}
 pools: {{p: {{origins: [http://127.0.0.1:{a}]}}}}

@@ -172,12 +172,15 @@ class Shield:
                 return None
         if isinstance(self.limiter, RedisStore):
             return self._limited_by_redis(flow, ip)         # async only with a shared store
-        if self.limiter is not None and not self._rate_verdict(
-                flow, self.limiter.take(self._rate_key(flow, ip), time.monotonic())):
-            return None
+        if self.limiter is None or self._rate_verdict(flow, self.limiter.take(self._rate_key(flow, ip),
+                                                                              time.monotonic())):
+            self._after_rate_limit(flow, ip)
+        return None
+
+    def _after_rate_limit(self, flow: http.HTTPFlow, ip: str) -> None:
+        """Bots, then the WAF's phase 1, for a request the rate limit let through."""
         if self._bot_verdict(flow, ip):
             self._inspect_head(flow, ip)
-        return None
 
     def _bot_verdict(self, flow: http.HTTPFlow, ip: str) -> bool:
         """True if the request may go on: its class is allowed, or not blocked (and, with the
@@ -218,8 +221,8 @@ class Shield:
 
     async def _limited_by_redis(self, flow: http.HTTPFlow, ip: str) -> None:
         verdict = await self.limiter.take(self._rate_key(flow, ip), time.monotonic())
-        if self._rate_verdict(flow, verdict) and self._bot_verdict(flow, ip):
-            self._inspect_head(flow, ip)
+        if self._rate_verdict(flow, verdict):
+            self._after_rate_limit(flow, ip)
 
     def _rate_verdict(self, flow: http.HTTPFlow, verdict: Verdict) -> bool:
         """True if the request may go on."""
@@ -274,6 +277,7 @@ class Shield:
         if finding.status is not None:
             # no detail for the attacker: the rule ids and score are in the trace
             self._refuse(flow, "waf", self.config.waf.mode, finding.status, "request blocked")
+
     def _rate_key(self, flow: http.HTTPFlow, ip: str) -> str:
         return rate_key(self.config.rate_limit.key, ip, flow.request.path, flow.request.headers.get)
 
