@@ -18,6 +18,7 @@ from addons.config import ConfigError, EdgeConfig, config_from_origins, load_con
 from addons.geo.locate import GeoDatabaseError
 from addons.route import Route
 from addons.scrub import Scrub
+from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
 from addons.trace import Trace
@@ -52,6 +53,10 @@ class Edge:
         # each coding is stored once and hits never recompress
         self.addons = [self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
                        self.admin]
+        # the request the origin will see is settled before the cache keys on it (and before
+        # compress narrows Accept-Encoding, which Connection could otherwise name afterwards)
+        self.request_scrub = RequestScrub()
+        self.addons.insert(self.addons.index(self.compress), self.request_scrub)
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -90,5 +95,6 @@ class Edge:
         self.compress.apply(config)
         self.cache.apply(config)
         self.scrub.apply(config)
+        self.request_scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.admin.apply(config)

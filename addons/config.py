@@ -23,6 +23,24 @@ DEFAULT_STRIP = (
     "X-Backend-Server",
 )
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
+# Request headers that override what the origin takes as the URL, host, scheme, port or method
+# (framework and proxy conventions): from a client that is not a trusted proxy they are dropped,
+# as the forwarding headers are, because the cache keys on none of them (cache poisoning:
+# Kettle's "Practical Web Cache Poisoning" and "Web Cache Entanglement", CPDoS's method override).
+DEFAULT_OVERRIDE_HEADERS = (
+    # the path: IIS/Symfony/Zend (X-Original-URL, X-Rewrite-URL), nginx auth_request, Traefik
+    # forwardAuth, Envoy, and the path prefix of Spring, Flask ProxyFix, Symfony, Laravel
+    "X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Forwarded-Uri", "X-Forwarded-Path",
+    "X-Forwarded-Prefix", "X-Envoy-Original-Path",
+    # the host
+    "X-Host", "X-Forwarded-Server", "X-Original-Host", "X-HTTP-Host-Override",
+    # the scheme and port: Rack (X-Forwarded-Scheme, -Ssl, X-Url-Scheme), Microsoft (Front-End-Https)
+    # (X-Forwarded-Port is a forwarding header: dropped from every client)
+    "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "X-Url-Scheme", "Front-End-Https",
+    # the method: Rails/Rack, Symfony, Express method-override, Google APIs; Traefik, nginx
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-Method",
+    "X-Forwarded-Method",
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -96,6 +114,7 @@ class GeoConfig:
 class ScrubConfig:
     server_header: str | None = "edge"
     strip: tuple[str, ...] = DEFAULT_STRIP
+    override_headers: tuple[str, ...] = DEFAULT_OVERRIDE_HEADERS    # request: trusted proxies only
 
 
 @dataclass(frozen=True)
@@ -527,6 +546,20 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
                         sizes["max_header_bytes"], sizes["max_body"], waf, bots)
 
 
+def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
+    """scrub.override_headers: the list replaces the default; framing and Host cannot be named."""
+    if "override_headers" not in scrub_raw:
+        return DEFAULT_OVERRIDE_HEADERS
+    path = ("scrub", "override_headers")
+    names = tuple(r.listing(scrub_raw["override_headers"], path))
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~\w-]+", name):
+            raise r.doc.error(path + (i,), "expected a header name")
+        if name.lower() in ("host", "content-length", "transfer-encoding"):
+            raise r.doc.error(path + (i,), f"{name} frames or routes the request and cannot be dropped")
+    return names
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
@@ -593,7 +626,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         raise doc.error(("routing", "default_pool"), f"no pool named {default_pool!r}")
     geo = _geo(r, routing["geo"], ("routing", "geo"), pools, source) if routing.get("geo") is not None else None
 
-    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip"})
+    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip", "override_headers"})
     server_header = scrub_raw.get("server_header", "edge")
     if server_header is not None and not isinstance(server_header, str):
         raise doc.error(("scrub", "server_header"), "expected a string, or null to remove the header")
@@ -648,7 +681,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
     return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, trusted_proxies=trusted,
-                      scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
+                      scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 
 
