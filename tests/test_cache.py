@@ -35,6 +35,7 @@ def site(origin, edge):
         "/nostore": page("no-store"),
         "/private": page("private, max-age=60"),
         "/cookie": page("max-age=60", extra=[("Set-Cookie", "sid=secret")]),
+        "/cookie-private": page('max-age=60, private="Set-Cookie"', extra=[("Set-Cookie", "sid=secret")]),
         "/validate": page("max-age=0", b"validated body", etag='"v1"'),
         "/novalidator": page(None),
         "/swr": page("max-age=0, stale-while-revalidate=60", b"swr body"),
@@ -87,11 +88,25 @@ def test_uncacheable_responses_are_not_stored(site, path, why):
     assert statuses[1] == f'edge; fwd=uri-miss; fwd-status=200; detail="not stored: {why}"'
 
 
-def test_set_cookie_does_not_inhibit_caching(site):
-    """RFC 9111 7.3: an origin that marks a response with a cookie cacheable means it."""
+def test_a_response_setting_a_cookie_is_not_stored(site):
+    """RFC 9111 7.3 allows it, but a stored Set-Cookie goes to every later visitor (Varnish,
+    nginx, Fastly and Cloudflare do not store it either)."""
     o, e = site
-    r = warm_then(e, "/cookie")
-    assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/cookie") == 1
+    with httpx.Client() as c:
+        answers = [c.get(f"{e.url}/cookie") for _ in range(2)]
+    assert [r.headers.get("set-cookie") for r in answers] == ["sid=secret", "sid=secret"]  # each its own
+    assert hits(o, "/cookie") == 2
+    assert answers[1].headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="not stored: set-cookie"'
+
+
+def test_private_set_cookie_stores_the_response_without_its_cookie(site):
+    """private="Set-Cookie" (RFC 9111 5.2.2.7) is the origin's way to share the page, not the cookie."""
+    o, e = site
+    with httpx.Client() as c:
+        first, second = c.get(f"{e.url}/cookie-private"), c.get(f"{e.url}/cookie-private")
+    assert first.headers["set-cookie"] == "sid=secret"
+    assert second.headers["cache-status"].startswith("edge; hit") and "set-cookie" not in second.headers
+    assert hits(o, "/cookie-private") == 1
 
 
 def test_stale_entry_is_revalidated_with_its_validator(site):
