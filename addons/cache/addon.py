@@ -1,6 +1,8 @@
 """The cache addon: answers from memory in `requestheaders` (no origin connection for a hit),
 revalidates stale entries with the origin, stores in `response`, serves stale when the origin
 fails. The rules are in policy.py; this module only moves bytes between flows and the store.
+The request it keys, looks up and stores with is the one the origin will see: the request-side
+scrubbing (RequestScrub) runs before it in the chain.
 
 Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
 mitmproxy logs it and the request simply goes to the origin, uncached."""
@@ -250,7 +252,8 @@ class Cache:
             self._store(flow, state, request)
 
     def _store(self, flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> None:
-        """Store the origin's response if RFC 9111 allows; `request` is the client's request."""
+        """Store the origin's response if RFC 9111 and the safety rules allow; `request` is the
+        forwarded request (without validators the cache added)."""
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
@@ -456,7 +459,8 @@ class Cache:
 
     @staticmethod
     def _client_request(req: http.Request, state: FlowState) -> Mapping[str, str]:
-        """The request's headers as the client sent them (without validators the cache added)."""
+        """The request's headers as forwarded, without validators the cache added: the same the
+        lookup read, so a stored Vary selection is the one lookups compute."""
         if not state.added_validators:
             return req.headers
         request = header_map(req.headers.fields)
