@@ -2,6 +2,7 @@
 headers, and the safe caching defaults, through a real edge with origins that record what
 they receive."""
 
+import json
 import re
 import socket
 
@@ -78,6 +79,14 @@ def test_override_headers_from_a_client_do_not_reach_the_origin(recording, edge,
         v = visitor.get(f"{e.url}/page")
     assert v.text == "clean" and v.headers["cache-status"].startswith("edge; hit")
     assert len(recording.requests) == 1
+
+
+def test_dropped_override_headers_are_in_the_access_log(recording, edge, tmp_path):
+    log = tmp_path / "access.log"
+    e = edge([recording.url], access_log=str(log))
+    httpx.get(f"{e.url}/page", headers={"X-Original-URL": "/admin", "X-HTTP-Method-Override": "DELETE"})
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["edge"]["dropped"] == ["X-Original-URL", "X-HTTP-Method-Override"]
 
 
 def test_a_trusted_proxy_keeps_its_override_headers(recording, edge):

@@ -11,6 +11,7 @@ from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
 from addons.net import in_networks, parse_ip
 from addons.scrub.forwarding import forwardable, forwarding_headers, header_set
+from addons.trace import decisions
 
 
 class RequestScrub:
@@ -33,4 +34,8 @@ class RequestScrub:
                       for k, v in forwarding_headers(client, proto, host).items())
         # a trusted proxy's override headers are its own to send, as its X-Forwarded-* are
         trusted_peer = self.trusted and in_networks(parse_ip(flow.client_conn.peername[0]), self.trusted)
-        headers.fields = forwardable(headers.fields, frozenset() if trusted_peer else self.overrides) + added
+        overrides = frozenset() if trusted_peer else self.overrides
+        dropped = [k.decode("latin-1") for k, _ in headers.fields if k.lower() in overrides]
+        if dropped:
+            decisions(flow)["dropped"] = dropped
+        headers.fields = forwardable(headers.fields, overrides) + added
