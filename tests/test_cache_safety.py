@@ -63,6 +63,8 @@ def test_a_set_cookie_is_never_shared(cc, shares):
     ("/app.js", "text/javascript", False),
     ("/profile%2Favatar.png", "text/html", True),                            # percent-encoded tail
     ("/profile;x.png", "text/html", True),                                   # path parameter tail
+    ("/account.php/x.css;v=1", "text/html", True),
+    ("/site.css;jsessionid=1", "text/css", False),
     ("/logo.png", "image/png", False),
     ("/font.woff2", "application/octet-stream", False),                      # binary: untyped is fine
     ("/site.css", "application/octet-stream", True),                         # text: it is not

@@ -285,13 +285,13 @@ EXTENSION_TYPES = {**_TYPES, **{ext: (*types, "application/octet-stream") for ex
 
 
 def extension_contradicted(path: str, content_type: str | None) -> bool:
-    """The URL ends in a known static extension (percent-decoded, before any query) and the
-    response's Content-Type is another type, or absent. Stops web cache deception:
-    `/account.php/x/nonexistent.css` reaches the account page (path info, or a router that
-    ignores the tail) and its answer would be kept as a stylesheet for everyone (Cloudflare's
-    Cache Deception Armor makes the same check)."""
+    """The URL ends in a known static extension (percent-decoded, before any query or path
+    parameter) and the response's Content-Type is another type, or absent. Stops web cache
+    deception: `/account.php/x/nonexistent.css` reaches the account page (path info, or a
+    router that ignores the tail) and its answer would be kept as a stylesheet for everyone
+    (Cloudflare's Cache Deception Armor makes the same check)."""
     last = unquote(path.split("?", 1)[0]).rsplit("/", 1)[-1]
-    ext = last.rsplit(".", 1)[1].lower() if "." in last else ""
+    ext = last.rsplit(".", 1)[1].split(";", 1)[0].lower() if "." in last else ""     # x.css;v=1: css
     accepted = EXTENSION_TYPES.get(ext)
     if accepted is None:
         return False
