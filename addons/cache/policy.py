@@ -228,9 +228,9 @@ def initial_age(date: float | None, age_header: str | None, request_time: float,
 
 
 # -- safety rules beyond RFC 9111 -----------------------------------------------------------------
-# RFC 9111 lets a shared cache guess (heuristic freshness, and our default_ttl stands for a
-# guess) and store a response that sets a cookie. Varnish's builtin.vcl, nginx, Fastly and
-# Cloudflare refuse both in the cases below; each rule names the attack it stops.
+# RFC 9111 lets a shared cache guess a lifetime (heuristic freshness; our default_ttl stands
+# for a guess) for any response. Varnish's builtin.vcl and Cloudflare's Cache Deception Armor
+# refuse to in the cases below; each rule names the attack it stops.
 
 def has_content(request: Headers) -> bool:
     """A GET/HEAD whose framing announces content (RFC 9110 9.3.1: it has no defined meaning).
@@ -247,16 +247,6 @@ def explicitly_fresh(headers: Headers, rules: ResponseRules) -> bool:
     public, Expires; CDN-Cache-Control's own). Only then does RFC 9111 apply unguarded."""
     return any(rules.has(d) for d in ("s-maxage", "max-age", "public")) or \
         (not rules.targeted and "expires" in headers)
-
-
-def shares_a_cookie(headers: Headers, rules: ResponseRules) -> bool:
-    """A response that sets a cookie, unless the origin kept the cookie out of shared storage
-    with `private="Set-Cookie"` or `no-cache="Set-Cookie"` (RFC 9111 5.2.2.4/5.2.2.7: then the
-    response is stored without it). Stops session fixation and session theft through the
-    cache: a stored Set-Cookie is served to every later visitor (RFC 9111 7.3 allows storing it;
-    Varnish's builtin.vcl makes such a response uncacheable, nginx does not cache it unless told
-    to ignore the header, Fastly and Cloudflare pass it)."""
-    return "set-cookie" in headers and "set-cookie" not in unstorable_fields(headers, rules)
 
 
 # The type a URL's extension promises, for the extensions caches treat as static (Cloudflare's
@@ -316,12 +306,12 @@ def guess_refused(request: Headers, headers: Headers, path: str) -> str | None:
 
 
 def unsafe_to_store(request: Headers, headers: Headers, rules: ResponseRules, path: str) -> str | None:
-    """The safety rules for a response RFC 9111 would store: why not, or None. Without an
-    explicit lifetime the response is not stored at all when guessing is refused (stored with a
-    validator alone, the next visitor's revalidation could be answered 304 by the origin and
-    get the first visitor's page)."""
-    if shares_a_cookie(headers, rules):
-        return "set-cookie"
+    """The safety rules for a response RFC 9111 would store: why not, or None. An explicit
+    lifetime is the origin's word and keeps RFC 9111 behaviour, a Set-Cookie included (7.3: an
+    origin that marks such a response cacheable means it; `private="Set-Cookie"` keeps the page
+    and not the cookie). Without one the response is not stored at all when guessing is
+    refused (stored with a validator alone, the next visitor's revalidation could be answered
+    304 by the origin and get the first visitor's page)."""
     if explicitly_fresh(headers, rules):
         return None
     return guess_refused(request, headers, path)
