@@ -1,6 +1,6 @@
 """Health that cannot be weaponised, through a real edge: bad answers to some URLs, clients that
 hang up or reset streams, and slow origins cost those requests only; consecutive origin
-failures eject within max_ejected; panic mode."""
+failures eject within max_ejected; panic mode; the read timeout's 504."""
 
 import socket
 import threading
@@ -233,6 +233,47 @@ def test_503_only_once_a_probe_shows_the_origin_unreachable(origin, edge):
     got = [status_of(ask(e, b"/")) for _ in range(3)]
     assert got == [502, 503, 503]                       # refused; then probed first: unreachable
     assert "unreachable 10s (connect probe: ConnectionRefusedError)" in origin_lines(e)[0]
+
+
+def test_read_timeout_answers_504_and_the_edge_serves_others(edge):
+    o = RecordingOrigin(by_path({b"/stuck": None}))     # accepts /stuck and never answers
+    try:
+        e = edge(f"pools:\n  p:\n    origins: [{o.url}]\n    read_timeout: 1s\n")
+        box = {}
+        stuck = threading.Thread(target=lambda: box.update(r=ask(e, b"/stuck", timeout=20)))
+        stuck.start()
+        o.wait_for_requests(1)
+        others = [status_of(ask(e, b"/page")) for _ in range(3)]   # meanwhile
+        stuck.join(20)
+        assert others == [200, 200, 200]
+        answer = box["r"]
+        assert status_of(answer) == 504 and b"request id: " in answer and str(o.port).encode() not in answer
+        assert o.connections[0].closed.wait(5)          # the edge let go of the origin
+        assert origin_lines(e)[0].endswith(": up")      # one slow URL is no outage
+    finally:
+        o.stop()
+
+
+def test_read_timeout_on_a_stalled_body(edge):
+    stall = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nCache-Control: no-store\r\n\r\nonly part"
+    o = RecordingOrigin(stall)
+    try:
+        e = edge(f"pools:\n  p:\n    origins: [{o.url}]\n    read_timeout: 1s\n")
+        answer = ask(e, b"/", timeout=20)
+        assert status_of(answer) == 504 and b"only part" not in answer   # buffered: the client saw nothing yet
+    finally:
+        o.stop()
+
+
+def test_read_timeout_mid_body_cuts_a_streamed_response(edge):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nCache-Control: no-store\r\n\r\n"
+    o = RecordingOrigin(head + b"x" * 5000)
+    try:
+        e = edge(f"pools:\n  p:\n    origins: [{o.url}]\n    read_timeout: 1s\n", settings=["stream_large_bodies=1k"])
+        answer = exchange(e.host, e.port, GET % b"/", timeout=20)      # returns once the edge closes
+        assert status_of(answer) == 200 and b"x" * 5000 in answer and len(answer) < 100000
+    finally:
+        o.stop()
 
 
 def test_health_checks_survive_an_exception(origin, edge, monkeypatch):
