@@ -192,6 +192,16 @@ def test_consecutive_failures_eject_and_failover_costs_no_request(origin, edge):
         broken.stop()
 
 
+def test_consecutive_connect_failures_eject_and_failover_costs_no_request(origin, edge):
+    plain, good = origin("plain"), origin("good")      # TLS to a plain-HTTP port: every connect fails
+    e = edge(f"pools:\n  p:\n    origins: [https://127.0.0.1:{plain.port}, {good.url}]\n")
+    answers = [httpx.get(f"{e.url}/echo") for _ in range(12)]      # a new client connection each
+    assert [(r.status_code, r.json()["origin"]) for r in answers] == [(200, "good")] * 12
+    assert plain.connections == 2 * 3                   # three TCP probes passed, three handshakes failed
+    assert origin_lines(e)[0].endswith(": ejected 10s (The remote server does not speak TLS.)")
+    assert not plain.seen                               # no request ever reached it
+
+
 def closing_on_bad(name_origins):
     return [RecordingOrigin(by_path({b"/bad": CLOSE})) for _ in range(name_origins)]
 
@@ -292,3 +302,4 @@ def test_health_checks_survive_an_exception(origin, edge, monkeypatch):
     a.stop()
     wait_until(lambda: "down" in origin_lines(e)[0])    # the checks went on after the exception
     assert len(calls) > 2
+
