@@ -40,6 +40,11 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   when the response completes) and the stream gets READ_TIMEOUT. A response not yet sent to
   the client (still waiting for the head, or its body buffered) is then answered by the
   `error` hook (route: 504); a streamed one is cut.
+- A connect that failed is not remembered: mitmproxy keeps a connection that never opened
+  in its HTTP layer and answers every later request of that client connection (all streams
+  of an HTTP/2 client) with its error at once, with no connect, even after the origin is
+  back. Such a connection is forgotten, so the next request connects again (connections that
+  opened and then failed, e.g. an untrusted TLS certificate, stay remembered as mitmproxy means).
 """
 
 from __future__ import annotations
@@ -321,6 +326,19 @@ def _read_timer(self, timeout: float) -> None:
         io.handler.cancel(READ_TIMEOUT)
 
 
+_original_get_connection = http_layer.HttpLayer.get_connection
+
+
+def _get_connection(self, event, *, reuse: bool = True):
+    """mitmproxy's HttpLayer.get_connection, after forgetting this spec's connections that
+    never opened (no socket: no event can come for them any more)."""
+    for connection in [c for c in self.connections if event.connection_spec_matches(c)]:     # servers only
+        if connection.error and connection.timestamp_tcp_setup is None \
+                and connection not in self.waiting_for_establishment:
+            del self.connections[connection]
+    return (yield from _original_get_connection(self, event, reuse=reuse))
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -337,6 +355,7 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     http_layer.HttpStream.make_server_connection = _make_server_connection
     _http1.Http1Client.read_headers = _read_headers
     _http1.Http1Client._handle_event = _client_handle_event
+    http_layer.HttpLayer.get_connection = _get_connection
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
     proxy_server.ConnectionHandler.handle_connection = _handle_connection

@@ -303,3 +303,27 @@ def test_health_checks_survive_an_exception(origin, edge, monkeypatch):
     wait_until(lambda: "down" in origin_lines(e)[0])    # the checks went on after the exception
     assert len(calls) > 2
 
+
+def test_an_http2_client_reaches_a_lone_origin_again_once_it_is_back(origin, edge, tls):
+    from edgecli.origins import OriginServer
+    o = origin("lone")
+    e = edge([o.url], cert=str(tls.pem))
+    sock, conn = h2_client(e, tls)
+
+    def get(stream: int) -> bytes:
+        conn.send_headers(stream, request_headers("/echo"), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        while True:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    return dict(event.headers)[b":status"]
+            sock.sendall(conn.data_to_send())
+    assert get(1) == b"200"
+    o.stop()
+    assert get(3) == b"502"                            # refused (the origin was heard from: no probe)
+    back = OriginServer("lone", port=o.port).start()   # back before its next request, which probes it
+    try:
+        assert get(5) == b"200"                        # the same connection connects again
+    finally:
+        sock.close()
+        back.stop()
