@@ -343,10 +343,11 @@ class Route:
         is logged and the next round runs: a dead checker would keep a dead origin in."""
         while True:
             pools = [p for b in self.balancers.values() if (p := b.pool).health is not None]
-            try:
-                await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins))
-            except Exception:
-                logger.exception("edge: health checks failed; checking again")
+            done = await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins),
+                                        return_exceptions=True)
+            for error in done:
+                if isinstance(error, Exception):
+                    logger.error("edge: a health check failed: %r; checking on", error, exc_info=error)
             await asyncio.sleep(min((p.health.interval for p in pools), default=1.0))
 
     async def _check(self, origin: Origin, check: HealthCheck) -> None:
