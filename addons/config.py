@@ -87,6 +87,17 @@ class Pool:
     slow_start: float = 0.0              # seconds over which a recovered origin regains its weight
     connect_timeout: float = 5.0         # HAProxy's `timeout connect`; then the next origin is tried
     location: tuple[float, float] | None = None   # (lat, lon): geo steering's `nearest`
+    passive: PassiveHealth = field(default_factory=lambda: PassiveHealth())
+    read_timeout: float = 60.0           # nginx's proxy_read_timeout: then 504 (or, mid-body, the cut)
+
+
+@dataclass(frozen=True)
+class PassiveHealth:
+    """Ejection by client traffic (addons/route/health.py says what counts)."""
+    failures: int = 3            # origin failures in a row (refused, timed out, closed before answering)
+    cooldown: float = 10.0       # seconds an ejected (or probe-unreachable) origin is left alone
+    max_ejected: float = 0.5     # share of a pool that may be ejected at once; a lone origin never is
+    consecutive_5xx: int = 0     # opt-in: this many 502/503/504 answers in a row also eject; 0: off
 
 
 @dataclass(frozen=True)
@@ -394,6 +405,29 @@ def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     return HealthCheck(check_path, interval, timeout, rise, fall, expect)
 
 
+def parse_percent(value: Any) -> float:
+    """A share from `50%` (0% to 100%)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", str(value))
+    if not m or isinstance(value, bool) or float(m[1]) > 100:
+        raise ValueError(f"{value!r}: expected a percentage from 0% to 100%, like 50%")
+    return float(m[1]) / 100
+
+
+def _passive(r: _Reader, raw: Any, path: tuple) -> PassiveHealth:
+    raw = r.mapping(raw, path, {"failures", "cooldown", "max_ejected", "consecutive_5xx"})
+    default = PassiveHealth()
+    failures = _whole(r, raw, "failures", path, default.failures, 100)
+    cooldown = r.convert(parse_duration, raw["cooldown"], path + ("cooldown",)) if "cooldown" in raw else default.cooldown
+    if not 0 < cooldown <= 3600:
+        raise r.doc.error(path + ("cooldown",), "must be more than 0 and at most 1h")
+    share = r.convert(parse_percent, raw["max_ejected"], path + ("max_ejected",)) if "max_ejected" in raw \
+        else default.max_ejected
+    errors_5xx = raw.get("consecutive_5xx", default.consecutive_5xx)
+    if not isinstance(errors_5xx, int) or isinstance(errors_5xx, bool) or not 0 <= errors_5xx <= 1000:
+        raise r.doc.error(path + ("consecutive_5xx",), "expected a whole number from 0 (off) to 1000")
+    return PassiveHealth(failures, cooldown, share, errors_5xx)
+
+
 def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
     raw = r.mapping(raw, path, {"lat", "lon"})
     out = []
@@ -577,7 +611,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     for name, body in pools_raw.items():
         path = ("pools", name)
         body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key", "slow_start",
-                                      "location", "connect_timeout"})
+                                      "location", "connect_timeout", "passive", "read_timeout"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
@@ -615,8 +649,15 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
             connect_timeout = r.convert(parse_duration, body["connect_timeout"], path + ("connect_timeout",))
             if not 0 < connect_timeout <= 300:
                 raise doc.error(path + ("connect_timeout",), "must be more than 0 and at most 5m")
+        passive = _passive(r, body["passive"], path + ("passive",)) if "passive" in body else PassiveHealth()
+        read_timeout = Pool.read_timeout
+        if "read_timeout" in body:
+            read_timeout = r.convert(parse_duration, body["read_timeout"], path + ("read_timeout",))
+            if not 0 < read_timeout <= 86400:
+                raise doc.error(path + ("read_timeout",), "must be more than 0 and at most 1d")
         pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key,
-                                slow_start=slow_start, connect_timeout=connect_timeout, location=location)
+                                slow_start=slow_start, connect_timeout=connect_timeout, location=location,
+                                passive=passive, read_timeout=read_timeout)
 
     routing = r.mapping(top.get("routing"), ("routing",), {"default_pool", "geo"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)

@@ -33,6 +33,18 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   while it waits for the event lock escapes without closing it, and the peer is never told: its
   sends block forever (seen under CPU load with a >64 KB first segment). The socket is closed
   on that path too.
+- Origin read timeout: mitmproxy waits for an origin's answer until the client's tcp_timeout
+  (600 s) and then closes with no answer. From the end of the request, an HTTP/1 origin must
+  now send something every `read_timeouts[address]` seconds until its response is complete
+  (nginx's proxy_read_timeout); else its connection is cut (a loop timer per request, cancelled
+  when the response completes) and the stream gets READ_TIMEOUT. A response not yet sent to
+  the client (still waiting for the head, or its body buffered) is then answered by the
+  `error` hook (route: 504); a streamed one is cut.
+- A connect that failed is not remembered: mitmproxy keeps a connection that never opened
+  in its HTTP layer and answers every later request of that client connection (all streams
+  of an HTTP/2 client) with its error at once, with no connect, even after the origin is
+  back. Such a connection is forgotten, so the next request connects again (connections that
+  opened and then failed, e.g. an untrusted TLS certificate, stay remembered as mitmproxy means).
 """
 
 from __future__ import annotations
@@ -41,9 +53,10 @@ import asyncio
 import html
 import logging
 import re
+import time
 from collections.abc import Callable
 
-from mitmproxy import flow, http, version
+from mitmproxy import ctx, flow, http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
@@ -51,6 +64,8 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
+
+from addons.route.health import READ_TIMEOUT
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -118,6 +133,11 @@ def _handle_protocol_error(self, event):
     """mitmproxy's handling, except that (for a fully received request whose origin failed
     before its response head) `reroute` may send the request to another origin, and a response
     set by an `error` hook is sent to the client."""
+    if (isinstance(event, ResponseProtocolError) and event.message == READ_TIMEOUT
+            and self.server_state == self.state_consume_response_body):
+        self.flow.response = None           # buffered, never sent: the client gets the edge's answer
+        self.response_body_buf.clear()
+        self.server_state = self.state_wait_for_response_headers
     if not (isinstance(event, ResponseProtocolError) and self.flow.response is None
             and self.client_state == self.state_done
             and self.server_state not in (self.state_done, self.state_errored)):
@@ -257,6 +277,68 @@ def _read_headers(self, event):
     yield from _original_read_headers(self, event)
 
 
+# -- origin read timeout ------------------------------------------------------------------------------
+
+read_timeouts: dict[tuple[str, int], float] = {}     # origin address -> seconds (the route addon's)
+_original_client_handle_event = _http1.Http1Connection._handle_event
+
+
+def _reading(self) -> bool:
+    """The request is sent and the response is not complete."""
+    return self.stream_id is not None and not self.response_done and self.state in (self.read_headers, self.read_body)
+
+
+def _client_handle_event(self, event):
+    """mitmproxy's Http1Client event handling, plus the read deadline."""
+    if isinstance(event, events.DataReceived):
+        self.edge_last_read = time.monotonic()
+    elif isinstance(event, events.ConnectionClosed) and getattr(self, "edge_read_expired", False):
+        self.state = self.done                  # cut by _read_timer below: say why
+        yield http_layer.ReceiveHttp(
+            ResponseProtocolError(self.stream_id, READ_TIMEOUT, ErrorCode.GENERIC_SERVER_ERROR))
+        return
+    yield from _original_client_handle_event(self, event)
+    timer = getattr(self, "edge_read_timer", None)
+    if isinstance(event, http_layer.RequestEndOfMessage) and _reading(self):
+        timeout = read_timeouts.get(self.conn.address)
+        if timeout and timer is None:
+            self.edge_last_read = time.monotonic()
+            self.edge_read_timer = asyncio.get_running_loop().call_later(timeout, _read_timer, self, timeout)
+    elif timer is not None and not _reading(self):
+        timer.cancel()                          # also drops its reference to this layer
+        self.edge_read_timer = None
+
+
+def _read_timer(self, timeout: float) -> None:
+    """The origin sent nothing for `timeout` seconds: cut its connection (the task that reads
+    it is cancelled, as mitmproxy's own close does; _client_handle_event reports the cut)."""
+    self.edge_read_timer = None
+    if not _reading(self):
+        return
+    idle = time.monotonic() - self.edge_last_read
+    if idle < timeout:
+        self.edge_read_timer = asyncio.get_running_loop().call_later(timeout - idle, _read_timer, self, timeout)
+        return
+    handler = ctx.master.addons.get("proxyserver").connections.get(self.context.client.id)
+    io = handler.transports.get(self.conn) if handler is not None else None
+    if io is not None and io.handler is not None:
+        self.edge_read_expired = True
+        io.handler.cancel(READ_TIMEOUT)
+
+
+_original_get_connection = http_layer.HttpLayer.get_connection
+
+
+def _get_connection(self, event, *, reuse: bool = True):
+    """mitmproxy's HttpLayer.get_connection, after forgetting this spec's connections that
+    never opened (no socket: no event can come for them any more)."""
+    for connection in [c for c in self.connections if event.connection_spec_matches(c)]:     # servers only
+        if connection.error and connection.timestamp_tcp_setup is None \
+                and connection not in self.waiting_for_establishment:
+            del self.connections[connection]
+    return (yield from _original_get_connection(self, event, reuse=reuse))
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -272,6 +354,8 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
     http_layer.HttpStream.make_server_connection = _make_server_connection
     _http1.Http1Client.read_headers = _read_headers
+    _http1.Http1Client._handle_event = _client_handle_event
+    http_layer.HttpLayer.get_connection = _get_connection
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
     proxy_server.ConnectionHandler.handle_connection = _handle_connection
