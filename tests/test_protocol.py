@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 
 import h2.config
 import h2.connection
@@ -166,6 +167,17 @@ def fields_named(head: bytes, name: bytes) -> list[bytes]:
             if k.lower() == name]
 
 
+def dechunk(body: bytes) -> bytes:
+    out, pos = b"", 0
+    while True:
+        eol = body.index(b"\r\n", pos)
+        size = int(body[pos:eol], 16)
+        if size == 0:
+            return out
+        out += body[eol + 2:eol + 2 + size]
+        pos = eol + 4 + size
+
+
 @pytest.fixture
 def recording():
     started: list[RecordingOrigin] = []
@@ -223,6 +235,53 @@ def h2_head(method: bytes, path: bytes, authority: bytes = b"shop.example", extr
     return [(b":method", method), (b":scheme", b"https"), (b":path", path), (b":authority", authority), *extra]
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_http2_body_without_content_length_is_framed(edge, tls, recording, streamed):
+    """The smuggling found: an HTTP/2 body with no content-length reached the origin with no
+    framing, and the origin read the requests inside it as its own (51 from one stream)."""
+    o = recording()
+    e = edge([o.url], cert=str(tls.pem), settings=["stream_large_bodies=1"] if streamed else [])
+    body = b"x" + SMUGGLED * 50
+    [(status, answer)] = h2_streams(e.port, tls, [(h2_head(b"POST", b"/upload"), body, None)])
+    assert (status, answer) == (200, b"ok")
+    [request] = o.wait_for_requests(1)
+    head, sent = head_and_body(request)
+    assert head.startswith(b"POST /upload HTTP/1.1\r\n") and fields_named(head, b"host") == [b"shop.example"]
+    if streamed:
+        assert fields_named(head, b"transfer-encoding") == [b"chunked"] and not fields_named(head, b"content-length")
+        assert dechunk(sent) == body
+    else:
+        assert fields_named(head, b"content-length") == [str(len(body)).encode()]
+        assert not fields_named(head, b"transfer-encoding") and sent == body
+    assert o.received == request                  # nothing else: no request from inside the body
+
+
+def test_curl_http2_upload_from_stdin_keeps_its_body(edge, tls, recording):
+    o = recording()
+    e = edge([o.url], cert=str(tls.pem))
+    upload = b"line one\nline two\n" * 100
+    out = subprocess.run(["curl", "-s", "--http2", "--max-time", "10", "--cacert", str(tls.ca), "-T", "-",
+                          f"https://localhost:{e.port}/files/up.txt"], input=upload, capture_output=True, check=True)
+    assert out.stdout == b"ok"
+    [request] = o.wait_for_requests(1)
+    head, sent = head_and_body(request)
+    assert head.startswith(b"PUT /files/up.txt HTTP/1.1\r\n") and sent == upload
+    assert fields_named(head, b"content-length") == [str(len(upload)).encode()]
+    assert o.received == request
+
+
+def test_http2_trailers_do_not_crash_and_are_dropped(edge, tls, recording):
+    o = recording()
+    e = edge([o.url], cert=str(tls.pem))
+    streams = [(h2_head(b"POST", b"/t"), b"abc", [(b"x-forwarded-for", b"6.6.6.6"), (b"x-checksum", b"1")]),
+               (h2_head(b"GET", b"/after"), b"", None)]
+    assert h2_streams(e.port, tls, streams) == [(200, b"ok"), (200, b"ok")]
+    first = next(r for r in o.wait_for_requests(2) if r.startswith(b"POST"))
+    head, sent = head_and_body(first)
+    assert fields_named(head, b"content-length") == [b"3"] and sent == b"abc"
+    assert b"6.6.6.6" not in o.received and b"x-checksum" not in o.received.lower()
+
+
 def test_absolute_form_target_sets_host_for_origin_and_cache(edge, recording):
     """Cache poisoning: the absolute URI went to the origin as it came (an nginx origin serves
     other.example) and its answer was stored under shop.example."""
@@ -257,6 +316,10 @@ MALFORMED = {
     "lower-case get": (b"get /a HTTP/1.1\r\nHost: shop.example\r\n\r\n", 400),
     "body with both framings": (b"POST /a HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n"
                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED, 400),
+    "bad chunk size": (b"POST /a HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nabc\r\n0\r\n\r\n", 400),
+    "bad trailer field": (b"POST /a HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\nabc\r\n0\r\nX-A: a\x00b\r\n\r\n", 400),
 }
 
 
@@ -320,6 +383,34 @@ def test_http2_malformed_stream_refused_and_the_connection_goes_on(edge, tls, re
     assert [status for status, _ in results] == [400, 400, 400, 400, 200]
     [request] = o.wait_for_requests(1)
     assert request.startswith(b"GET /normal HTTP/1.1\r\nHost: shop.example\r\n") and o.received == request
+
+
+def test_chunked_request_with_trailers_is_served(edge, recording):
+    """Trailers crashed mitmproxy's connection handler (no answer at all)."""
+    o = recording()
+    e = edge([o.url])
+    data = (b"POST /t HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Checksum: 1\r\n\r\n")
+    out = exchange(e.host, e.port, data + NORMAL)
+    assert out.count(b"HTTP/1.1 200 ") == 2                 # the same connection goes on
+    first, second = o.wait_for_requests(2)
+    head, body = head_and_body(first)
+    assert fields_named(head, b"transfer-encoding") == [b"chunked"] and body == b"3\r\nabc\r\n0\r\n\r\n"
+    assert b"6.6.6.6" not in o.received and b"checksum" not in o.received.lower()
+    assert second.startswith(b"GET /normal ")
+
+
+TRAILED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nCache-Control: no-store\r\n\r\n"
+           b"5\r\nhello\r\n0\r\nX-Checksum: 127.0.0.1:9\r\n\r\n")
+
+
+def test_chunked_response_with_trailers_is_served(edge, tls, recording):
+    o = recording(TRAILED)
+    e = edge([o.url], cert=str(tls.pem))
+    out = exchange(e.host, e.port, b"GET /a HTTP/1.1\r\nHost: shop.example\r\n\r\n" + NORMAL)
+    assert out.count(b"HTTP/1.1 200 ") == 2 and b"127.0.0.1:9" not in out
+    assert out.split(b"\r\n\r\n", 1)[1].startswith(b"5\r\nhello\r\n0\r\n\r\nHTTP/1.1 200 ")
+    assert h2_streams(e.port, tls, [(h2_head(b"GET", b"/b"), b"", None)]) == [(200, b"hello")]
 
 
 def test_connection_close_is_honoured(edge, recording):
