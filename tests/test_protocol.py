@@ -40,6 +40,8 @@ def test_field_values(value, status):
 def test_field_names_are_tokens():
     assert verdict(fields=HOST + ((b"X A", b"1"),)) == 400
     assert verdict(fields=HOST + ((b"X-A:", b"1"),)) == 400
+    assert verdict(fields=HOST + ((b"", b"1"),)) == 400
+    assert verdict(fields=((b"", b"1"),) + HOST) == 400
 
 
 @pytest.mark.parametrize("version, h2, status", [
@@ -124,7 +126,7 @@ def test_absolute_form_authority_replaces_host_in_place():
 
 @pytest.mark.parametrize("version, connection, expected", [
     (b"HTTP/1.1", None, False), (b"HTTP/1.1", b"close", True), (b"HTTP/1.1", b"Keep-Alive, Close", True),
-    (b"HTTP/1.0", None, True), (b"HTTP/1.0", b"keep-alive", False),
+    (b"HTTP/1.0", None, True), (b"HTTP/1.0", b"keep-alive", True),
 ])
 def test_closes(version, connection, expected):
     fields = HOST + (((b"Connection", connection),) if connection else ())
@@ -348,11 +350,12 @@ def test_both_framings_refused_even_without_mitmproxy_validation(edge, recording
     assert o.wait_for_requests(1) and o.received.startswith(b"GET /normal ")
 
 
-def test_http10_without_host_is_served(edge, recording):
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+def test_http10_without_host_is_served_and_told_of_the_close(edge, recording, connection):
     o = recording()
     e = edge([o.url])
-    out = exchange(e.host, e.port, b"GET /old HTTP/1.0\r\n\r\n")
-    assert status_of(out) == 200 and b"\r\nConnection: close\r\n" in out
+    out = exchange(e.host, e.port, b"GET /old HTTP/1.0\r\n" + connection + b"\r\n" + SMUGGLED)
+    assert status_of(out) == 200 and b"\r\nConnection: close\r\n" in out and out.count(b"HTTP/1.1 ") == 1
     [request] = o.wait_for_requests(1)
     assert request.startswith(b"GET /old HTTP/1.0\r\n") and not fields_named(request, b"host")
 
@@ -385,10 +388,11 @@ def test_http2_malformed_stream_refused_and_the_connection_goes_on(edge, tls, re
     assert request.startswith(b"GET /normal HTTP/1.1\r\nHost: shop.example\r\n") and o.received == request
 
 
-def test_chunked_request_with_trailers_is_served(edge, recording):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_chunked_request_with_trailers_is_served(edge, recording, streamed):
     """Trailers crashed mitmproxy's connection handler (no answer at all)."""
     o = recording()
-    e = edge([o.url])
+    e = edge([o.url], settings=["stream_large_bodies=1"] if streamed else [])
     data = (b"POST /t HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Checksum: 1\r\n\r\n")
     out = exchange(e.host, e.port, data + NORMAL)

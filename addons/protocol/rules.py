@@ -16,6 +16,7 @@ Fields = tuple[tuple[bytes, bytes], ...]
 H1_VERSIONS = frozenset({b"HTTP/1.0", b"HTTP/1.1"})
 H2_VERSION = b"HTTP/2.0"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")           # RFC 9110 5.6.2
+_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\x00[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*\Z")   # NUL-joined
 _LOWER = re.compile(rb"[a-z]")
 # RFC 9110 5.5: a field value is visible characters, SP, HTAB and obs-text; nothing else
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -57,6 +58,11 @@ def check_request(method: bytes, target: bytes, authority: bytes, version: bytes
         return Refusal(505, "HTTP version not supported", f"version {version[:16]!r}")
     if not _TOKEN.match(method):
         return Refusal(400, "invalid request method", "method is not a token")
+    # Method names are case-sensitive (RFC 9110 9.1), so `purge` is not PURGE; but mitmproxy's
+    # own framing compares them case-insensitively (an answer to `head` is read as bodiless)
+    # and origins disagree (nginx and Node refuse `get`, Werkzeug upper-cases it into GET).
+    # Refused, as nginx does, rather than forwarded with two meanings (browsers upper-case the
+    # methods fetch normalises; a script's `patch` goes as written and nginx refuses it too).
     if _LOWER.search(method):
         return Refusal(400, "unknown request method (method names are case-sensitive)",
                        f"lower-case method {method[:16].decode('latin-1')}")
@@ -64,13 +70,15 @@ def check_request(method: bytes, target: bytes, authority: bytes, version: bytes
         return Refusal(400, "a fragment is not allowed in the request target", "fragment in target")
     if _BAD_TARGET_BYTE.search(target) or not (target.startswith(b"/") or (target == b"*" and method == b"OPTIONS")):
         return Refusal(400, "invalid request target", "target is not origin-form")
-    for name, value in fields:
-        if not _TOKEN.match(name):
-            return Refusal(400, "invalid header field name", "field name is not a token")
-        problem = _value_problem(value)
-        if problem is not None:
-            return Refusal(400, f"{problem} in a header field value is not allowed",
-                           f"{problem} in {_field(name)}")
+    names, values = b"\x00".join(k for k, _ in fields), b"\t".join(v for _, v in fields)
+    if (fields and not _TOKENS.match(names)) or _BAD_VALUE_BYTE.search(values):     # one look at all
+        for name, value in fields:                                                  # then: which one
+            if not _TOKEN.match(name):
+                return Refusal(400, "invalid header field name", "field name is not a token")
+            problem = _value_problem(value)
+            if problem is not None:
+                return Refusal(400, f"{problem} in a header field value is not allowed",
+                               f"{problem} in {_field(name)}")
     return _check_host(authority, version, fields, h2) or _check_framing(version, fields, h2)
 
 
@@ -119,9 +127,11 @@ def host_from_target(authority: bytes, fields: Fields) -> Fields:
 
 
 def closes(version: bytes, fields: Fields) -> bool:
-    """Does the client end its connection after this request (RFC 9112 9.3)?"""
+    """Does the connection end after the answer to this request (RFC 9112 9.3)? When the
+    client says `close`, and always for HTTP/1.0: its keep-alive is a Connection option, which
+    the scrub removes as hop-by-hop, so mitmproxy closes those connections."""
     tokens = {t.strip().lower() for v in _values(fields, b"connection") for t in v.split(b",")}
-    return b"close" in tokens or (version == b"HTTP/1.0" and b"keep-alive" not in tokens)
+    return b"close" in tokens or version == b"HTTP/1.0"
 
 
 def http1_fields(fields: Fields, authority: bytes) -> Fields:
