@@ -3,6 +3,7 @@ edge with an origin that records every byte it receives."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -430,3 +431,17 @@ def test_connection_close_is_honoured(edge, recording):
     assert len(o.requests) == 1 and b"/smuggled" not in o.received
     [request] = [split_request(o.received)[0]]
     assert not fields_named(request, b"connection")           # hop-by-hop: not forwarded
+
+
+def test_refusals_and_rewrites_are_in_the_access_log(edge, recording, tmp_path):
+    """The smuggled requests were in no log; what the protocol addon decides is in the trace."""
+    log = tmp_path / "access.log"
+    o = recording()
+    e = edge([o.url], access_log=str(log))
+    exchange(e.host, e.port, MALFORMED["bare CR"][0])
+    exchange(e.host, e.port, b"GET http://other.example/x HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
+    refused, rewritten = (json.loads(line) for line in log.read_text().splitlines())
+    assert refused["status"] == 400 and refused["edge"]["protocol"] == "refused: a bare CR in X-A"
+    assert "origin" not in refused["edge"] and len(o.requests) == 1
+    assert rewritten["status"] == 200 and rewritten["url"] == "http://other.example/x"
+    assert rewritten["edge"]["protocol"] == "absolute-form target: Host from its authority"
