@@ -146,6 +146,7 @@ def test_framed_gives_exactly_one_framing():
     assert framed(HOST + (te,), has_body=True, length=3) == (HOST + (te,), True)           # the client's chunking
     assert framed(HOST + (te, cl), has_body=True, length=None) == (HOST + (te,), True)     # RFC 9112 6.3
     assert framed(HOST, has_body=False, length=0) == (HOST, False)                         # no body, no framing
+    assert framed(HOST + (cl,), has_body=False, length=3) == (HOST + ((b"Content-Length", b"0"),), False)
     assert framed(HOST, has_body=True, length=3) == (HOST + (cl,), False)                  # h2 body, buffered
     assert framed(HOST + (cl,), has_body=True, length=3) == (HOST + (cl,), False)
     assert framed(HOST + ((b"content-length", b"9"),), has_body=True, length=3) == (HOST + (cl,), False)

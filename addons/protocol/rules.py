@@ -163,17 +163,17 @@ def framed(fields: Fields, *, has_body: bool, length: int | None) -> tuple[Field
 
     The client's chunked coding is kept (Content-Length beside it dropped, RFC 9112 6.3); a
     body of known length is sent with that one Content-Length; one whose length is not known
-    yet (an HTTP/2 stream without content-length) goes chunked; no body, no framing. Without
-    this an HTTP/2 body with no content-length reached the origin unframed, to be read as
-    further requests."""
-    te = _values(fields, b"transfer-encoding")
-    if te:
-        return tuple(f for f in fields if f[0].lower() != b"content-length"), True
-    if not has_body:
-        return fields, False
+    yet (an HTTP/2 stream without content-length) goes chunked; no body, no framing (or a
+    Content-Length of 0, never a length that no bytes follow). Without this an HTTP/2 body
+    with no content-length reached the origin unframed, to be read as further requests."""
     rest = tuple(f for f in fields if f[0].lower() != b"content-length")
-    if length is not None:
-        if _values(fields, b"content-length") == [str(length).encode()]:
-            return fields, False
-        return rest + ((b"Content-Length", str(length).encode()),), False
-    return rest + ((b"Transfer-Encoding", b"chunked"),), True
+    if _values(fields, b"transfer-encoding"):
+        return rest, True
+    cl = _values(fields, b"content-length")
+    if not has_body:
+        length = 0                  # whatever a Content-Length said (a re-sent stream has no body left)
+    if length is None:
+        return rest + ((b"Transfer-Encoding", b"chunked"),), True
+    if cl == [str(length).encode()] or (length == 0 and not cl):
+        return fields, False
+    return rest + ((b"Content-Length", str(length).encode()),), False
