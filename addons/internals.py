@@ -38,7 +38,8 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   content-length, and the origin reads the body as further requests (smuggling past every
   hook). Every request now goes with exactly one framing (protocol rules.framed): the client's
   chunked coding, else Content-Length when the length is known (a buffered body, or a stream
-  whose Content-Length holds), else chunked; and always in origin-form.
+  whose Content-Length holds), else chunked; and always in origin-form. Failover never re-sends
+  a request whose body was streamed (it is not kept: the next origin got the head alone).
 - Trailers: mitmproxy's HTTP/1 reader raises NotImplementedError on a chunked body's trailer
   section ("mitmproxy has crashed!", no answer), for requests and responses alike. The section
   is now passed on as a trailers event, as HTTP/2 does; the protocol addon drops trailers, and
@@ -142,7 +143,8 @@ def _handle_protocol_error(self, event):
         yield from _original_handle_protocol_error(self, event)
         return
     if (event.code != ErrorCode.CONNECT_FAILED and self.server_state == self.state_wait_for_response_headers
-            and reroute is not None and reroute(self.flow, event.message, True)):
+            and reroute is not None and reroute(self.flow, event.message, True)
+            and self.flow.request.raw_content is not None):    # a streamed body is gone: not sent again
         if (yield from self.make_server_connection()):
             yield from _send_request(self)
         return

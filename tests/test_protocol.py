@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from addons.protocol.rules import check_request, closes, declared_length, framed, host_from_target, http1_fields
-from tests.rawnet import RecordingOrigin, exchange, status_of
+from tests.rawnet import CLOSE, RecordingOrigin, exchange, status_of
 
 # -- pure ------------------------------------------------------------------------------------------
 
@@ -445,3 +445,15 @@ def test_refusals_and_rewrites_are_in_the_access_log(edge, recording, tmp_path):
     assert "origin" not in refused["edge"] and len(o.requests) == 1
     assert rewritten["status"] == 200 and rewritten["url"] == "http://other.example/x"
     assert rewritten["edge"]["protocol"] == "absolute-form target: Host from its authority"
+
+
+def test_streamed_body_is_never_sent_again_without_its_body(edge, recording):
+    """Failover re-sends a request whose origin failed before answering; a streamed body is
+    gone by then, and the next origin got the PUT with its Content-Length and no body (it
+    would read the next request as the body): a 502 instead."""
+    failing, good = recording(lambda _: CLOSE), recording()
+    e = edge([failing.url, good.url], settings=["stream_large_bodies=1"])
+    put = b"PUT /f HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789"
+    statuses = sorted(status_of(exchange(e.host, e.port, put)) for _ in range(2))
+    assert statuses == [200, 502] and len(failing.requests) == 1
+    assert len(good.requests) == 1 and good.requests[0].endswith(b"\r\n\r\n0123456789")
