@@ -16,6 +16,7 @@ from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.geo.locate import GeoDatabaseError
+from addons.protocol import Protocol
 from addons.route import Route
 from addons.scrub import Scrub
 from addons.scrub.request import RequestScrub
@@ -48,10 +49,13 @@ class Edge:
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
+        # protocol before all: no addon sees a request that is not well-formed, and all see it
+        # normalised (the cache keys on the Host the origin gets)
+        self.protocol = Protocol()
         # shield first: refusals are cheapest before any other work. compress before cache: it
         # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
         # each coding is stored once and hits never recompress
-        self.addons = [self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
+        self.addons = [self.protocol, self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
                        self.admin]
         # the request the origin will see is settled before the cache keys on it (and before
         # compress narrows Accept-Encoding, which Connection could otherwise name afterwards)

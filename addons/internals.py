@@ -45,6 +45,19 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   of an HTTP/2 client) with its error at once, with no connect, even after the origin is
   back. Such a connection is forgotten, so the next request connects again (connections that
   opened and then failed, e.g. an untrusted TLS certificate, stay remembered as mitmproxy means).
+- Request framing towards HTTP/1 origins: mitmproxy's Http1Client.send forwards an HTTP/2
+  request's body without Content-Length or Transfer-Encoding when the client sent no
+  content-length, and the origin reads the body as further requests (smuggling past every
+  hook). Every request now goes with exactly one framing (protocol rules.framed): the client's
+  chunked coding, else Content-Length when the length is known (a buffered body, or a stream
+  whose Content-Length holds), else chunked; and always in origin-form. Failover never re-sends
+  a request whose body was streamed (it is not kept: the next origin got the head alone).
+- Trailers: mitmproxy's HTTP/1 reader raises NotImplementedError on a chunked body's trailer
+  section ("mitmproxy has crashed!", no answer), for requests and responses alike. The section
+  is now passed on as a trailers event, as HTTP/2 does; the protocol addon drops trailers, and
+  the HTTP/1 senders drop any that still reach them (an HTTP/1 sender crashed on those too).
+  A request body that cannot be read (bad chunk syntax or trailer fields) is answered 400
+  before the connection is closed; mitmproxy closed it without an answer.
 """
 
 from __future__ import annotations
@@ -56,15 +69,20 @@ import re
 import time
 from collections.abc import Callable
 
+import h11
+from h11._readers import ChunkedReader
 from mitmproxy import ctx, flow, http, version
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
+from addons.protocol import rules
 from addons.route.health import READ_TIMEOUT
 
 logger = logging.getLogger("edge")
@@ -144,7 +162,8 @@ def _handle_protocol_error(self, event):
         yield from _original_handle_protocol_error(self, event)
         return
     if (event.code != ErrorCode.CONNECT_FAILED and self.server_state == self.state_wait_for_response_headers
-            and reroute is not None and reroute(self.flow, event.message, True)):
+            and reroute is not None and reroute(self.flow, event.message, True)
+            and self.flow.request.raw_content is not None):    # a streamed body is gone: not sent again
         if (yield from self.make_server_connection()):
             yield from _send_request(self)
         return
@@ -339,6 +358,102 @@ def _get_connection(self, event, *, reuse: bool = True):
     return (yield from _original_get_connection(self, event, reuse=reuse))
 
 
+# -- HTTP/1 framing and trailers --------------------------------------------------------------------
+
+def _upstream_head(self, event: http_layer.RequestHeaders) -> bytes:
+    """The request head for an HTTP/1 origin; sets `self.edge_chunked` for the body."""
+    request = event.request
+    data = request.data
+    fields, version = data.headers.fields, data.http_version
+    if request.is_http2 or request.is_http3:
+        fields, version = rules.http1_fields(fields, data.authority), b"HTTP/1.1"
+    if data.content is not None:
+        length = len(data.content)                  # buffered: the whole body is here
+    elif callable(request.stream):
+        length = None                               # a stream function may change the length
+    else:
+        length = rules.declared_length(fields)
+    fields, self.edge_chunked = rules.framed(fields, has_body=not event.end_stream, length=length)
+    if self.edge_chunked and version == b"HTTP/1.0":
+        version = b"HTTP/1.1"                       # chunked needs HTTP/1.1
+    target = data.authority if data.method.upper() == b"CONNECT" else data.path
+    return b"%s %s %s\r\n%s\r\n" % (data.method, target, version, bytes(http.Headers(fields)))
+
+
+def _client_send(self, event):
+    """mitmproxy's Http1Client.send with the edge's framing (see `_upstream_head`)."""
+    if isinstance(event, http_layer.RequestProtocolError):
+        yield commands.CloseConnection(self.conn)
+        return
+    if self.stream_id is None:
+        self.stream_id, self.request = event.stream_id, event.request
+    if isinstance(event, http_layer.RequestHeaders):
+        yield commands.SendData(self.conn, _upstream_head(self, event))
+    elif isinstance(event, http_layer.RequestData):
+        chunked = getattr(self, "edge_chunked", False)
+        if event.data:
+            yield commands.SendData(self.conn, b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked
+                                    else event.data)
+    elif isinstance(event, http_layer.RequestEndOfMessage):
+        if getattr(self, "edge_chunked", False):
+            yield commands.SendData(self.conn, b"0\r\n\r\n")
+        yield from self.mark_done(request=True)
+    elif not isinstance(event, http_layer.RequestTrailers):     # trailers: dropped
+        raise AssertionError(f"Unexpected event: {event}")
+
+
+MALFORMED_BODY = "Malformed request body"
+
+
+class _TrailersReader:
+    """h11's chunked body reader, keeping a trailer section aside (mitmproxy raises on it)."""
+
+    def __init__(self) -> None:
+        self.reader = ChunkedReader()
+        self.trailers: http.Headers | None = None
+
+    def __call__(self, buf):
+        event = self.reader(buf)
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            self.trailers = http.Headers(event.headers.raw_items())
+            return h11.EndOfMessage()
+        return event
+
+    def read_eof(self):
+        return self.reader.read_eof()
+
+
+_original_make_body_reader = _http1.make_body_reader
+_original_read_body = _http1.Http1Connection.read_body
+_original_http1_server_send = _http1.Http1Server.send
+
+
+def _make_body_reader(expected_size: int | None):
+    return _TrailersReader() if expected_size is None else _original_make_body_reader(expected_size)
+
+
+def _read_body(self, event):
+    """mitmproxy's, with a trailer section passed on as a trailers event before the end, and
+    a 400 for a client whose body cannot be read (mitmproxy closes without a word)."""
+    for command in _original_read_body(self, event):
+        if (isinstance(command, commands.CloseConnection) and isinstance(self, _http1.Http1Server)
+                and self.response is None and self.conn.state & ConnectionState.CAN_WRITE):
+            yield commands.SendData(self.conn, _make_error_response(400, MALFORMED_BODY))
+        trailers = getattr(self.body_reader, "trailers", None)
+        if (trailers is not None and isinstance(command, ReceiveHttp)
+                and isinstance(command.event, (http_layer.RequestEndOfMessage, http_layer.ResponseEndOfMessage))):
+            kind = http_layer.RequestTrailers if isinstance(self, _http1.Http1Server) else http_layer.ResponseTrailers
+            yield ReceiveHttp(kind(self.stream_id, trailers))
+        yield command
+
+
+def _server_send(self, event):
+    """mitmproxy's Http1Server.send, dropping trailers (it has no way to send them)."""
+    if isinstance(event, http_layer.ResponseTrailers):
+        return
+    yield from _original_http1_server_send(self, event)
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -359,4 +474,8 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
     proxy_server.ConnectionHandler.handle_connection = _handle_connection
+    _http1.Http1Client.send = _client_send
+    _http1.make_body_reader = _make_body_reader
+    _http1.Http1Connection.read_body = _read_body
+    _http1.Http1Server.send = _server_send
     _installed = True

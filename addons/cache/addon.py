@@ -100,7 +100,7 @@ class Cache:
         req = flow.request
         state = FlowState(self._key(flow))
         flow.metadata[META] = state
-        method = req.method
+        method = req.data.method.decode("latin-1")      # as sent: Request.method upper-cases ("purge")
         if method == "PURGE":
             self._purge_request(flow, state)
             return None
