@@ -45,22 +45,19 @@ class Edge:
     def __init__(self, config: EdgeConfig | None = None, annotate: bool = False, extra=()) -> None:
         """`extra`: an embedder's own addons; they run after routing, before scrubbing (so
         whatever they add is scrubbed too) and before the trace is written."""
+        self.protocol, self.request_scrub = Protocol(), RequestScrub()
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
         # protocol before all: no addon sees a request that is not well-formed, and all see it
-        # normalised (the cache keys on the Host the origin gets)
-        self.protocol = Protocol()
-        # shield first: refusals are cheapest before any other work. compress before cache: it
-        # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
+        # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
+        # are cheapest before any other work. The request the origin will see is settled
+        # (request_scrub) before the cache keys on it and before compress narrows
+        # Accept-Encoding. compress before cache: it compresses before the cache stores, so
         # each coding is stored once and hits never recompress
-        self.addons = [self.protocol, self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
-                       self.admin]
-        # the request the origin will see is settled before the cache keys on it (and before
-        # compress narrows Accept-Encoding, which Connection could otherwise name afterwards)
-        self.request_scrub = RequestScrub()
-        self.addons.insert(self.addons.index(self.compress), self.request_scrub)
+        self.addons = [self.protocol, self.shield, self.request_scrub, self.compress, self.cache, self.route,
+                       *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
