@@ -6,9 +6,9 @@ from mitmproxy import http
 
 from addons.client import client_of, public_base, split_host
 from addons.config import EdgeConfig, ScrubConfig
-from addons.failsafe import fail_closed
+from addons.failsafe import edge_answer, fail_closed
 from addons.scrub.forwarding import forwardable, forwarding_headers
-from addons.scrub.masking import OriginMask
+from addons.scrub.masking import OriginMask, public_address
 from addons.trace import decisions
 
 
@@ -21,10 +21,12 @@ class Scrub:
     def configure_scrub(self, settings: ScrubConfig) -> None:
         self.drop = frozenset(n.lower().encode() for n in (*settings.strip, "via"))
         self.server = settings.server_header.encode() if settings.server_header is not None else None
+        self.error_bodies = settings.error_bodies == "mask"
 
     def apply(self, config: EdgeConfig) -> None:
         self.trusted = config.trusted_proxies
-        self.mask = OriginMask((o.host, o.port) for o in config.origins)
+        self.mask = OriginMask(((o.host, o.port) for o in config.origins), config.scrub.internal_domains,
+                               config.scrub.internal_networks)
         self.configure_scrub(config.scrub)
 
     # -- towards the origin -------------------------------------------------------------------------
@@ -63,12 +65,43 @@ class Scrub:
         return masked
 
     def _mask(self, flow: http.HTTPFlow) -> None:
-        rec, headers = decisions(flow), flow.response.headers
+        rec, resp = decisions(flow), flow.response
         base = public_base(flow, self.trusted)
+        host = split_host(base.split("://", 1)[1])
         fields, removed, rewritten = self.mask.scrub_fields(
-            headers.fields, base, split_host(base.split("://", 1)[1]), self.drop, self.server)
-        headers.fields = fields
+            resp.headers.fields, base, host, self.drop, self.server, flow.request.headers.get("origin"))
+        resp.headers.fields = fields
         if removed:
             rec["scrubbed"] = removed
         if rewritten:
             rec["rewritten"] = rewritten
+        public = public_address(base, host)
+        if resp.reason and resp.reason != http.status_codes.RESPONSES.get(resp.status_code) and \
+                self.mask.leaks(resp.reason, public):
+            resp.reason = http.status_codes.RESPONSES.get(resp.status_code, "")
+            rec["masked_reason"] = True
+        if (self.error_bodies and resp.status_code >= 500 and not resp.stream and resp.raw_content and
+                self.mask.body_leaks(resp.raw_content, resp.headers.get("content-type"),
+                                     resp.headers.get("content-encoding"), public)):
+            self._error_page(flow)
+            rec["masked_body"] = True
+
+    @staticmethod
+    def _error_page(flow: http.HTTPFlow) -> None:
+        """The origin's 5xx body named an internal address: the edge's page of the same status
+        instead, keeping the origin's other headers (Retry-After, Cache-Status, cookies...)
+        but none that described the replaced body."""
+        resp = flow.response
+        page = edge_answer(flow, resp.status_code, "the origin could not complete this request")
+        own = {k.lower() for k in page.headers}
+        kept = tuple((k, v) for k, v in resp.headers.fields
+                     if k.lower() not in REPRESENTATION and k.decode("latin-1").lower() not in own)
+        resp.headers.fields = page.headers.fields + kept
+        resp.raw_content = page.raw_content
+
+
+# Headers about the body itself: wrong for the edge's page that replaces it.
+REPRESENTATION = frozenset({b"content-type", b"content-length", b"content-encoding", b"content-language",
+                            b"content-location", b"content-range", b"content-disposition", b"content-md5",
+                            b"digest", b"content-digest", b"repr-digest", b"etag", b"last-modified",
+                            b"transfer-encoding"})

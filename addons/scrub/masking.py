@@ -68,7 +68,7 @@ _V6 = re.compile(r"(?<![\w.:])(?P<v6>(?:[0-9a-f]{0,4}:){2,7}(?:" + _DOTTED + r"|
                  r"(?:%[\w.~-]+)?(?![\w:.])", re.IGNORECASE)
 # a port alone (Alt-Svc's h3=":22001"), where a value or an item starts
 _BARE_PORT = re.compile(r":(?<![^\s\"'=,;<(]:)(?P<port>\d{1,5})(?![\w.:\]])")
-_HOST_BEFORE = re.compile(r"[\w.-]*\Z")
+_HOST_BEFORE = re.compile(r"[\w.*-]*\Z")      # a name, or a wildcard like *.corp.example
 _HOSTNAME = re.compile(_LABEL)
 _SCHEME_BEFORE = re.compile(r"(?i)(?:^|[^\w+.-])([a-z][a-z0-9+.-]{0,30}):$")
 _COOKIE_DOMAIN = re.compile(r"(?i)(;\s*domain\s*=\s*)\.?([^;\s]+)")
@@ -137,9 +137,9 @@ class OriginMask:
         self.networks = tuple(ipaddress.ip_network(n) for n in internal_networks)
         domains = {d.lower().strip(".") for d in (*DEFAULT_INTERNAL_DOMAINS, *internal_domains)} - {""}
         self.domains = tuple(sorted(domains, key=len, reverse=True))
-        # names under an internal domain, found by their suffix (`.internal`); the host is the
-        # run of name characters before it
-        self.suffixes = re.compile(r"\.(?<=[\w-]\.)(?P<suffix>" + "|".join(re.escape(d) for d in self.domains) +
+        # names under an internal domain (and wildcards: *.internal), found by their suffix; the
+        # host is the run of name characters before it
+        self.suffixes = re.compile(r"\.(?<=[\w*-]\.)(?P<suffix>" + "|".join(re.escape(d) for d in self.domains) +
                                    r")\.?(?::(?P<port>\d{1,5}))?(?![\w-]|\.[\w-])", re.IGNORECASE)
         # names found whole: the origins' names, internal domains that are names themselves
         # (localhost, a user's internal.example; a top-level `private` alone is a word), AWS's
