@@ -243,3 +243,17 @@ def test_body_leaks_reads_codings_within_a_bound():
     assert MASK.body_leaks(bomb, "text/html", "gzip", PUB)          # cannot be read within the bound: masked
     assert MASK.body_leaks(b"not gzip", "text/html", "gzip", PUB)
     assert MASK.body_leaks(b"x", "text/html", "compress", PUB)
+
+
+def test_csp_directives_without_sources_stay():
+    assert MASK._csp("upgrade-insecure-requests; default-src 'self' http://10.0.0.5:22001; block-all-mixed-content", PUB) \
+        == "upgrade-insecure-requests; default-src 'self' https://shop.example; block-all-mixed-content"
+
+
+def test_scanning_stays_linear_on_hostile_values():
+    """A header echoing a client's 32 KB of `a.local` tokens: each name is looked for a bounded
+    way back, not from the start of the value."""
+    value = "x.local/" * 4000
+    assert len(list(MASK._findings(value, PUB))) == 1          # only the first is a name (the others follow a /)
+    value = "a.local " * 4000
+    assert sum(1 for _ in MASK._findings(value, PUB)) == 4000

@@ -48,6 +48,7 @@ DEFAULT_INTERNAL_DOMAINS = ("localhost", "local", "localdomain", "internal", "in
 
 WEB_SCHEMES = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 ORIGIN, INTERNAL = "origin", "internal"          # what a leaking address is
+_UNKNOWN = object()
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _PART = r"(?:0x[0-9a-f]{0,8}|\d{1,11})"
@@ -135,6 +136,7 @@ class OriginMask:
         self.ips = {ip for ip, _ in self.ip_addrs}
         self.names = {h for h, _ in self.addrs if parse_ip(h) is None}
         self.networks = tuple(ipaddress.ip_network(n) for n in internal_networks)
+        self._kinds: dict[tuple, str | None] = {}
         domains = {d.lower().strip(".") for d in (*DEFAULT_INTERNAL_DOMAINS, *internal_domains)} - {""}
         self.domains = tuple(sorted(domains, key=len, reverse=True))
         # names under an internal domain (and wildcards: *.internal), found by their suffix; the
@@ -146,7 +148,7 @@ class OriginMask:
         # ip-10-1-2-3; `literals` are what a value must contain for this scanner to run
         alone = [d for d in self.domains if "." in d or d == "localhost"]
         whole = [re.escape(n) for n in sorted(self.names | set(alone), key=len, reverse=True)]
-        self.literals = (*self.names, *alone, "ip-")
+        self.literals = re.compile("|".join(re.escape(n) for n in (*self.names, *alone, "ip-")))
         self.whole = re.compile(r"(?<![\w./-])(?P<name>" + "|".join([*whole, r"ip(?:-\d{1,3}){4}"]) +
                                 rf")(?:\.{_LABEL})*\.?(?::(?P<port>\d{{1,5}}))?(?![\w-]|\.[\w-])", re.IGNORECASE)
 
@@ -166,6 +168,17 @@ class OriginMask:
         return any(host == d or host.endswith("." + d) for d in self.domains)
 
     def host_kind(self, host: str, port: int | None, public: Public, in_url: bool = False) -> str | None:
+        """`_host_kind`, remembered: the same few hosts (a CDN in every CSP, the site's own
+        links in a page) come back in every response."""
+        key = (host, port, public.base, public.host, in_url)
+        kind = self._kinds.get(key, _UNKNOWN)
+        if kind is _UNKNOWN:
+            if len(self._kinds) >= 4096:
+                self._kinds.clear()
+            kind = self._kinds[key] = self._host_kind(host, port, public, in_url)
+        return kind
+
+    def _host_kind(self, host: str, port: int | None, public: Public, in_url: bool) -> str | None:
         """ORIGIN if (host, port) is an origin, INTERNAL if it is another internal name or
         address, None if it may be shown (public, or the edge's own address). `in_url`: the
         host of a URL, where a browser reads any IPv4 spelling and a dotless name can only be
@@ -189,8 +202,7 @@ class OriginMask:
         return INTERNAL if in_url and "." not in host and _HOSTNAME.fullmatch(host) else None
 
     def _url_kind(self, m: re.Match, public: Public) -> str | None:
-        scheme = _scheme(m)[0]
-        port = int(m["uport"]) if m["uport"] else WEB_SCHEMES.get(scheme or public.scheme)
+        port = int(m["uport"]) if m["uport"] else WEB_SCHEMES.get(_scheme(m)[0] or public.scheme)
         return self.host_kind(unquote(m["uhost"]), port, public, in_url=True)
 
     def _findings(self, value: str, public: Public) -> Iterator[tuple[int, int, str]]:
@@ -207,7 +219,7 @@ class OriginMask:
                 if kinds - {None}:
                     yield m.start(), m.end(), "host"
             for m in self.suffixes.finditer(value):
-                start = _HOST_BEFORE.search(value, 0, m.start()).start()
+                start = _HOST_BEFORE.search(value, max(0, m.start() - 254), m.start()).start()   # names are short
                 if start < m.start() and (start == 0 or value[start - 1] != "/"):   # not a path's file.local
                     host = value[start:m.end("suffix")].strip(".-")
                     if self.host_kind(host, int(m["port"]) if m["port"] else None, public):
@@ -228,8 +240,7 @@ class OriginMask:
                         port = m.groupdict().get("port")
                         if self.host_kind(m["v6"], int(port) if port else None, public):
                             yield m.start(), m.end(), "host"
-        low = value.lower()
-        if any(literal in low for literal in self.literals):
+        if self.literals.search(value.lower()):
             for m in self.whole.finditer(value):
                 host = m[0][:len(m[0]) - len(m["port"]) - 1] if m["port"] else m[0]
                 if self.host_kind(host, int(m["port"]) if m["port"] else None, public):
@@ -333,8 +344,11 @@ class OriginMask:
                 else:
                     kept = sources
                 text = " ".join([tokens[0], *kept])
-                if not (name == "report-uri" and not kept) and not self.leaks(text, public):
-                    directives.append(text)
+                if name == "report-uri" and not kept:
+                    continue
+                if (kept is sources or name == "report-uri") and self.leaks(text, public):
+                    continue           # (a source list's sources were each judged above)
+                directives.append(text)
             if directives:
                 policies.append("; ".join(directives))
         return ", ".join(policies)
@@ -422,7 +436,7 @@ class OriginMask:
         return self.leaks(text.decode("utf-8", "replace"), public)
 
 
-MAX_BODY_SCAN = 1 << 20      # an error page is a few KB; a bigger one is a debug dump
+MAX_BODY_SCAN = 256 << 10    # an error page is a few KB; a bigger one is a debug dump (~20 ms to scan)
 TEXT_TYPES = frozenset({"application/json", "application/xml", "application/javascript",
                         "application/x-javascript", "application/xhtml+xml", "application/x-www-form-urlencoded"})
 
