@@ -257,3 +257,13 @@ def test_scanning_stays_linear_on_hostile_values():
     assert len(list(MASK._findings(value, PUB))) == 1          # only the first is a name (the others follow a /)
     value = "a.local " * 4000
     assert sum(1 for _ in MASK._findings(value, PUB)) == 4000
+
+
+def test_an_origin_behind_the_sites_own_name():
+    """The origin is reached as shop.example too (its own DNS view): the public name alone is
+    not a leak, its origin port is."""
+    mask = OriginMask([("shop.example", 8443), ("127.0.0.1", 9001)])
+    assert not mask.leaks("a=1; Domain=shop.example", PUB)
+    assert mask.leaks("https://shop.example:8443/x", PUB)
+    edge = public_address("http://127.0.0.1:8080", "127.0.0.1")
+    assert not mask.leaks("client 127.0.0.1", edge)       # the edge's own address, no port

@@ -5,6 +5,7 @@ normal site's policies pass untouched."""
 from __future__ import annotations
 
 import gzip
+import json
 
 import httpx
 import pytest
@@ -30,10 +31,10 @@ def scripted(edge):
     `pages` (path -> callable(origin) -> raw response), behind a real edge."""
     started = []
 
-    def start(pages: dict, scrub: str = "{internal_domains: [internal.example]}"):
+    def start(pages: dict, scrub: str = "{internal_domains: [internal.example]}", **kw):
         origin = RecordingOrigin(lambda req: pages[path_of(req)](origin))
         started.append(origin)
-        e = edge(f"pools: {{eu: {{origins: [{origin.url}]}}}}\nscrub: {scrub}\n")
+        e = edge(f"pools: {{eu: {{origins: [{origin.url}]}}}}\nscrub: {scrub}\n", **kw)
         return e, origin
 
     yield start
@@ -153,8 +154,9 @@ ERROR_PAGES = {
 }
 
 
-def test_origin_5xx_bodies_naming_internal_hosts_become_the_edge_page(scripted):
-    e, _ = scripted(ERROR_PAGES)
+def test_origin_5xx_bodies_naming_internal_hosts_become_the_edge_page(scripted, tmp_path):
+    log = tmp_path / "access.log"
+    e, _ = scripted(ERROR_PAGES, access_log=str(log))
     with httpx.Client(base_url=e.url, headers=HOST) as client:
         r = client.get("/trace")
         assert r.status_code == 502 and r.headers["retry-after"] == "30" and r.headers["x-request-id"] == "abc"
@@ -168,6 +170,9 @@ def test_origin_5xx_bodies_naming_internal_hosts_become_the_edge_page(scripted):
         assert client.get("/image").content == b"\x89PNG 10.0.0.5"     # not text: not scanned
     raw = exchange(e.host, e.port, b"GET /reason HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"10.0.0.5" not in raw
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["url"].rsplit("/", 1)[1], line["edge"].get("masked")) for line in lines] == [
+        ("trace", ["body"]), ("gzip", ["body"]), ("clean", None), ("image", None), ("reason", ["reason"])]
 
 
 def test_error_bodies_pass_when_configured(scripted):

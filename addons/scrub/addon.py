@@ -79,12 +79,12 @@ class Scrub:
         if resp.reason and resp.reason != http.status_codes.RESPONSES.get(resp.status_code) and \
                 self.mask.leaks(resp.reason, public):
             resp.reason = http.status_codes.RESPONSES.get(resp.status_code, "")
-            rec["masked_reason"] = True
+            rec.setdefault("masked", []).append("reason")
         if (self.error_bodies and resp.status_code >= 500 and not resp.stream and resp.raw_content and
                 self.mask.body_leaks(resp.raw_content, resp.headers.get("content-type"),
                                      resp.headers.get("content-encoding"), public)):
             self._error_page(flow)
-            rec["masked_body"] = True
+            rec.setdefault("masked", []).append("body")
 
     @staticmethod
     def _error_page(flow: http.HTTPFlow) -> None:

@@ -187,14 +187,16 @@ class OriginMask:
         if not host:
             return None
         ip = parse_host_ip(host) if in_url else parse_ip(host)
-        edge_port = public.port is None or port is None or port == public.port
-        if ip is not None:
-            kind = self._ip_kind(ip, port)
-            return None if kind != ORIGIN and ip == public.ip and edge_port else kind
-        if (host, port) in self.addrs or (port is None and host in self.names):
+        if port is not None and ((host, port) in self.addrs or ip is not None and self._ip_kind(ip, port) == ORIGIN):
             return ORIGIN
-        if host == public.host and edge_port:
+        # the address the client used; without a port it cannot be told from an origin there
+        if (host == public.host or ip is not None and ip == public.ip) and (
+                public.port is None or port is None or port == public.port):
             return None
+        if ip is not None:
+            return self._ip_kind(ip, port)
+        if port is None and host in self.names:
+            return ORIGIN
         if host in self.names or self._internal_name(host):
             return INTERNAL
         if host.startswith("ip-") and (ip := parse_ip(host.split(".", 1)[0][3:].replace("-", "."))):
