@@ -267,3 +267,13 @@ def test_an_origin_behind_the_sites_own_name():
     assert mask.leaks("https://shop.example:8443/x", PUB)
     edge = public_address("http://127.0.0.1:8080", "127.0.0.1")
     assert not mask.leaks("client 127.0.0.1", edge)       # the edge's own address, no port
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ('geolocation=(self "http://10.0.0.5:22001"), camera=()', 'geolocation=(self "https://shop.example"), camera=()'),
+    ('geolocation=(self "http://metrics.internal" "https://maps.example"), fullscreen=*',
+     'geolocation=(self "https://maps.example"), fullscreen=*'),
+    ('payment=("https://x.example" "http://10.1.1.1")', 'payment=("https://x.example")'),
+])
+def test_permissions_policy_keeps_its_features(policy, expected):
+    assert MASK._permissions(policy, PUB) == expected

@@ -77,6 +77,8 @@ _BARE_HOST = re.compile(r"(?i)(?P<host>\[[^\]/]*\]|[^\s/\\?#:@\[\]]+)(?::(?P<por
 _CSP_SOURCE = re.compile(r"(?i)(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[^\]]*\]|\*|(?:\*\.)?[^/:\[\]]+)"
                          r"(?::(?P<port>\d{1,5}|\*))?(?P<path>/.*)?")
 _ALT_AUTHORITY = re.compile(r"\s*([!#$%&'*+.^_`|~\w-]+)\s*=\s*\"(?P<host>\[[^\]]*\]|[^\":]*):(?P<port>\d{1,5})\"")
+_QUOTED = re.compile(r'"([^"]*)"')
+_QUOTED_SPACE = re.compile(r" {2,}")
 _SPLIT = re.compile(r"\"(?:[^\"\\]|\\.)*\"?|<[^>]*>?|[^,\"<]+|,")
 
 
@@ -355,6 +357,14 @@ class OriginMask:
                 policies.append("; ".join(directives))
         return ", ".join(policies)
 
+    def _permissions(self, value: str, public: Public) -> str:
+        """Permissions-Policy (a structured dictionary of origin lists): the origin's own
+        origin string becomes the public one, another internal one is dropped, as a CSP source."""
+        def sub(m: re.Match) -> str:
+            kept = self._csp_source(m[1], public)
+            return "" if kept is None else f'"{kept}"'
+        return _QUOTED_SPACE.sub(" ", _QUOTED.sub(sub, value)).replace("( ", "(").replace(" )", ")")
+
     def _auth(self, value: str, public: Public) -> str:
         """WWW-Authenticate / Proxy-Authenticate: URL parameters (authorization_uri,
         resource_metadata...) rewritten; an internal host in a realm replaced by the public host."""
@@ -498,6 +508,7 @@ _REWRITERS = {
     b"www-authenticate": OriginMask._auth,
     b"proxy-authenticate": OriginMask._auth,
     b"alt-svc": OriginMask._alt_svc,
+    b"permissions-policy": OriginMask._permissions,
     b"report-to": OriginMask.rewrite_urls,
     b"reporting-endpoints": OriginMask.rewrite_urls,
 }
