@@ -208,3 +208,15 @@ def test_scrub_config_defaults():
     assert cfg.scrub.internal_domains == ("corp.example",) and str(cfg.scrub.internal_networks[0]) == "198.18.0.0/15"
     assert cfg.scrub.error_bodies == "mask"
     assert parse_config("pools: {a: {origins: [http://127.0.0.1:1]}}\n").scrub.error_bodies == "mask"
+
+
+def test_streamed_responses_are_rewritten_before_their_head_leaves(scripted):
+    """With stream_large_bodies the head is sent from `responseheaders`: the same rewrites."""
+    body = b"x" * 4096
+    e, _ = scripted({"/big": lambda o: answer("200 OK", [
+        ("Content-Security-Policy", f"default-src 'self' http://127.0.0.1:{o.port}"),
+        ("Location", "//10.1.2.3/x")], body)}, settings=["stream_large_bodies=1k"])
+    r = httpx.get(f"{e.url}/big", headers=HOST)
+    assert r.content == body
+    assert r.headers["content-security-policy"] == "default-src 'self' http://shop.example"
+    assert r.headers["location"] == "http://shop.example/x"
