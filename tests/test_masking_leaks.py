@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import ssl
+import subprocess
+import threading
 
 import httpx
 import pytest
+from h2 import events as h2_events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from addons.config import ConfigError, parse_config
 from tests.rawnet import RecordingOrigin, exchange
@@ -220,3 +227,62 @@ def test_streamed_responses_are_rewritten_before_their_head_leaves(scripted):
     assert r.content == body
     assert r.headers["content-security-policy"] == "default-src 'self' http://shop.example"
     assert r.headers["location"] == "http://shop.example/x"
+
+
+
+class H2TrailerOrigin:
+    """A TLS origin speaking HTTP/2 (ALPN h2) that answers every stream with a body and
+    trailers naming internal hosts, as a gRPC service's grpc-message does."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        context.set_alpn_protocols(["h2"])
+        self.context = context
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            conn = self.context.wrap_socket(raw, server_side=True)
+            h2 = H2Connection(H2Configuration(client_side=False))
+            h2.initiate_connection()
+            conn.sendall(h2.data_to_send())
+            while data := conn.recv(65536):
+                for event in h2.receive_data(data):
+                    if isinstance(event, h2_events.RequestReceived):
+                        h2.send_headers(event.stream_id, [(":status", "200"), ("content-type", "text/plain")])
+                        h2.send_data(event.stream_id, b"ok")
+                        h2.send_headers(event.stream_id, [("grpc-status", "14"),
+                                                          ("grpc-message", "connect to 10.0.0.5:50051 failed"),
+                                                          ("x-trace", "shop")], end_stream=True)
+                conn.sendall(h2.data_to_send())
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            raw.close()
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_http2_response_trailers_are_masked(edge, tls):
+    """curl prints an HTTP/2 response's trailers after the body with -i."""
+    origin = H2TrailerOrigin(tls.server_context())
+    try:
+        e = edge([origin.url], cert=str(tls.pem), settings=[f"ssl_verify_upstream_trusted_ca={tls.ca}"])
+        out = subprocess.run(["curl", "-s", "-i", "--http2", "--max-time", "10", "--cacert", str(tls.ca),
+                              f"https://127.0.0.1:{e.port}/x"], capture_output=True, check=True).stdout
+    finally:
+        origin.stop()
+    assert out.startswith(b"HTTP/2 200") and b"\r\n\r\nok" in out
+    assert b"grpc-status: 14" in out and b"x-trace: shop" in out        # the trailers arrived
+    assert b"10.0.0.5" not in out and b"grpc-message" not in out

@@ -53,6 +53,8 @@ class Scrub:
     def response(self, flow: http.HTTPFlow) -> None:
         if not flow.response.stream:
             self._mask(flow)
+        if flow.response.trailers:      # sent after this hook, streamed or not
+            self._mask_trailers(flow)
 
     def interim_fields(self, fields: tuple, request: http.Request) -> tuple:
         """The masking of `_mask` for an interim (1xx) response, which has no flow hook: the
@@ -85,6 +87,15 @@ class Scrub:
                                      resp.headers.get("content-encoding"), public)):
             self._error_page(flow)
             rec.setdefault("masked", []).append("body")
+
+    def _mask_trailers(self, flow: http.HTTPFlow) -> None:
+        """Trailer fields (gRPC's grpc-message, a Server-Timing) leak as readily as headers."""
+        base = public_base(flow, self.trusted)
+        trailers = flow.response.trailers
+        trailers.fields, removed, _ = self.mask.scrub_fields(
+            trailers.fields, base, split_host(base.split("://", 1)[1]), self.drop, None)
+        if removed:
+            decisions(flow).setdefault("scrubbed", []).extend(removed)
 
     @staticmethod
     def _error_page(flow: http.HTTPFlow) -> None:
