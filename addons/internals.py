@@ -33,6 +33,19 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   while it waits for the event lock escapes without closing it, and the peer is never told: its
   sends block forever (seen under CPU load with a >64 KB first segment). The socket is closed
   on that path too.
+- HTTP/2 client connections (GuardedH2Connection, the Http2Server patches): mitmproxy's h2
+  server counts nothing, so a client may reset streams, or send SETTINGS, PING, PRIORITY,
+  empty DATA and connection WINDOW_UPDATE frames, without end. Each such frame is spent from the
+  connection's budgets (shield/h2abuse.py); past one, h2 ends the connection with GOAWAY
+  ENHANCE_YOUR_CALM. The connection advertises `h2_limits.max_concurrent_streams` and
+  `max_head` as SETTINGS_MAX_HEADER_LIST_SIZE, and a header block (HEADERS + CONTINUATION,
+  compressed or decoded) past twice `max_head` ends it the same way: h2's own defaults let a
+  block grow to 64 CONTINUATION frames of 128 KiB.
+- A reset that mitmproxy drops: when a HEADERS(END_STREAM)+RST_STREAM pair arrives in one read,
+  h2 reports the stream closed by the time mitmproxy handles its StreamEnded, mitmproxy forgets
+  the stream, ignores the reset and the request goes on to the origin (rapid reset: nearly every
+  reset stream became an origin request). The reset is passed on, and a stream reset while its
+  origin connection was being opened sends nothing on it.
 """
 
 from __future__ import annotations
@@ -41,16 +54,26 @@ import asyncio
 import html
 import logging
 import re
+import time
 from collections.abc import Callable
+
+import h2.errors
+import h2.events
+import h2.exceptions
+from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 from mitmproxy import flow, http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http import _http1, _http2
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
+
+from addons.config import Http2Limits
+from addons.shield.h2abuse import FrameBudgets
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -86,15 +109,25 @@ MAX_REROUTES = 8        # bounded whatever `reroute` says
 
 
 def _make_server_connection(self):
-    """mitmproxy's HttpStream.make_server_connection, asking `reroute` after a failed connect."""
+    """mitmproxy's HttpStream.make_server_connection, asking `reroute` after a failed connect,
+    and sending nothing when the client reset the stream while the connection was opened."""
     for _ in range(MAX_REROUTES):
         connection, err = yield http_layer.GetHttpConnection(
             (self.flow.request.host, self.flow.request.port), self.flow.request.scheme == "https",
             self.flow.server_conn.via, self.flow.server_conn.transport_protocol)
+        if not err and (reset := _pending_reset(self)) is not None:
+            yield http_layer.SendHttp(RequestProtocolError(self.stream_id, reset.message, reset.code), connection)
+            self.flow.error = flow.Error(reset.message)
+            yield HttpErrorHook(self.flow)
+            self.client_state = self.server_state = self.state_errored
+            self.flow.live = False
+            yield http_layer.DropStream(self.stream_id)
+            return False
         if not err:
             self.context.server = self.flow.server_conn = connection
             return True
-        if reroute is None or not reroute(self.flow, err, False):
+        if (reroute is None or not self.context.client.connected or _pending_reset(self) is not None
+                or not reroute(self.flow, err, False)):     # a connect the client gave up is not the origin's failure
             break
     yield from self.handle_protocol_error(ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
     return False
@@ -257,6 +290,85 @@ def _read_headers(self, event):
     yield from _original_read_headers(self, event)
 
 
+# -- HTTP/2 client connections ----------------------------------------------------------------------
+
+h2_limits = Http2Limits()
+# (client connection, why) -> None: told when a client connection is ended for a flood
+on_flood: Callable[[object, str], None] | None = None
+_FRAME_KINDS = {RstStreamFrame: "resets", PriorityFrame: "priorities"}
+
+
+def _frame_kind(frame) -> str | None:
+    """Which budget a received frame spends from, if any."""
+    kind = type(frame)
+    if kind is DataFrame:
+        return "empty_frames" if not frame.data and "END_STREAM" not in frame.flags else None
+    if kind is SettingsFrame or kind is PingFrame:
+        return None if "ACK" in frame.flags else ("settings" if kind is SettingsFrame else "pings")
+    if kind is WindowUpdateFrame:
+        return "window_updates" if frame.stream_id == 0 else None
+    return _FRAME_KINDS.get(kind)
+
+
+class Flood(h2.exceptions.DenialOfServiceError):
+    """A client past one of its budgets; h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
+
+
+class GuardedH2Connection(_http_h2.BufferedH2Connection):
+    """mitmproxy's h2 connection for a client, spending each costly frame from its budgets."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.budgets = FrameBudgets(h2_limits, time.monotonic())
+        self.block_cap = 2 * (max_head or 2**16)
+        self.local_settings.max_concurrent_streams = h2_limits.max_concurrent_streams
+        self.local_settings.max_header_list_size = max_head or 2**16
+        self.local_settings.acknowledge()               # as mitmproxy does: sent by initiate_connection
+        self.decoder.max_header_list_size = self.block_cap
+
+    def _receive_frame(self, frame):
+        kind = _frame_kind(frame)
+        if kind is not None and (why := self.budgets.spend(kind, time.monotonic())) is not None:
+            raise Flood(why)                            # h2's receive_data sends the GOAWAY
+        return super()._receive_frame(frame)
+
+    def receive_data(self, data):
+        events = super().receive_data(data)
+        block = self.incoming_buffer._headers_buffer    # HEADERS + CONTINUATION not yet ended
+        if block and sum(len(f.data) for f in block) > self.block_cap:
+            self.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise Flood(f"header block over {self.block_cap} bytes")
+        return events
+
+
+_original_h2_server_init = _http2.Http2Server.__init__
+_original_h2_server_event = _http2.Http2Server.handle_h2_event
+
+
+def _h2_server_init(self, context) -> None:
+    _original_h2_server_init(self, context)
+    self.h2_conn = GuardedH2Connection(self.h2_conf)    # nothing sent yet: that is at Start
+
+
+def _h2_server_event(self, event):
+    """Floods end the connection (h2 has queued the GOAWAY); resets mitmproxy would drop are passed on."""
+    if isinstance(event, h2.exceptions.DenialOfServiceError):
+        if on_flood is not None:
+            on_flood(self.conn, str(event))
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        yield from self.close_connection(f"HTTP/2 flood: {event}")
+        return True
+    if isinstance(event, h2.events.StreamReset) and event.stream_id not in self.streams and event.stream_id % 2:
+        yield ReceiveHttp(RequestProtocolError(event.stream_id, "stream reset by client", ErrorCode.CANCEL))
+        return False
+    return (yield from _original_h2_server_event(self, event))
+
+
+def _pending_reset(stream) -> RequestProtocolError | None:
+    """A client reset of this stream waiting behind the stream's current command, if any."""
+    return next((e for e in stream._paused_event_queue if isinstance(e, RequestProtocolError)), None)
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -275,4 +387,6 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
     proxy_server.ConnectionHandler.handle_connection = _handle_connection
+    _http2.Http2Server.__init__ = _h2_server_init
+    _http2.Http2Server.handle_h2_event = _h2_server_event
     _installed = True
