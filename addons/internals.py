@@ -293,6 +293,8 @@ def _read_headers(self, event):
 # -- HTTP/2 client connections ----------------------------------------------------------------------
 
 h2_limits = Http2Limits()
+LINGER = 2.0        # seconds a flooding client is still read (and ignored) after its GOAWAY: closing
+                    # with its data unread would make the kernel send a reset that destroys the GOAWAY
 # (client connection, why) -> None: told when a client connection is ended for a flood
 on_flood: Callable[[object, str], None] | None = None
 _FRAME_KINDS = {RstStreamFrame: "resets", PriorityFrame: "priorities"}
@@ -328,6 +330,8 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
 
     def _receive_frame(self, frame):
         kind = _frame_kind(frame)
+        if kind == "resets" and not ((stream := self.streams.get(frame.stream_id)) is not None and stream.open):
+            kind = None                                 # a finished stream: the reset cancels no work (curl sends them)
         if kind is not None and (why := self.budgets.spend(kind, time.monotonic())) is not None:
             raise Flood(why)                            # h2's receive_data sends the GOAWAY
         return super()._receive_frame(frame)
@@ -356,12 +360,23 @@ def _h2_server_event(self, event):
         if on_flood is not None:
             on_flood(self.conn, str(event))
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
-        yield from self.close_connection(f"HTTP/2 flood: {event}")
+        for command in self.close_connection(f"HTTP/2 flood: {event}"):
+            if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
+                command = commands.CloseTcpConnection(self.conn, half_close=True)     # FIN after the GOAWAY
+            yield command
+        yield commands.RequestWakeup(LINGER)
+        self._handle_event = _lingering.__get__(self)
         return True
     if isinstance(event, h2.events.StreamReset) and event.stream_id not in self.streams and event.stream_id % 2:
         yield ReceiveHttp(RequestProtocolError(event.stream_id, "stream reset by client", ErrorCode.CANCEL))
         return False
     return (yield from _original_h2_server_event(self, event))
+
+
+def _lingering(self, event):
+    """A flooding client's connection after its GOAWAY: read and ignore, then close."""
+    if isinstance(event, events.Wakeup):
+        yield commands.CloseConnection(self.conn)
 
 
 def _pending_reset(stream) -> RequestProtocolError | None:

@@ -331,6 +331,8 @@ class Shield:
             return
         if conn.alpn == b"h2":
             self.deadlines.stream_closed(conn.id, flow.id, time.monotonic())
+        elif flow.websocket is not None:
+            self.deadlines.forget(conn.id)          # a WebSocket: mitmproxy's tcp_timeout, not ours
         elif flow.response is not None:
             self.deadlines.answered(conn.id, time.monotonic())
 
