@@ -44,8 +44,10 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 - A reset that mitmproxy drops: when a HEADERS(END_STREAM)+RST_STREAM pair arrives in one read,
   h2 reports the stream closed by the time mitmproxy handles its StreamEnded, mitmproxy forgets
   the stream, ignores the reset and the request goes on to the origin (rapid reset: nearly every
-  reset stream became an origin request). The reset is passed on, and a stream reset while its
-  origin connection was being opened sends nothing on it.
+  reset stream became an origin request). The reset is passed on; a stream reset in the same
+  read as its HEADERS never becomes a request at all (no flow, no hooks: the cost of a rapid
+  reset is h2's parsing); a stream reset while its origin connection was being opened sends
+  nothing on it.
 """
 
 from __future__ import annotations
@@ -367,6 +369,8 @@ def _h2_server_event(self, event):
         yield commands.RequestWakeup(LINGER)
         self._handle_event = _lingering.__get__(self)
         return True
+    if isinstance(event, h2.events.RequestReceived) and self.h2_conn._stream_is_closed_by_reset(event.stream_id):
+        return False                # reset in the same read: never a request (no flow, no hooks, no origin)
     if isinstance(event, h2.events.StreamReset) and event.stream_id not in self.streams and event.stream_id % 2:
         yield ReceiveHttp(RequestProtocolError(event.stream_id, "stream reset by client", ErrorCode.CANCEL))
         return False

@@ -138,6 +138,15 @@ class RawH2:
         self.sock.close()
 
 
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def curl_h2(e, tls, *paths: str, upload: int = 0) -> list[str]:
     """A normal HTTP/2 client (curl, ALPN h2 first as browsers): "STATUS VERSION" per path, all
     on one connection (curl reuses it)."""
@@ -172,7 +181,11 @@ def test_rapid_reset_costs_the_origin_nothing_and_ends_the_connection(edge, tls)
     # normal client's request: no reset stream became an origin request.
     paths = [r.split(b" ")[1] for r in o.requests]
     assert paths.count(b"/after") == 1 and paths.count(b"/health") <= len(kept)
-    assert e.master.addons.get("edge").snapshot()["shield"] == {"connection: http2 flood": 1}
+    snapshot = e.master.addons.get("edge").snapshot
+    assert snapshot()["shield"] == {"connection: http2 flood": 1}
+    # nothing counted against the origin, and every cancelled flow let go of it
+    assert wait_for(lambda: snapshot()["pools"]["default"]["origins"][0]["in_flight"] == 0)
+    assert snapshot()["pools"]["default"]["origins"][0]["state"] == "up"
     attacker.close()
     o.stop()
 
