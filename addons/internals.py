@@ -359,8 +359,11 @@ def _h2_server_init(self, context) -> None:
 def _h2_server_event(self, event):
     """Floods end the connection (h2 has queued the GOAWAY); resets mitmproxy would drop are passed on."""
     if isinstance(event, h2.exceptions.DenialOfServiceError):
-        if on_flood is not None:
-            on_flood(self.conn, str(event))
+        try:
+            if on_flood is not None:
+                on_flood(self.conn, str(event))
+        except Exception:           # the connection is ended all the same
+            logger.exception("edge: could not record an HTTP/2 flood")
         yield commands.SendData(self.conn, self.h2_conn.data_to_send())
         for command in self.close_connection(f"HTTP/2 flood: {event}"):
             if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
