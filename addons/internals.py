@@ -297,6 +297,7 @@ def _read_headers(self, event):
 h2_limits = Http2Limits()
 LINGER = 2.0        # seconds a flooding client is still read (and ignored) after its GOAWAY: closing
                     # with its data unread would make the kernel send a reset that destroys the GOAWAY
+LINGER_BYTES = 2**20    # ... or until it sent this much more: a client still pushing is cut off now
 # (client connection, why) -> None: told when a client connection is ended for a flood
 on_flood: Callable[[object, str], None] | None = None
 _FRAME_KINDS = {RstStreamFrame: "resets", PriorityFrame: "priorities"}
@@ -370,6 +371,7 @@ def _h2_server_event(self, event):
                 command = commands.CloseTcpConnection(self.conn, half_close=True)     # FIN after the GOAWAY
             yield command
         yield commands.RequestWakeup(LINGER)
+        self.lingered = 0
         self._handle_event = _lingering.__get__(self)
         return True
     if isinstance(event, h2.events.RequestReceived) and self.h2_conn._stream_is_closed_by_reset(event.stream_id):
@@ -382,7 +384,10 @@ def _h2_server_event(self, event):
 
 def _lingering(self, event):
     """A flooding client's connection after its GOAWAY: read and ignore, then close."""
-    if isinstance(event, events.Wakeup):
+    if isinstance(event, events.DataReceived):
+        self.lingered += len(event.data)
+    if isinstance(event, events.Wakeup) or self.lingered > LINGER_BYTES:
+        self._handle_event = self.done
         yield commands.CloseConnection(self.conn)
 
 
