@@ -211,6 +211,23 @@ def test_streams_reset_within_the_budget_never_reach_the_origin(edge, tls):
     o.stop()
 
 
+def test_a_reset_drops_the_exchange_already_with_the_origin(edge, tls):
+    o = RecordingOrigin(lambda request: None)                       # takes the request, never answers
+    e = edge([o.url], cert=str(tls.pem))
+    client = RawH2(e, tls)
+    client.conn.send_headers(1, GET, end_stream=True)
+    client.flush()
+    assert len(o.wait_for_requests(1)) == 1
+    client.conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    client.flush()
+    assert o.connections[0].closed.wait(5)                           # the edge let go of the origin
+    origin = e.master.addons.get("edge").snapshot()["pools"]["default"]["origins"][0]
+    assert origin["state"] == "up" and wait_for(
+        lambda: e.master.addons.get("edge").snapshot()["pools"]["default"]["origins"][0]["in_flight"] == 0)
+    client.close()
+    o.stop()
+
+
 def test_a_browser_cancelling_two_pages_is_not_cut(edge, tls):
     """Navigating away cancels every open stream: twice the concurrency limit is within the budget."""
     o = RecordingOrigin()
@@ -270,11 +287,13 @@ def test_control_frame_floods_get_goaway_enhance_your_calm(edge, origin, tls, ki
 
 
 def test_a_normal_http2_client_doing_many_requests_is_never_cut(edge, origin, tls):
-    o = origin("o")
+    big = (200, [("Content-Type", "application/octet-stream"), ("Cache-Control", "no-store")], b"x" * 20_000_000)
+    o = origin("o", pages={"/echo": lambda req, o: (200, [], b"ok"), "/big": lambda req, o: big})
     e = edge([o.url], cert=str(tls.pem))
     assert curl_h2(e, tls, *(f"/echo?{i}" for i in range(300))) == ["200 2"] * 300
     assert curl_h2(e, tls, "/echo", upload=2_000_000) == ["200 2"]
-    assert len(o.seen) == 301
+    assert curl_h2(e, tls, "/big", "/big") == ["200 2"] * 2      # its WINDOW_UPDATEs are within budget
+    assert len(o.seen) == 303
     assert e.master.addons.get("edge").snapshot()["shield"] == {}
 
 
