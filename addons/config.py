@@ -149,7 +149,7 @@ class Http2Limits:
     A browser opens at most max_concurrent_streams at once and cancels at most those (a
     navigation away): the reset burst is two such navigations; the others are far above what
     browsers send (one SETTINGS, a few PINGs and PRIORITY frames per connection)."""
-    max_concurrent_streams: int = 100        # advertised in SETTINGS (h2's and nginx's order of magnitude)
+    max_concurrent_streams: int = 100        # advertised in SETTINGS: h2's default (nginx: 128)
     resets: FrameBudget = FrameBudget(20, 200)            # RST_STREAM from the client (CVE-2023-44487)
     settings: FrameBudget = FrameBudget(1, 20)            # SETTINGS frames (each costs us an ACK)
     pings: FrameBudget = FrameBudget(2, 20)               # PING frames (each costs us an answer)
