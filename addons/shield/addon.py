@@ -161,7 +161,7 @@ class Shield:
         if flow.response:
             return None
         conn = flow.client_conn
-        if self.deadlines is not None:
+        if self.deadlines is not None and not flow.is_replay:      # a background refresh is ours, not the client's
             self._head_received(flow)
         if head_bytes(flow.request) > self.limits.max_header_bytes:
             self._refuse(flow, "size", "block", 431, "request header fields too large", close=conn.alpn != b"h2")
@@ -270,7 +270,7 @@ class Shield:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if self.deadlines is not None:
+        if self.deadlines is not None and not flow.is_replay:
             if flow.client_conn.alpn == b"h2":
                 self.deadlines.stream_body_received(flow.client_conn.id, flow.id)
             else:
@@ -327,7 +327,7 @@ class Shield:
     def _stream_done(self, flow: http.HTTPFlow) -> None:
         """Keep-alive from here: the next head (HTTP/1) or stream (HTTP/2) has the idle deadline."""
         conn = flow.client_conn
-        if self.deadlines is None or conn.id not in self.clients:
+        if self.deadlines is None or flow.is_replay or conn.id not in self.clients:
             return
         if conn.alpn == b"h2":
             self.deadlines.stream_closed(conn.id, flow.id, time.monotonic())
