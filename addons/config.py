@@ -170,6 +170,39 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class FrameBudget:
+    """A token bucket per HTTP/2 connection for one kind of frame: `burst` at once, then `rate`
+    per second."""
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Http2Limits:
+    """What one HTTP/2 connection may do before it is closed with GOAWAY ENHANCE_YOUR_CALM.
+    A browser opens at most max_concurrent_streams at once and cancels at most those (a
+    navigation away): the reset burst is two such navigations; the others are far above what
+    browsers send (one SETTINGS, a few PINGs and PRIORITY frames per connection)."""
+    max_concurrent_streams: int = 100        # advertised in SETTINGS: h2's default (nginx: 128)
+    resets: FrameBudget = FrameBudget(20, 200)            # RST_STREAM from the client (CVE-2023-44487)
+    settings: FrameBudget = FrameBudget(1, 20)            # SETTINGS frames (each costs us an ACK)
+    pings: FrameBudget = FrameBudget(2, 20)               # PING frames (each costs us an answer)
+    priorities: FrameBudget = FrameBudget(50, 200)        # PRIORITY frames
+    empty_frames: FrameBudget = FrameBudget(10, 100)      # DATA frames with no data that do not end a stream
+    window_updates: FrameBudget = FrameBudget(500, 1000)  # WINDOW_UPDATE on the connection (stream 0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits that apply whether or not there is a `shield:` section (its keys tune
+    them): head and body size, slow-client deadlines, HTTP/2 abuse."""
+    max_header_bytes: int = 32 * 2**10
+    max_body: int = 10 * 2**20
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    http2: Http2Limits = field(default_factory=Http2Limits)
+
+
+@dataclass(frozen=True)
 class WafConfig:
     engine: str = "modsecurity"
     paranoia: int = 1
@@ -199,9 +232,6 @@ class ShieldConfig:
     deny_countries: tuple[str, ...] = ()
     connections_per_ip: int | None = 64
     rate_limit: RateLimit | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    max_header_bytes: int = 32 * 2**10
-    max_body: int = 10 * 2**20
     waf: WafConfig | None = None
     bots: BotConfig | None = None
 
@@ -222,6 +252,7 @@ class EdgeConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     access_log: str | None = None
     shield: ShieldConfig | None = None
+    limits: Limits = field(default_factory=Limits)     # always on; tuned by the shield section
     admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
     source: str = "<config>"
 
@@ -490,7 +521,7 @@ def _mode(r: _Reader, raw: dict, path: tuple, default: str) -> str:
 
 def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldConfig:
     raw = r.mapping(raw, path, {"mode", "allow", "deny", "deny_countries", "connections_per_ip", "rate_limit",
-                                "timeouts", "max_header_bytes", "max_body", "waf", "bots"})
+                                "timeouts", "max_header_bytes", "max_body", "http2", "waf", "bots"})
     mode = _mode(r, raw, path, "block")
     nets = {key: tuple(r.convert(parse_network, v, path + (key, i))
                        for i, v in enumerate(r.listing(raw.get(key), path + (key,)))) for key in ("allow", "deny")}
@@ -515,20 +546,6 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
         if not isinstance(store, str) or not (store == "memory" or re.fullmatch(r"rediss?://[^\s]+", store)):
             raise r.doc.error(rpath + ("store",), "expected memory or a redis://HOST:PORT/DB URL")
         rate_limit = RateLimit(rate, burst, key, store, _mode(r, rl, rpath, mode))
-    timeouts = Timeouts()
-    if raw.get("timeouts") is not None:
-        tpath = path + ("timeouts",)
-        t = r.mapping(raw["timeouts"], tpath, {"request_headers", "request_body", "idle"})
-        values = {k: r.convert(parse_duration, t[k], tpath + (k,)) if k in t else getattr(timeouts, k)
-                  for k in ("request_headers", "request_body", "idle")}
-        for k, v in values.items():
-            if v <= 0:
-                raise r.doc.error(tpath + (k,), "must be more than 0")
-        timeouts = Timeouts(**values)
-    sizes = {k: r.convert(parse_size, raw[k], path + (k,)) if k in raw else getattr(ShieldConfig, k)
-             for k in ("max_header_bytes", "max_body")}
-    if sizes["max_header_bytes"] < 1024:
-        raise r.doc.error(path + ("max_header_bytes",), "at least 1KB (browsers send a few KB of headers)")
     waf = None
     if raw.get("waf") is not None:
         wpath = path + ("waf",)
@@ -580,8 +597,40 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
         bots = BotConfig(lists["block"], lists["allow"], challenge, secret_file, traps, _mode(r, b, bpath, mode))
     if countries and geo is None:
         raise r.doc.error(path + ("deny_countries",), "needs routing.geo (its database locates clients)")
-    return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, timeouts,
-                        sizes["max_header_bytes"], sizes["max_body"], waf, bots)
+    return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, waf, bots)
+
+
+def _limits(r: _Reader, raw: Any, path: tuple) -> Limits:
+    """The resource limits from the shield section's keys (the section is checked by _shield)."""
+    raw = raw if isinstance(raw, dict) else {}
+    timeouts = Timeouts()
+    if raw.get("timeouts") is not None:
+        tpath = path + ("timeouts",)
+        t = r.mapping(raw["timeouts"], tpath, {"request_headers", "request_body", "idle"})
+        values = {k: r.convert(parse_duration, t[k], tpath + (k,)) if k in t else getattr(timeouts, k)
+                  for k in ("request_headers", "request_body", "idle")}
+        for k, v in values.items():
+            if v <= 0:
+                raise r.doc.error(tpath + (k,), "must be more than 0")
+        timeouts = Timeouts(**values)
+    sizes = {k: r.convert(parse_size, raw[k], path + (k,)) if k in raw else getattr(Limits, k)
+             for k in ("max_header_bytes", "max_body")}
+    if sizes["max_header_bytes"] < 1024:
+        raise r.doc.error(path + ("max_header_bytes",), "at least 1KB (browsers send a few KB of headers)")
+    http2 = Http2Limits()
+    if raw.get("http2") is not None:
+        hpath = path + ("http2",)
+        budgets = [f.name for f in dataclasses.fields(Http2Limits) if f.name != "max_concurrent_streams"]
+        h = r.mapping(raw["http2"], hpath, {"max_concurrent_streams", *budgets})
+        values = {"max_concurrent_streams": _whole(r, h, "max_concurrent_streams", hpath,
+                                                   http2.max_concurrent_streams, 10000)}
+        for name in budgets:
+            default, bpath = getattr(http2, name), hpath + (name,)
+            b = r.mapping(h.get(name), bpath, {"rate", "burst"})
+            rate = r.convert(parse_rate, b["rate"], bpath + ("rate",)) if "rate" in b else default.rate
+            values[name] = FrameBudget(rate, _whole(r, b, "burst", bpath, default.burst, 10**6))
+        http2 = Http2Limits(**values)
+    return Limits(sizes["max_header_bytes"], sizes["max_body"], timeouts, http2)
 
 
 def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
@@ -743,9 +792,10 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
 
     admin = r.convert(parse_hostport, top["admin"], ("admin",)) if top.get("admin") is not None else None
     shield = _shield(r, top["shield"], ("shield",), geo) if top.get("shield") is not None else None
+    limits = _limits(r, top.get("shield"), ("shield",))
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
-    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, trusted_proxies=trusted,
+    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)

@@ -58,6 +58,21 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   the HTTP/1 senders drop any that still reach them (an HTTP/1 sender crashed on those too).
   A request body that cannot be read (bad chunk syntax or trailer fields) is answered 400
   before the connection is closed; mitmproxy closed it without an answer.
+- HTTP/2 client connections (GuardedH2Connection, the Http2Server patches): mitmproxy's h2
+  server counts nothing, so a client may reset streams, or send SETTINGS, PING, PRIORITY,
+  empty DATA and connection WINDOW_UPDATE frames, without end. Each such frame is spent from the
+  connection's budgets (shield/h2abuse.py); past one, h2 ends the connection with GOAWAY
+  ENHANCE_YOUR_CALM. The connection advertises `h2_limits.max_concurrent_streams` and
+  `max_head` as SETTINGS_MAX_HEADER_LIST_SIZE, and a header block (HEADERS + CONTINUATION,
+  compressed or decoded) past twice `max_head` ends it the same way: h2's own defaults let a
+  block grow to 64 CONTINUATION frames of 128 KiB.
+- A reset that mitmproxy drops: when a HEADERS(END_STREAM)+RST_STREAM pair arrives in one read,
+  h2 reports the stream closed by the time mitmproxy handles its StreamEnded, mitmproxy forgets
+  the stream, ignores the reset and the request goes on to the origin (rapid reset: nearly every
+  reset stream became an origin request). The reset is passed on; a stream reset in the same
+  read as its HEADERS never becomes a request at all (no flow, no hooks: the cost of a rapid
+  reset is h2's parsing); a stream reset while its origin connection was being opened sends
+  nothing on it.
 """
 
 from __future__ import annotations
@@ -70,20 +85,26 @@ import time
 from collections.abc import Callable
 
 import h11
+import h2.errors
+import h2.events
+import h2.exceptions
 from h11._readers import ChunkedReader
+from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http import _http1, _http2
+from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
+from addons.config import Http2Limits
 from addons.protocol import rules
 from addons.route.health import READ_TIMEOUT
+from addons.shield.h2abuse import FrameBudgets
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -119,15 +140,25 @@ MAX_REROUTES = 8        # bounded whatever `reroute` says
 
 
 def _make_server_connection(self):
-    """mitmproxy's HttpStream.make_server_connection, asking `reroute` after a failed connect."""
+    """mitmproxy's HttpStream.make_server_connection, asking `reroute` after a failed connect,
+    and sending nothing when the client reset the stream while the connection was opened."""
     for _ in range(MAX_REROUTES):
         connection, err = yield http_layer.GetHttpConnection(
             (self.flow.request.host, self.flow.request.port), self.flow.request.scheme == "https",
             self.flow.server_conn.via, self.flow.server_conn.transport_protocol)
+        if not err and (reset := _pending_reset(self)) is not None:
+            yield http_layer.SendHttp(RequestProtocolError(self.stream_id, reset.message, reset.code), connection)
+            self.flow.error = flow.Error(reset.message)
+            yield HttpErrorHook(self.flow)
+            self.client_state = self.server_state = self.state_errored
+            self.flow.live = False
+            yield http_layer.DropStream(self.stream_id)
+            return False
         if not err:
             self.context.server = self.flow.server_conn = connection
             return True
-        if reroute is None or not reroute(self.flow, err, False):
+        if (reroute is None or not self.context.client.connected or _pending_reset(self) is not None
+                or not reroute(self.flow, err, False)):     # a connect the client gave up is not the origin's failure
             break
     yield from self.handle_protocol_error(ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
     return False
@@ -454,6 +485,110 @@ def _server_send(self, event):
     yield from _original_http1_server_send(self, event)
 
 
+# -- HTTP/2 client connections ----------------------------------------------------------------------
+
+h2_limits = Http2Limits()
+LINGER = 2.0        # seconds a flooding client is still read (and ignored) after its GOAWAY: closing
+                    # with its data unread would make the kernel send a reset that destroys the GOAWAY
+LINGER_BYTES = 2**20    # ... or until it sent this much more: a client still pushing is cut off now
+# (client connection, why) -> None: told when a client connection is ended for a flood
+on_flood: Callable[[object, str], None] | None = None
+_FRAME_KINDS = {RstStreamFrame: "resets", PriorityFrame: "priorities"}
+
+
+def _frame_kind(frame) -> str | None:
+    """Which budget a received frame spends from, if any."""
+    kind = type(frame)
+    if kind is DataFrame:
+        return "empty_frames" if not frame.data and "END_STREAM" not in frame.flags else None
+    if kind is SettingsFrame or kind is PingFrame:
+        return None if "ACK" in frame.flags else ("settings" if kind is SettingsFrame else "pings")
+    if kind is WindowUpdateFrame:
+        return "window_updates" if frame.stream_id == 0 else None
+    return _FRAME_KINDS.get(kind)
+
+
+class Flood(h2.exceptions.DenialOfServiceError):
+    """A client past one of its budgets; h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
+
+
+class GuardedH2Connection(_http_h2.BufferedH2Connection):
+    """mitmproxy's h2 connection for a client, spending each costly frame from its budgets."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.budgets = FrameBudgets(h2_limits, time.monotonic())
+        self.block_cap = 2 * (max_head or 2**16)
+        self.local_settings.max_concurrent_streams = h2_limits.max_concurrent_streams
+        self.local_settings.max_header_list_size = max_head or 2**16
+        self.local_settings.acknowledge()               # as mitmproxy does: sent by initiate_connection
+        self.decoder.max_header_list_size = self.block_cap
+
+    def _receive_frame(self, frame):
+        kind = _frame_kind(frame)
+        if kind == "resets" and not ((stream := self.streams.get(frame.stream_id)) is not None and stream.open):
+            kind = None                                 # a finished stream: the reset cancels no work (curl sends them)
+        if kind is not None and (why := self.budgets.spend(kind, time.monotonic())) is not None:
+            raise Flood(why)                            # h2's receive_data sends the GOAWAY
+        return super()._receive_frame(frame)
+
+    def receive_data(self, data):
+        events = super().receive_data(data)
+        block = self.incoming_buffer._headers_buffer    # HEADERS + CONTINUATION not yet ended
+        if block and sum(len(f.data) for f in block) > self.block_cap:
+            self.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise Flood(f"header block over {self.block_cap} bytes")
+        return events
+
+
+_original_h2_server_init = _http2.Http2Server.__init__
+_original_h2_server_event = _http2.Http2Server.handle_h2_event
+
+
+def _h2_server_init(self, context) -> None:
+    _original_h2_server_init(self, context)
+    self.h2_conn = GuardedH2Connection(self.h2_conf)    # nothing sent yet: that is at Start
+
+
+def _h2_server_event(self, event):
+    """Floods end the connection (h2 has queued the GOAWAY); resets mitmproxy would drop are passed on."""
+    if isinstance(event, h2.exceptions.DenialOfServiceError):
+        try:
+            if on_flood is not None:
+                on_flood(self.conn, str(event))
+        except Exception:           # the connection is ended all the same
+            logger.exception("edge: could not record an HTTP/2 flood")
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        for command in self.close_connection(f"HTTP/2 flood: {event}"):
+            if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
+                command = commands.CloseTcpConnection(self.conn, half_close=True)     # FIN after the GOAWAY
+            yield command
+        yield commands.RequestWakeup(LINGER)
+        self.lingered = 0
+        self._handle_event = _lingering.__get__(self)
+        return True
+    if isinstance(event, h2.events.RequestReceived) and self.h2_conn._stream_is_closed_by_reset(event.stream_id):
+        return False                # reset in the same read: never a request (no flow, no hooks, no origin)
+    if isinstance(event, h2.events.StreamReset) and event.stream_id not in self.streams and event.stream_id % 2:
+        yield ReceiveHttp(RequestProtocolError(event.stream_id, "stream reset by client", ErrorCode.CANCEL))
+        return False
+    return (yield from _original_h2_server_event(self, event))
+
+
+def _lingering(self, event):
+    """A flooding client's connection after its GOAWAY: read and ignore, then close."""
+    if isinstance(event, events.DataReceived):
+        self.lingered += len(event.data)
+    if isinstance(event, events.Wakeup) or self.lingered > LINGER_BYTES:
+        self._handle_event = self.done
+        yield commands.CloseConnection(self.conn)
+
+
+def _pending_reset(stream) -> RequestProtocolError | None:
+    """A client reset of this stream waiting behind the stream's current command, if any."""
+    return next((e for e in stream._paused_event_queue if isinstance(e, RequestProtocolError)), None)
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -478,4 +613,6 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.make_body_reader = _make_body_reader
     _http1.Http1Connection.read_body = _read_body
     _http1.Http1Server.send = _server_send
+    _http2.Http2Server.__init__ = _h2_server_init
+    _http2.Http2Server.handle_h2_event = _h2_server_event
     _installed = True

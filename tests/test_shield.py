@@ -6,11 +6,12 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
 
-from addons.config import ConfigError, parse_config, parse_rate
+from addons.config import ConfigError, Limits, Timeouts, config_from_origins, parse_config, parse_rate
 from addons.shield.limits import ConnectionCounts, MemoryStore, rate_key, take
 from addons.shield.slow import Deadlines
 
@@ -508,3 +509,45 @@ def test_a_shared_challenge_secret_lets_another_edge_accept_the_cookie(origin, e
         secret.write_bytes(b"short")
         parse_config(f"pools: {{a: {{origins: [http://x]}}}}\nshield:\n  bots: {{challenge: true, secret_file: {secret}}}\n")
     assert "fewer than 16 bytes" in str(bad.value)
+
+
+# -- limits without a shield section -------------------------------------------------------------------
+
+def unshielded(edge, origin, **limits):
+    """An edge with no `shield:` section; `limits` stand in for what its keys would tune."""
+    o = origin("o")
+    return edge(replace(config_from_origins([o.url]), limits=Limits(**limits))), o
+
+
+def test_without_a_shield_section_heads_are_capped_at_32kb(origin, edge):
+    e, o = unshielded(edge, origin)
+    assert e.config.shield is None
+    assert httpx.get(f"{e.url}/echo", headers={"X-Big": "a" * 40_000}).status_code == 431
+    assert httpx.get(f"{e.url}/echo", headers={"X-Fine": "a" * 20_000}).status_code == 200
+    s = raw_connect(e)                                              # a head that has not ended at 40 KB
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Trickle: " + b"a" * 40_000)
+    assert s.recv(1024).startswith(b"HTTP/1.1 431")
+    assert len(o.seen) == 1
+
+
+def test_without_a_shield_section_bodies_are_capped(origin, edge):
+    e, o = unshielded(edge, origin)
+    s = raw_connect(e)                                              # the default 10 MB, told before any body byte
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10485761\r\n\r\n")
+    assert s.recv(1024).startswith(b"HTTP/1.1 413")
+    assert not o.seen
+
+
+def test_without_a_shield_section_a_half_sent_request_line_is_closed(origin, edge):
+    e, o = unshielded(edge, origin, max_body=1024, timeouts=Timeouts(0.5, 0.5, 0.5))
+    loris = raw_connect(e)
+    loris.sendall(b"GET /health HTT")                               # and then nothing more
+    started = time.monotonic()
+    with httpx.Client() as c:
+        while time.monotonic() - started < 1.0:                     # a normal client meanwhile
+            assert c.get(f"{e.url}/health").status_code == 200
+        assert c.post(f"{e.url}/echo", content=b"x" * 2048).status_code == 413
+    loris.settimeout(5)
+    assert closed_without_answer(loris)
+    assert time.monotonic() - started < 5
+    assert not [s for s in o.seen if s.method == "POST"]

@@ -9,7 +9,10 @@ request            the WAF's phase 2 (body, anomaly score): for every request th
                    an origin; a cache hit, answered from memory, reaches none and is not scored
 (timers)           slow clients: heads and bodies that do not complete in time are cut off
 
-Every verdict is recorded in the trace (`shield`); `mode: detect` records without refusing.
+The resource limits (head and body size, slow-client deadlines, HTTP/2 floods: `config.limits`)
+apply with or without a `shield:` section and always refuse: they protect the edge itself.
+Every verdict is recorded in the trace (`shield`); `mode: detect` records the other parts'
+verdicts without refusing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mitmproxy.connection import Client
 
 from addons import internals
 from addons.client import client_of
-from addons.config import EdgeConfig, ShieldConfig
+from addons.config import EdgeConfig, Limits, ShieldConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
@@ -50,6 +53,7 @@ class Shield:
         self.locator = locator             # the route addon's geo database, for deny_countries
         self.log = log                     # the access log, for connections refused before any request
         self.config: ShieldConfig | None = None
+        self.limits = Limits()
         self.trusted: tuple = ()
         self.counts: ConnectionCounts | None = None
         self.limiter: MemoryStore | RedisStore | None = None
@@ -68,9 +72,12 @@ class Shield:
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
+        limits = self.limits = config.limits
         self.trusted = config.trusted_proxies
-        internals.max_head = shield.max_header_bytes if shield else None
-        internals.max_request_body = shield.max_body if shield else None
+        internals.max_head = limits.max_header_bytes
+        internals.max_request_body = limits.max_body
+        internals.h2_limits = limits.http2
+        internals.on_flood = self._flooded
         self.counts = ConnectionCounts(shield.connections_per_ip) if shield and shield.connections_per_ip else None
         rl = shield.rate_limit if shield else None
         if rl is None:
@@ -79,9 +86,9 @@ class Shield:
             self.limiter = MemoryStore(rl.rate, rl.burst)
         else:
             self.limiter = RedisStore(rl.store, rl.rate, rl.burst)
-        t = shield.timeouts if shield else None
-        self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle) if t else None
-        self.waf = Waf(shield.waf, shield.max_body) if shield and shield.waf else None
+        t = limits.timeouts
+        self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle)
+        self.waf = Waf(shield.waf, limits.max_body) if shield and shield.waf else None
         self.behaviour = Behaviour(shield.bots.trap_paths) if shield and shield.bots else None
         if shield and shield.bots and shield.bots.challenge:
             if shield.bots.secret_file:                         # shared by every edge that reads it
@@ -96,7 +103,12 @@ class Shield:
     # -- connections ----------------------------------------------------------------------------
 
     def client_connected(self, client: Client) -> None:
-        if self.config is None or client.error:
+        if client.error:
+            return
+        if self.deadlines is not None:
+            self.clients[client.id] = client
+            self.deadlines.connected(client.id, time.monotonic())
+        if self.config is None:
             return
         try:
             self._admit(client)
@@ -106,9 +118,6 @@ class Shield:
 
     def _admit(self, client: Client) -> None:
         ip = parse_ip(client.peername[0])
-        if self.deadlines is not None:
-            self.clients[client.id] = client
-            self.deadlines.connected(client.id, time.monotonic())
         if in_networks(ip, self.trusted):
             return                          # a proxy carries many clients: judged per request
         if in_networks(ip, self.config.allow):
@@ -149,13 +158,16 @@ class Shield:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow):
-        if self.config is None or flow.response:
+        if flow.response:
             return None
         conn = flow.client_conn
-        if self.deadlines is not None and conn.alpn != b"h2":
-            body = bool(flow.request.headers.get("content-length", "0") != "0"
-                        or "transfer-encoding" in flow.request.headers)
-            self.deadlines.head_received(conn.id, time.monotonic(), body)
+        if self.deadlines is not None and not flow.is_replay:      # a background refresh is ours, not the client's
+            self._head_received(flow)
+        if head_bytes(flow.request) > self.limits.max_header_bytes:
+            self._refuse(flow, "size", "block", 431, "request header fields too large", close=conn.alpn != b"h2")
+            return None
+        if self.config is None:
+            return None
         rec = decisions(flow)
         if conn.id in self.allowed:
             rec["shield"] = "allow-listed"
@@ -167,15 +179,23 @@ class Shield:
         if in_networks(parse_ip(conn.peername[0]), self.trusted) and ip != conn.peername[0]:
             if (why := self._listed(ip)) is not None and self._refuse(flow, "lists", self.config.mode, 403, why):
                 return None
-        if head_bytes(flow.request) > self.config.max_header_bytes:
-            if self._refuse(flow, "size", self.config.mode, 431, "request header fields too large", close=True):
-                return None
         if isinstance(self.limiter, RedisStore):
             return self._limited_by_redis(flow, ip)         # async only with a shared store
         if self.limiter is None or self._rate_verdict(flow, self.limiter.take(self._rate_key(flow, ip),
                                                                               time.monotonic())):
             self._after_rate_limit(flow, ip)
         return None
+
+    def _head_received(self, flow: http.HTTPFlow) -> None:
+        """The head deadline is met; a body, if one comes, has its own. (An HTTP/2 stream's body
+        deadline is always set: `request` clears it, at once for a stream that ended with its head.)"""
+        conn, now = flow.client_conn, time.monotonic()
+        if conn.alpn == b"h2":
+            self.deadlines.stream_opened(conn.id, flow.id, now, True)
+        else:
+            body = bool(flow.request.headers.get("content-length", "0") != "0"
+                        or "transfer-encoding" in flow.request.headers)
+            self.deadlines.head_received(conn.id, now, body)
 
     def _after_rate_limit(self, flow: http.HTTPFlow, ip: str) -> None:
         """Bots, then the WAF's phase 1, for a request the rate limit let through."""
@@ -250,8 +270,11 @@ class Shield:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        if self.deadlines is not None:
-            self.deadlines.body_received(flow.client_conn.id)
+        if self.deadlines is not None and not flow.is_replay:
+            if flow.client_conn.alpn == b"h2":
+                self.deadlines.stream_body_received(flow.client_conn.id, flow.id)
+            else:
+                self.deadlines.body_received(flow.client_conn.id)
         txn = self.inspecting.pop(flow.id, None)
         if txn is None or flow.response is not None:        # not inspected, refused, or a cache hit
             return
@@ -299,18 +322,37 @@ class Shield:
         self.inspecting.pop(flow.id, None)
         if self.behaviour is not None and "shield" not in decisions(flow):
             self.behaviour.answered(client_of(flow, self.trusted), flow.response.status_code, time.monotonic())
-        if self.deadlines is not None and flow.client_conn.alpn != b"h2" and flow.client_conn.id in self.clients:
-            self.deadlines.answered(flow.client_conn.id, time.monotonic())
+        self._stream_done(flow)
+
+    def _stream_done(self, flow: http.HTTPFlow) -> None:
+        """Keep-alive from here: the next head (HTTP/1) or stream (HTTP/2) has the idle deadline."""
+        conn = flow.client_conn
+        if self.deadlines is None or flow.is_replay or conn.id not in self.clients:
+            return
+        if conn.alpn == b"h2":
+            self.deadlines.stream_closed(conn.id, flow.id, time.monotonic())
+        elif flow.websocket is not None:
+            self.deadlines.forget(conn.id)          # a WebSocket: mitmproxy's tcp_timeout, not ours
+        elif flow.response is not None:
+            self.deadlines.answered(conn.id, time.monotonic())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.inspecting.pop(flow.id, None)
-        if self.config is None or flow.error is None:
+        if flow.client_conn.alpn == b"h2":
+            self._stream_done(flow)
+        if flow.error is None:
             return
         if flow.error.msg == internals.BODY_TOO_LARGE:
             decisions(flow)["shield"] = "size: request body too large (413)"
             self.refused["size (413)"] += 1
         elif (why := self.closed.get(flow.client_conn.id)) is not None:
             decisions(flow)["shield"] = f"connection closed: {why}"
+
+    def _flooded(self, client: Client, why: str) -> None:
+        """internals: an HTTP/2 client connection was ended with GOAWAY ENHANCE_YOUR_CALM."""
+        self.refused["connection: http2 flood"] += 1
+        self.closed[client.id] = f"http2 flood: {why}"
+        self.log({"client": client.peername[0], "status": None, "edge": {"shield": f"connection closed: http2 flood: {why}"}})
 
     # -- slow clients -------------------------------------------------------------------------------
 
