@@ -151,8 +151,9 @@ def origin_answer(seen: Seen, port: int) -> bytes | None | object:
             if path.startswith("/account.php") else []
         return response(200, "account of alice: card 4111-1111-1111-1111", *dated,
                         ("Set-Cookie", "session=alice; Path=/; HttpOnly"), cache="")
-    if path == "/h5/purge":
-        return response(200, "cached page", cache="max-age=60")
+    if path == "/h5/purge":     # an unknown method gets an error, which invalidates nothing (RFC 9111 4.4)
+        return response(200, "cached page", cache="max-age=60") if seen.method == "GET" \
+            else response(405, "method not allowed")
     if path == "/h6/silent":
         return None
     if path.startswith("/l7/"):
