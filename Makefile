@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
             $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
           done)
 
-.PHONY: run test bench venv system clean
+.PHONY: run test bench bench-hardening venv system clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,9 @@ test: $(STAMP) $(SYSTEM)
 
 bench: $(STAMP)
 	bash bench/run.sh
+
+bench-hardening: $(STAMP)
+	$(VENV)/bin/python bench/hardening.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
