@@ -10,7 +10,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from addons import internals
+from addons import failsafe, internals
 from addons.admin import Admin, prometheus
 from addons.cache import Cache
 from addons.compress import Compress
@@ -92,3 +92,4 @@ class Edge:
         self.scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.admin.apply(config)
+        failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks
