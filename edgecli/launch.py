@@ -70,11 +70,13 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
 
 
 def without_mitmproxy_apps(m: master.Master) -> None:
-    """mitmweb's full master, minus what would answer clients as mitmproxy: the onboarding app
-    (`Host: mitm.it` would get mitmproxy's page and its CA certificate) and the stock TLS addon
-    (the CRL path, minted certificates), replaced by the edge's."""
-    m.addons.remove(m.addons.get("onboarding"))
-    m.addons.remove(m.addons.get("tlsconfig"))
+    """mitmweb's full master, minus what would answer clients as mitmproxy or change what they
+    get: the onboarding app (`Host: mitm.it` would get mitmproxy's page and its CA
+    certificate), the Alt-Svc rewriter (not in the lean master: flows would differ from
+    production), and the stock TLS addon (the CRL path, minted certificates), replaced by the
+    edge's."""
+    for name in ("onboarding", "updatealtsvc", "tlsconfig"):
+        m.addons.remove(m.addons.get(name))
     m.addons.add(EdgeTlsConfig())
 
 

@@ -19,6 +19,7 @@ from addons import failsafe
 from tests.conftest import free_port
 from tests.rawnet import OK, RecordingOrigin, exchange, status_of
 
+GET = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n"
 MARK = b"EchoMark7f3a"       # in every hostile input: must never come back
 ID = re.compile(rb"request id: ([0-9a-f-]{36})\n")
 
@@ -240,6 +241,17 @@ def test_web_master_forwards_onboarding_and_crl_paths(edge):
         assert out.endswith(b"\r\n\r\nok") and b"mitmproxy" not in out.lower()     # the origin's answer
     assert [r.split(b"\r\n", 1)[0] for r in o.requests] == [b"GET " + p + b" HTTP/1.1" for p, _ in asks]
     assert e.master.addons.get("onboarding") is None
+
+
+@pytest.mark.parametrize("web", [False, True])
+def test_web_master_leaves_alt_svc_as_the_lean_one_does(edge, web):
+    """mitmweb's UpdateAltSvc would point Alt-Svc at the listener's port; the lean master (and
+    so production) has no such addon: what mitmweb shows is what clients get."""
+    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nAlt-Svc: h3=\"cdn.example:443\"\r\nContent-Length: 2\r\n"
+                        b"Cache-Control: no-store\r\n\r\nok")
+    e = edge([o.url], web=web, web_port=free_port())
+    out = exchange(e.host, e.port, GET, until_close=False)
+    assert status_of(out) == 200 and f":{e.port}".encode() not in out
 
 
 # -- the pure parts ---------------------------------------------------------------------------------
