@@ -91,6 +91,25 @@ def test_502_after_a_connect_failure_carries_the_flow_id(edge, origin, tmp_path)
     assert rec["url"].endswith("/gone") and str(o.port) not in out.decode()
 
 
+def test_mitmproxys_own_body_size_limit_answers_the_edges_413(edge):
+    o = RecordingOrigin()
+    e = edge([o.url], settings=["body_size_limit=1k"])
+    data = b"POST /" + MARK + b" HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5000\r\n\r\n"
+    assert_edge_page(exchange(e.host, e.port, data), 413)           # mitmproxy's wording named its option
+    assert o.requests == []
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\nX-Origin: " + MARK + b"\r\n\r\nok",
+    b"NOT HTTP " + MARK + b"\r\n\r\n",
+])
+def test_a_malformed_origin_response_is_the_edges_502(edge, answer):
+    o = RecordingOrigin(answer)
+    e = edge([o.url])
+    out = exchange(e.host, e.port, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n", until_close=False)
+    assert_edge_page(out, 502)
+
+
 def test_502_to_a_head_request_has_no_body(edge, origin):
     o = origin("eu")
     e = edge([o.url])
