@@ -85,7 +85,8 @@ def answer(status: int, reason: str, request_id: str, headers: dict | None = Non
 
 def edge_answer(flow: http.HTTPFlow, status: int, reason: str, headers: dict | None = None) -> http.Response:
     """A response made by the edge itself for this flow (the flow id is the request id)."""
-    close = flow.request.headers.get("connection", "").lower() == "close"   # load tools count a silent close as an error
+    # load tools count a silent close as an error: say it
+    close = flow.request.headers.get("connection", "").lower() == "close"
     return answer(status, reason, flow.id, headers, close)
 
 

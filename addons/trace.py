@@ -88,6 +88,7 @@ class Trace:
         self.answered: Counter[tuple[str, str]] = Counter()     # (status class, cache verdict)
         self.served_by: Counter[tuple[str, str]] = Counter()    # (pool, origin) that answered
         self.failures = Throttle()
+        self.lost = 0                   # lines not written since writes last worked
 
     def apply(self, access_log: str | None, annotate: bool = False) -> None:
         self.close()
@@ -124,7 +125,13 @@ class Trace:
         try:
             self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
         except (OSError, ValueError) as e:      # ValueError: the file was closed
+            self.lost += 1
             report(self.failures, "access log", e)
+            return
+        if self.lost:
+            logger.warning("edge: access log writes work again; %d line%s lost",
+                           self.lost, "" if self.lost == 1 else "s")
+            self.lost, self.failures = 0, Throttle()
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         rec = decisions(flow)

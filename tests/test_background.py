@@ -13,6 +13,7 @@ import pytest
 from addons import tasks
 from addons.geo import locate
 from addons.shield import limits
+from addons.trace import Trace
 from tests.geodb import build
 from tests.rawnet import RecordingOrigin, exchange, status_of
 
@@ -129,3 +130,31 @@ def test_redis_url_password_is_not_logged():
     assert limits.redacted("redis://:s3cret@127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert limits.redacted("redis://user:pw@[::1]:7000/2") == "redis://[::1]:7000/2"
     assert limits.redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC until `room` is set."""
+
+    def __init__(self) -> None:
+        self.room, self.lines = False, []
+
+    def write(self, line: str) -> None:
+        if not self.room:
+            raise OSError(28, "No space left on device")
+        self.lines.append(line)
+
+
+def test_access_log_reports_failures_throttled_and_the_recovery_with_the_count(caplog):
+    t = Trace()
+    t.out = disk = FullDisk()
+    for i in range(5):
+        t.write({"n": i})                   # never raises
+    assert [r.getMessage() for r in caplog.records if "access log" in r.getMessage()] == [
+        "edge: access log failed: [Errno 28] No space left on device; going on"]
+    disk.room = True
+    t.write({"n": 5})
+    assert '"n":5' in disk.lines[0]
+    assert any("work again; 5 lines lost" in r.getMessage() for r in caplog.records)
+    disk.room = False
+    t.write({"n": 6})                       # a new outage is reported at once, not held for a minute
+    assert sum("access log failed" in r.getMessage() for r in caplog.records) == 2
