@@ -69,6 +69,18 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
                                count, tls_start.conn.peername[0], e)
 
 
+class QuietTlsRefusals(logging.Filter):
+    """mitmproxy logs an error for every TLS client it was given no context for; EdgeTlsConfig
+    reports those refusals itself, throttled (scanners trying TLS on a plain port would
+    otherwise fill the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "No TLS context was provided, failing connection."
+
+
+QUIET_TLS_REFUSALS = QuietTlsRefusals()
+
+
 def without_mitmproxy_apps(m: master.Master) -> None:
     """mitmweb's full master, minus what would answer clients as mitmproxy or change what they
     get: the onboarding app (`Host: mitm.it` would get mitmproxy's page and its CA
@@ -167,6 +179,7 @@ async def serve(launch: Launch) -> None:
     """Run the edge until shutdown. Raises LaunchError for problems the user can fix."""
     logging.getLogger().setLevel(logging.WARNING)      # mitmproxy's per-connection info logs cost time
     logger.setLevel(logging.INFO)
+    logging.getLogger("mitmproxy.proxy.server").addFilter(QUIET_TLS_REFUSALS)     # once: same instance
     cfg = launch.config
     host, port = cfg.listen
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

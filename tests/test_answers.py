@@ -221,13 +221,15 @@ def issuer_cn(cert: x509.Certificate) -> str:
 
 
 @pytest.mark.parametrize("web", [False, True])
-def test_no_tls_without_a_certificate(edge, web):
+def test_no_tls_without_a_certificate(edge, web, caplog):
     o = RecordingOrigin()
     e = edge([o.url], web=web, web_port=free_port())
-    for sni in ("localhost", "shop.example"):
+    for sni in ("localhost", "shop.example", "a.example", "b.example"):
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             handshake(e.host, e.port, sni)
     assert exchange(e.host, e.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", until_close=False).endswith(b"ok")
+    said = [r.getMessage() for r in caplog.records if "TLS" in r.getMessage()]
+    assert len(said) == 1 and "no certificate is configured" in said[0]      # reported once, not per client
 
 
 def test_with_a_certificate_only_that_one_is_presented(edge, tls):
