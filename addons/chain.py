@@ -16,8 +16,10 @@ from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.geo.locate import GeoDatabaseError
+from addons.protocol import Protocol
 from addons.route import Route
 from addons.scrub import Scrub
+from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
 from addons.trace import Trace
@@ -47,15 +49,19 @@ class Edge:
     def __init__(self, config: EdgeConfig | None = None, annotate: bool = False, extra=()) -> None:
         """`extra`: an embedder's own addons; they run after routing, before scrubbing (so
         whatever they add is scrubbed too) and before the trace is written."""
+        self.protocol, self.request_scrub = Protocol(), RequestScrub()
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
-        # shield first: refusals are cheapest before any other work. compress before cache: it
-        # narrows Accept-Encoding before the lookup, and compresses before the cache stores, so
+        # protocol before all: no addon sees a request that is not well-formed, and all see it
+        # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
+        # are cheapest before any other work. The request the origin will see is settled
+        # (request_scrub) before the cache keys on it and before compress narrows
+        # Accept-Encoding. compress before cache: it compresses before the cache stores, so
         # each coding is stored once and hits never recompress
-        self.addons = [self.shield, self.compress, self.cache, self.route, *extra, self.scrub, self.trace,
-                       self.admin]
+        self.addons = [self.protocol, self.shield, self.request_scrub, self.compress, self.cache, self.route,
+                       *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -94,6 +100,7 @@ class Edge:
         self.compress.apply(config)
         self.cache.apply(config)
         self.scrub.apply(config)
+        self.request_scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.admin.apply(config)
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks

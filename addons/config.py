@@ -23,6 +23,24 @@ DEFAULT_STRIP = (
     "X-Backend-Server",
 )
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
+# Request headers that override what the origin takes as the URL, host, scheme, port or method
+# (framework and proxy conventions): from a client that is not a trusted proxy they are dropped,
+# as the forwarding headers are, because the cache keys on none of them (cache poisoning:
+# Kettle's "Practical Web Cache Poisoning" and "Web Cache Entanglement", CPDoS's method override).
+DEFAULT_OVERRIDE_HEADERS = (
+    # the path: IIS/Symfony/Zend (X-Original-URL, X-Rewrite-URL), nginx auth_request, Traefik
+    # forwardAuth, Envoy, and the path prefix of Spring, Flask ProxyFix, Symfony, Laravel
+    "X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Forwarded-Uri", "X-Forwarded-Path",
+    "X-Forwarded-Prefix", "X-Envoy-Original-Path",
+    # the host
+    "X-Host", "X-Forwarded-Server", "X-Original-Host", "X-HTTP-Host-Override",
+    # the scheme and port: Rack (X-Forwarded-Scheme, -Ssl, X-Url-Scheme), Microsoft (Front-End-Https)
+    # (X-Forwarded-Port is a forwarding header: dropped from every client)
+    "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "X-Url-Scheme", "Front-End-Https",
+    # the method: Rails/Rack, Symfony, Express method-override, Google APIs; Traefik, nginx
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-Method",
+    "X-Forwarded-Method",
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,6 +87,17 @@ class Pool:
     slow_start: float = 0.0              # seconds over which a recovered origin regains its weight
     connect_timeout: float = 5.0         # HAProxy's `timeout connect`; then the next origin is tried
     location: tuple[float, float] | None = None   # (lat, lon): geo steering's `nearest`
+    passive: PassiveHealth = field(default_factory=lambda: PassiveHealth())
+    read_timeout: float = 60.0           # nginx's proxy_read_timeout: then 504 (or, mid-body, the cut)
+
+
+@dataclass(frozen=True)
+class PassiveHealth:
+    """Ejection by client traffic (addons/route/health.py says what counts)."""
+    failures: int = 3            # origin failures in a row (refused, timed out, closed before answering)
+    cooldown: float = 10.0       # seconds an ejected (or probe-unreachable) origin is left alone
+    max_ejected: float = 0.5     # share of a pool that may be ejected at once; a lone origin never is
+    consecutive_5xx: int = 0     # opt-in: this many 502/503/504 answers in a row also eject; 0: off
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,7 @@ class GeoConfig:
 class ScrubConfig:
     server_header: str | None = "edge"
     strip: tuple[str, ...] = DEFAULT_STRIP
+    override_headers: tuple[str, ...] = DEFAULT_OVERRIDE_HEADERS    # request: trusted proxies only
 
 
 @dataclass(frozen=True)
@@ -375,6 +405,29 @@ def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     return HealthCheck(check_path, interval, timeout, rise, fall, expect)
 
 
+def parse_percent(value: Any) -> float:
+    """A share from `50%` (0% to 100%)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", str(value))
+    if not m or isinstance(value, bool) or float(m[1]) > 100:
+        raise ValueError(f"{value!r}: expected a percentage from 0% to 100%, like 50%")
+    return float(m[1]) / 100
+
+
+def _passive(r: _Reader, raw: Any, path: tuple) -> PassiveHealth:
+    raw = r.mapping(raw, path, {"failures", "cooldown", "max_ejected", "consecutive_5xx"})
+    default = PassiveHealth()
+    failures = _whole(r, raw, "failures", path, default.failures, 100)
+    cooldown = r.convert(parse_duration, raw["cooldown"], path + ("cooldown",)) if "cooldown" in raw else default.cooldown
+    if not 0 < cooldown <= 3600:
+        raise r.doc.error(path + ("cooldown",), "must be more than 0 and at most 1h")
+    share = r.convert(parse_percent, raw["max_ejected"], path + ("max_ejected",)) if "max_ejected" in raw \
+        else default.max_ejected
+    errors_5xx = raw.get("consecutive_5xx", default.consecutive_5xx)
+    if not isinstance(errors_5xx, int) or isinstance(errors_5xx, bool) or not 0 <= errors_5xx <= 1000:
+        raise r.doc.error(path + ("consecutive_5xx",), "expected a whole number from 0 (off) to 1000")
+    return PassiveHealth(failures, cooldown, share, errors_5xx)
+
+
 def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
     raw = r.mapping(raw, path, {"lat", "lon"})
     out = []
@@ -527,6 +580,20 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
                         sizes["max_header_bytes"], sizes["max_body"], waf, bots)
 
 
+def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
+    """scrub.override_headers: the list replaces the default; framing and Host cannot be named."""
+    if "override_headers" not in scrub_raw:
+        return DEFAULT_OVERRIDE_HEADERS
+    path = ("scrub", "override_headers")
+    names = tuple(r.listing(scrub_raw["override_headers"], path))
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~\w-]+", name):
+            raise r.doc.error(path + (i,), "expected a header name")
+        if name.lower() in ("host", "content-length", "transfer-encoding"):
+            raise r.doc.error(path + (i,), f"{name} frames or routes the request and cannot be dropped")
+    return names
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
@@ -544,7 +611,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     for name, body in pools_raw.items():
         path = ("pools", name)
         body = r.mapping(body, path, {"origins", "health", "fallback", "balance", "hash_key", "slow_start",
-                                      "location", "connect_timeout"})
+                                      "location", "connect_timeout", "passive", "read_timeout"})
         origins = []
         for i, item in enumerate(r.listing(body.get("origins"), path + ("origins",))):
             opath = path + ("origins", i)
@@ -582,8 +649,15 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
             connect_timeout = r.convert(parse_duration, body["connect_timeout"], path + ("connect_timeout",))
             if not 0 < connect_timeout <= 300:
                 raise doc.error(path + ("connect_timeout",), "must be more than 0 and at most 5m")
+        passive = _passive(r, body["passive"], path + ("passive",)) if "passive" in body else PassiveHealth()
+        read_timeout = Pool.read_timeout
+        if "read_timeout" in body:
+            read_timeout = r.convert(parse_duration, body["read_timeout"], path + ("read_timeout",))
+            if not 0 < read_timeout <= 86400:
+                raise doc.error(path + ("read_timeout",), "must be more than 0 and at most 1d")
         pools[str(name)] = Pool(str(name), tuple(origins), health, fallback, balance, hash_key,
-                                slow_start=slow_start, connect_timeout=connect_timeout, location=location)
+                                slow_start=slow_start, connect_timeout=connect_timeout, location=location,
+                                passive=passive, read_timeout=read_timeout)
 
     routing = r.mapping(top.get("routing"), ("routing",), {"default_pool", "geo"})
     default_pool = routing.get("default_pool", next(iter(pools)) if len(pools) == 1 else None)
@@ -593,7 +667,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         raise doc.error(("routing", "default_pool"), f"no pool named {default_pool!r}")
     geo = _geo(r, routing["geo"], ("routing", "geo"), pools, source) if routing.get("geo") is not None else None
 
-    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip"})
+    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip", "override_headers"})
     server_header = scrub_raw.get("server_header", "edge")
     if server_header is not None and not isinstance(server_header, str):
         raise doc.error(("scrub", "server_header"), "expected a string, or null to remove the header")
@@ -648,7 +722,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
     return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, trusted_proxies=trusted,
-                      scrub=ScrubConfig(server_header, strip), cache=cache, compress=compress,
+                      scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 
 

@@ -41,6 +41,31 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   while it waits for the event lock escapes without closing it, and the peer is never told: its
   sends block forever (seen under CPU load with a >64 KB first segment). The socket is closed
   on that path too.
+- Origin read timeout: mitmproxy waits for an origin's answer until the client's tcp_timeout
+  (600 s) and then closes with no answer. From the end of the request, an HTTP/1 origin must
+  now send something every `read_timeouts[address]` seconds until its response is complete
+  (nginx's proxy_read_timeout); else its connection is cut (a loop timer per request, cancelled
+  when the response completes) and the stream gets READ_TIMEOUT. A response not yet sent to
+  the client (still waiting for the head, or its body buffered) is then answered by the
+  `error` hook (route: 504); a streamed one is cut.
+- A connect that failed is not remembered: mitmproxy keeps a connection that never opened
+  in its HTTP layer and answers every later request of that client connection (all streams
+  of an HTTP/2 client) with its error at once, with no connect, even after the origin is
+  back. Such a connection is forgotten, so the next request connects again (connections that
+  opened and then failed, e.g. an untrusted TLS certificate, stay remembered as mitmproxy means).
+- Request framing towards HTTP/1 origins: mitmproxy's Http1Client.send forwards an HTTP/2
+  request's body without Content-Length or Transfer-Encoding when the client sent no
+  content-length, and the origin reads the body as further requests (smuggling past every
+  hook). Every request now goes with exactly one framing (protocol rules.framed): the client's
+  chunked coding, else Content-Length when the length is known (a buffered body, or a stream
+  whose Content-Length holds), else chunked; and always in origin-form. Failover never re-sends
+  a request whose body was streamed (it is not kept: the next origin got the head alone).
+- Trailers: mitmproxy's HTTP/1 reader raises NotImplementedError on a chunked body's trailer
+  section ("mitmproxy has crashed!", no answer), for requests and responses alike. The section
+  is now passed on as a trailers event, as HTTP/2 does; the protocol addon drops trailers, and
+  the HTTP/1 senders drop any that still reach them (an HTTP/1 sender crashed on those too).
+  A request body that cannot be read (bad chunk syntax or trailer fields) is answered 400
+  before the connection is closed; mitmproxy closed it without an answer.
 """
 
 from __future__ import annotations
@@ -49,21 +74,27 @@ import asyncio
 import collections
 import logging
 import re
+import time
 from collections.abc import Callable
 
 import h2.errors
 import h2.events
-from mitmproxy import flow, http, version
+import h11
+from h11._readers import ChunkedReader
+from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
 from addons import failsafe
+from addons.protocol import rules
+from addons.route.health import READ_TIMEOUT
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -107,27 +138,35 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
 ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
-def _protocol_answer(layer, event: ResponseProtocolError, status: int) -> tuple[int, str, dict, bool]:
+def _stream_answer(layer, stream_id: int, status: int, why: str,
+                   code: ErrorCode | None = None) -> tuple[int, str, dict, bool]:
     """Status, request id, extra header fields and HEAD-ness of the edge's answer to a protocol
     error on one of the client's streams: the stream's flow id, or a fresh one (logged)."""
-    stream = next((p.streams.get(event.stream_id) for p in reversed(layer.context.layers)
+    stream = next((p.streams.get(stream_id) for p in reversed(layer.context.layers)
                    if isinstance(p, http_layer.HttpLayer)), None)
     flow_ = getattr(stream, "flow", None)
     headers = {}
-    if flow_ is not None and flow_.request.method == "CONNECT" and event.code == ErrorCode.REQUEST_VALIDATION_FAILED:
+    if flow_ is not None and flow_.request.method == "CONNECT" and code == ErrorCode.REQUEST_VALIDATION_FAILED:
         status, headers = 405, {"Allow": ALLOW}     # reverse mode serves no tunnels
     if flow_ is not None:
         return status, flow_.id, headers, flow_.request.method == "HEAD"
     request_id = failsafe.new_request_id()
-    failsafe.log_answer(layer.conn.peername, status, request_id, event.message)
+    failsafe.log_answer(layer.conn.peername, status, request_id, why)
     return status, request_id, headers, False
+
+
+def _protocol_answer(layer, event: ResponseProtocolError, status: int) -> tuple[int, str, dict, bool]:
+    return _stream_answer(layer, event.stream_id, status, event.message, event.code)
 
 
 _original_server_send = _http1.Http1Server.send
 
 
 def _server_send(self, event):
-    """mitmproxy's HTTP/1 server send, with the edge's page for its error answers."""
+    """mitmproxy's HTTP/1 server send, with the edge's page for its error answers, dropping
+    trailers (it has no way to send them)."""
+    if isinstance(event, http_layer.ResponseTrailers):
+        return
     if (isinstance(event, ResponseProtocolError) and not self.response and self.conn.state & ConnectionState.CAN_WRITE
             and (status := event.code.http_status_code()) is not None):
         yield commands.SendData(self.conn, _wire_answer(*_protocol_answer(self, event, status)))
@@ -231,13 +270,19 @@ def _handle_protocol_error(self, event):
     """mitmproxy's handling, except that (for a fully received request whose origin failed
     before its response head) `reroute` may send the request to another origin, and a response
     set by an `error` hook is sent to the client."""
+    if (isinstance(event, ResponseProtocolError) and event.message == READ_TIMEOUT
+            and self.server_state == self.state_consume_response_body):
+        self.flow.response = None           # buffered, never sent: the client gets the edge's answer
+        self.response_body_buf.clear()
+        self.server_state = self.state_wait_for_response_headers
     if not (isinstance(event, ResponseProtocolError) and self.flow.response is None
             and self.client_state == self.state_done
             and self.server_state not in (self.state_done, self.state_errored)):
         yield from _original_handle_protocol_error(self, event)
         return
     if (event.code != ErrorCode.CONNECT_FAILED and self.server_state == self.state_wait_for_response_headers
-            and reroute is not None and reroute(self.flow, event.message, True)):
+            and reroute is not None and reroute(self.flow, event.message, True)
+            and self.flow.request.raw_content is not None):    # a streamed body is gone: not sent again
         if (yield from self.make_server_connection()):
             yield from _send_request(self)
         return
@@ -378,6 +423,156 @@ def _read_headers(self, event):
     yield from _original_read_headers(self, event)
 
 
+# -- origin read timeout ------------------------------------------------------------------------------
+
+read_timeouts: dict[tuple[str, int], float] = {}     # origin address -> seconds (the route addon's)
+_original_client_handle_event = _http1.Http1Connection._handle_event
+
+
+def _reading(self) -> bool:
+    """The request is sent and the response is not complete."""
+    return self.stream_id is not None and not self.response_done and self.state in (self.read_headers, self.read_body)
+
+
+def _client_handle_event(self, event):
+    """mitmproxy's Http1Client event handling, plus the read deadline."""
+    if isinstance(event, events.DataReceived):
+        self.edge_last_read = time.monotonic()
+    elif isinstance(event, events.ConnectionClosed) and getattr(self, "edge_read_expired", False):
+        self.state = self.done                  # cut by _read_timer below: say why
+        yield http_layer.ReceiveHttp(
+            ResponseProtocolError(self.stream_id, READ_TIMEOUT, ErrorCode.GENERIC_SERVER_ERROR))
+        return
+    yield from _original_client_handle_event(self, event)
+    timer = getattr(self, "edge_read_timer", None)
+    if isinstance(event, http_layer.RequestEndOfMessage) and _reading(self):
+        timeout = read_timeouts.get(self.conn.address)
+        if timeout and timer is None:
+            self.edge_last_read = time.monotonic()
+            self.edge_read_timer = asyncio.get_running_loop().call_later(timeout, _read_timer, self, timeout)
+    elif timer is not None and not _reading(self):
+        timer.cancel()                          # also drops its reference to this layer
+        self.edge_read_timer = None
+
+
+def _read_timer(self, timeout: float) -> None:
+    """The origin sent nothing for `timeout` seconds: cut its connection (the task that reads
+    it is cancelled, as mitmproxy's own close does; _client_handle_event reports the cut)."""
+    self.edge_read_timer = None
+    if not _reading(self):
+        return
+    idle = time.monotonic() - self.edge_last_read
+    if idle < timeout:
+        self.edge_read_timer = asyncio.get_running_loop().call_later(timeout - idle, _read_timer, self, timeout)
+        return
+    handler = ctx.master.addons.get("proxyserver").connections.get(self.context.client.id)
+    io = handler.transports.get(self.conn) if handler is not None else None
+    if io is not None and io.handler is not None:
+        self.edge_read_expired = True
+        io.handler.cancel(READ_TIMEOUT)
+
+
+_original_get_connection = http_layer.HttpLayer.get_connection
+
+
+def _get_connection(self, event, *, reuse: bool = True):
+    """mitmproxy's HttpLayer.get_connection, after forgetting this spec's connections that
+    never opened (no socket: no event can come for them any more)."""
+    for connection in [c for c in self.connections if event.connection_spec_matches(c)]:     # servers only
+        if connection.error and connection.timestamp_tcp_setup is None \
+                and connection not in self.waiting_for_establishment:
+            del self.connections[connection]
+    return (yield from _original_get_connection(self, event, reuse=reuse))
+
+
+# -- HTTP/1 framing and trailers --------------------------------------------------------------------
+
+def _upstream_head(self, event: http_layer.RequestHeaders) -> bytes:
+    """The request head for an HTTP/1 origin; sets `self.edge_chunked` for the body."""
+    request = event.request
+    data = request.data
+    fields, version = data.headers.fields, data.http_version
+    if request.is_http2 or request.is_http3:
+        fields, version = rules.http1_fields(fields, data.authority), b"HTTP/1.1"
+    if data.content is not None:
+        length = len(data.content)                  # buffered: the whole body is here
+    elif callable(request.stream):
+        length = None                               # a stream function may change the length
+    else:
+        length = rules.declared_length(fields)
+    fields, self.edge_chunked = rules.framed(fields, has_body=not event.end_stream, length=length)
+    if self.edge_chunked and version == b"HTTP/1.0":
+        version = b"HTTP/1.1"                       # chunked needs HTTP/1.1
+    target = data.authority if data.method.upper() == b"CONNECT" else data.path
+    return b"%s %s %s\r\n%s\r\n" % (data.method, target, version, bytes(http.Headers(fields)))
+
+
+def _client_send(self, event):
+    """mitmproxy's Http1Client.send with the edge's framing (see `_upstream_head`)."""
+    if isinstance(event, http_layer.RequestProtocolError):
+        yield commands.CloseConnection(self.conn)
+        return
+    if self.stream_id is None:
+        self.stream_id, self.request = event.stream_id, event.request
+    if isinstance(event, http_layer.RequestHeaders):
+        yield commands.SendData(self.conn, _upstream_head(self, event))
+    elif isinstance(event, http_layer.RequestData):
+        chunked = getattr(self, "edge_chunked", False)
+        if event.data:
+            yield commands.SendData(self.conn, b"%x\r\n%s\r\n" % (len(event.data), event.data) if chunked
+                                    else event.data)
+    elif isinstance(event, http_layer.RequestEndOfMessage):
+        if getattr(self, "edge_chunked", False):
+            yield commands.SendData(self.conn, b"0\r\n\r\n")
+        yield from self.mark_done(request=True)
+    elif not isinstance(event, http_layer.RequestTrailers):     # trailers: dropped
+        raise AssertionError(f"Unexpected event: {event}")
+
+
+MALFORMED_BODY = "Malformed request body"
+
+
+class _TrailersReader:
+    """h11's chunked body reader, keeping a trailer section aside (mitmproxy raises on it)."""
+
+    def __init__(self) -> None:
+        self.reader = ChunkedReader()
+        self.trailers: http.Headers | None = None
+
+    def __call__(self, buf):
+        event = self.reader(buf)
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            self.trailers = http.Headers(event.headers.raw_items())
+            return h11.EndOfMessage()
+        return event
+
+    def read_eof(self):
+        return self.reader.read_eof()
+
+
+_original_make_body_reader = _http1.make_body_reader
+_original_read_body = _http1.Http1Connection.read_body
+
+
+def _make_body_reader(expected_size: int | None):
+    return _TrailersReader() if expected_size is None else _original_make_body_reader(expected_size)
+
+
+def _read_body(self, event):
+    """mitmproxy's, with a trailer section passed on as a trailers event before the end, and
+    a 400 for a client whose body cannot be read (mitmproxy closes without a word)."""
+    for command in _original_read_body(self, event):
+        if (isinstance(command, commands.CloseConnection) and isinstance(self, _http1.Http1Server)
+                and self.response is None and self.conn.state & ConnectionState.CAN_WRITE):
+            yield commands.SendData(self.conn, _wire_answer(*_stream_answer(self, self.stream_id, 400, MALFORMED_BODY)))
+        trailers = getattr(self.body_reader, "trailers", None)
+        if (trailers is not None and isinstance(command, ReceiveHttp)
+                and isinstance(command.event, (http_layer.RequestEndOfMessage, http_layer.ResponseEndOfMessage))):
+            kind = http_layer.RequestTrailers if isinstance(self, _http1.Http1Server) else http_layer.ResponseTrailers
+            yield ReceiveHttp(kind(self.stream_id, trailers))
+        yield command
+
+
 def install(interim: Callable[[Fields, http.Request], Fields],
             failover: Callable[[http.HTTPFlow, str, bool], bool] | None = None) -> None:
     """Apply the patches (idempotent); `interim` masks interim responses' header fields,
@@ -398,7 +593,12 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
     http_layer.HttpStream.make_server_connection = _make_server_connection
     _http1.Http1Client.read_headers = _read_headers
+    _http1.Http1Client._handle_event = _client_handle_event
+    http_layer.HttpLayer.get_connection = _get_connection
     _http1.Http1Server.read_headers = _server_read_headers
     http_layer.HttpStream.check_body_size = _check_body_size
     proxy_server.ConnectionHandler.handle_connection = _handle_connection
+    _http1.Http1Client.send = _client_send
+    _http1.make_body_reader = _make_body_reader
+    _http1.Http1Connection.read_body = _read_body
     _installed = True

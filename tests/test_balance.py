@@ -38,10 +38,10 @@ def test_health_rise_fall_and_passive_cooldown():
     assert h.check_failed("refused") and not h.available(0)            # fall=2: down now
     assert not h.check_passed(0) and not h.available(0)                 # rise=2: not yet
     assert h.check_passed(0) and h.available(0)                         # back
-    assert h.request_failed("refused", now=100.0, cooldown=10)          # passive: out for 10 s
+    assert h.probe_failed("refused", now=100.0, cooldown=10)            # a failed probe: out for 10 s
     assert not h.available(105.0) and h.available(110.0)
-    assert h.describe(105.0).startswith("cooling down 5s")
-    h.request_failed("refused", now=200.0)
+    assert h.describe(105.0).startswith("unreachable 5s")
+    h.probe_failed("refused", now=200.0, cooldown=10)
     assert not h.check_passed(200.0) and h.available(200.0)             # a passing check clears it
 
 
@@ -53,7 +53,7 @@ def test_slow_start_ramps_a_recovered_origin_from_a_tenth_to_its_full_weight():
     assert h.check_passed(100.0)
     assert [h.share(t, 10) for t in (100.0, 101.0, 105.0, 110.0)] == [0.1, 0.1, 0.5, 1.0]
     assert h.describe(105.0, 10) == "up, slow start 50%" and h.describe(110.0, 10) == "up"
-    h.request_failed("reset", now=200.0, cooldown=10)                   # passive: ramps from 210
+    h.probe_failed("refused", now=200.0, cooldown=10)                   # unreachable: ramps from 210
     assert h.share(215.0, 10) == 0.5
 
 

@@ -35,6 +35,7 @@ def site(origin, edge):
         "/nostore": page("no-store"),
         "/private": page("private, max-age=60"),
         "/cookie": page("max-age=60", extra=[("Set-Cookie", "sid=secret")]),
+        "/cookie-private": page('max-age=60, private="Set-Cookie"', extra=[("Set-Cookie", "sid=secret")]),
         "/validate": page("max-age=0", b"validated body", etag='"v1"'),
         "/novalidator": page(None),
         "/swr": page("max-age=0, stale-while-revalidate=60", b"swr body"),
@@ -87,11 +88,23 @@ def test_uncacheable_responses_are_not_stored(site, path, why):
     assert statuses[1] == f'edge; fwd=uri-miss; fwd-status=200; detail="not stored: {why}"'
 
 
-def test_set_cookie_does_not_inhibit_caching(site):
-    """RFC 9111 7.3: an origin that marks a response with a cookie cacheable means it."""
+def test_set_cookie_on_an_explicitly_fresh_response_is_stored(site):
+    """RFC 9111 7.3: an origin that marks a response with a cookie cacheable means it (a guessed
+    lifetime never applies to one: test_cache_keys)."""
     o, e = site
     r = warm_then(e, "/cookie")
     assert r.headers["cache-status"].startswith("edge; hit") and hits(o, "/cookie") == 1
+    assert r.headers["set-cookie"] == "sid=secret"
+
+
+def test_private_set_cookie_stores_the_response_without_its_cookie(site):
+    """private="Set-Cookie" (RFC 9111 5.2.2.7) is the origin's way to share the page, not the cookie."""
+    o, e = site
+    with httpx.Client() as c:
+        first, second = c.get(f"{e.url}/cookie-private"), c.get(f"{e.url}/cookie-private")
+    assert first.headers["set-cookie"] == "sid=secret"
+    assert second.headers["cache-status"].startswith("edge; hit") and "set-cookie" not in second.headers
+    assert hits(o, "/cookie-private") == 1
 
 
 def test_stale_entry_is_revalidated_with_its_validator(site):

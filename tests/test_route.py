@@ -59,7 +59,7 @@ def test_an_origin_refusing_under_traffic_costs_no_request(origin, edge):
         statuses = [c.post(f"{e.url}/echo", content=b"x").status_code for _ in range(2)]
     assert statuses == [200, 200]
     assert served_by(e, 10) == {"b": 10}
-    assert "cooling down" in e.master.commands.call("edge.status")
+    assert "unreachable 10s (connect probe: ConnectionRefusedError)" in e.master.commands.call("edge.status")
 
 
 def hangs_up(req, o):
@@ -186,16 +186,27 @@ def test_least_conn_avoids_the_busy_origin(origin, edge):
     assert served_by(e, 2) == {"a": 1, "b": 1}                     # idle again: ties take turns
 
 
-def test_an_origin_answering_503_in_a_row_is_taken_out(origin, edge):
-    from addons.route.health import PASSIVE_5XX
-    sick = origin("sick", pages={"/echo": lambda req, o: (503, [("Cache-Control", "no-store")], b"overloaded")})
-    fine = origin("fine")
+def overloaded(origin):
+    return origin("sick", pages={"/echo": lambda req, o: (503, [("Cache-Control", "no-store")], b"overloaded")})
+
+
+def test_answers_of_503_do_not_take_an_origin_out_by_default(origin, edge):
+    sick, fine = overloaded(origin), origin("fine")
     e = edge(f"pools:\n  p:\n    origins: [{sick.url}, {fine.url}]\n")
+    with httpx.Client() as c:                  # a 503 is the origin's answer (maybe for one URL only)
+        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(12)]
+    assert statuses.count(503) == 6
+    assert e.master.commands.call("edge.status").count(": up") == 2
+
+
+def test_an_origin_answering_503_in_a_row_is_taken_out_when_asked(origin, edge):
+    sick, fine = overloaded(origin), origin("fine")
+    e = edge(f"pools:\n  p:\n    origins: [{sick.url}, {fine.url}]\n    passive: {{consecutive_5xx: 3}}\n")
     with httpx.Client() as c:
-        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(2 * PASSIVE_5XX)]
-    assert statuses.count(503) == PASSIVE_5XX                       # then the sick origin is out
+        statuses = [c.get(f"{e.url}/echo").status_code for _ in range(6)]
+    assert statuses.count(503) == 3                                 # then the sick origin is out
     assert served_by(e, 6) == {"fine": 6}
-    assert f"{PASSIVE_5XX} answers of 503 in a row" in e.master.commands.call("edge.status")
+    assert "ejected 10s (3 answers of 503 in a row)" in e.master.commands.call("edge.status")
 
 
 def test_edge_status_reads_a_running_edge_through_its_admin_endpoint(origin, edge):
@@ -270,8 +281,11 @@ def test_a_connect_that_hangs_times_out_and_the_request_goes_elsewhere(origin, e
         e.master.addons.get("route").health[("127.0.0.1", listener.getsockname()[1])].last_ok = time.monotonic()
         with httpx.Client(timeout=10) as c:                          # (recently heard from: no probe first)
             r = c.get(f"{e.url}/echo")
-        assert (r.status_code, r.json()["origin"]) == (200, "b")
-        assert "cooling down" in e.master.commands.call("edge.status")
+            assert (r.status_code, r.json()["origin"]) == (200, "b")
+            assert "up, 1 failed in a row (connect timeout)" in e.master.commands.call("edge.status")
+            again = [c.get(f"{e.url}/echo") for _ in range(2)]      # its turn again: probed first
+        assert [(r.status_code, r.json()["origin"]) for r in again] == [(200, "b")] * 2
+        assert "unreachable 10s (connect probe: TimeoutError)" in e.master.commands.call("edge.status")
     finally:
         for s in [listener, *fillers]:
             s.close()

@@ -1,6 +1,8 @@
 """The cache addon: answers from memory in `requestheaders` (no origin connection for a hit),
 revalidates stale entries with the origin, stores in `response`, serves stale when the origin
 fails. The rules are in policy.py; this module only moves bytes between flows and the store.
+The request it keys, looks up and stores with is the one the origin will see: the request-side
+scrubbing (RequestScrub) runs before it in the chain.
 
 Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
 mitmproxy logs it and the request simply goes to the origin, uncached."""
@@ -59,6 +61,7 @@ class FlowState:
     invalidate: bool = False
     leader: bool = False                # other requests for this key wait on this one
     answered: bool = False              # the cache produced flow.response
+    bypass: bool = False                # neither served from nor stored in the cache
 
 
 class Cache:
@@ -97,7 +100,7 @@ class Cache:
         req = flow.request
         state = FlowState(self._key(flow))
         flow.metadata[META] = state
-        method = req.method
+        method = req.data.method.decode("latin-1")      # as sent: Request.method upper-cases ("purge")
         if method == "PURGE":
             self._purge_request(flow, state)
             return None
@@ -108,6 +111,9 @@ class Cache:
         # mitmproxy's Headers answer get() and `in` case-insensitively, joining repeated
         # fields with ", ": the policy reads them as they are, without a copy
         request = req.headers
+        if policy.has_content(request):
+            self._bypass(flow, state)
+            return None
         entry, known = self.store.lookup(state.key, request)
         if flow.metadata.get(REFRESH):
             if entry is not None:
@@ -129,6 +135,20 @@ class Cache:
         self._use(flow, state, entry, request)
         return None
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A GET/HEAD whose content showed up without framing that announced it (HTTP/2 and 3
+        need no Content-Length): no stored answer, no storing."""
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.bypass or not flow.request.raw_content or flow.request.method not in ("GET", "HEAD"):
+            return
+        if state.answered:
+            # the shield skipped the body's WAF inspection for what it took for a cache hit:
+            # forwarding it now would carry an uninspected body to the origin
+            flow.response = edge_answer(flow, 400, "a GET or HEAD request with content is not served from the cache")
+            state.status = CacheStatus(fwd="bypass", detail="request has content")
+            return
+        self._bypass(flow, state)
+
     def response(self, flow: http.HTTPFlow) -> None:
         state: FlowState | None = flow.metadata.get(META)
         if state is None:
@@ -136,8 +156,10 @@ class Cache:
         try:
             if not state.answered and made_by_edge(flow.response):     # a refusal or 503 of ours
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
-            elif not state.answered:
+            elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
+            elif state.bypass and not state.answered:
+                state.status.fwd_status = flow.response.status_code
         finally:
             self._release(state)
             flow.response.headers.add("Cache-Status", self._record(flow, state))
@@ -192,6 +214,16 @@ class Cache:
                 headers["If-Modified-Since"] = entry.headers["last-modified"]
                 state.added_validators = True
 
+    def _bypass(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """This request goes to the origin as the client sent it and its answer is not stored:
+        undo a conditional the cache added and let any requests waiting on it go."""
+        if state.added_validators:
+            flow.request.headers.pop("If-None-Match", None)
+            flow.request.headers.pop("If-Modified-Since", None)
+        state.entry, state.added_validators, state.bypass = None, False, True
+        state.status = CacheStatus(fwd="bypass", detail="request has content")
+        self._release(state)
+
     def _from_origin(self, flow: http.HTTPFlow, state: FlowState) -> None:
         resp, req = flow.response, flow.request
         status = resp.status_code
@@ -203,8 +235,11 @@ class Cache:
         request = self._client_request(req, state)
         if entry is not None:
             if status == 304 and state.added_validators:
+                cookies = resp.headers.get_all("set-cookie")
                 entry = self._refresh(entry, flow, state.key)
                 self._answer(flow, state, entry, self._age(entry), request, revalidated=True)
+                for cookie in cookies:          # this client's own: never merged into the entry
+                    flow.response.headers.add("Set-Cookie", cookie)
                 return
             if status >= 500:
                 age = self._age(entry)
@@ -219,14 +254,16 @@ class Cache:
             self._store(flow, state, request)
 
     def _store(self, flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> None:
-        """Store the origin's response if RFC 9111 allows; `request` is the client's request."""
+        """Store the origin's response if RFC 9111 and the safety rules allow; `request` is the
+        forwarded request (without validators the cache added)."""
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
         headers = resp.headers
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
-        why_not = policy.storable("GET", resp.status_code, request, headers, rules)
+        why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
+            policy.unsafe_to_store(request, headers, rules, req.path)
         lifetime = 0.0
         if why_not is None:
             lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time,
@@ -250,9 +287,11 @@ class Cache:
             state.status.ttl = round(lifetime - self._age(entry))
 
     def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
-        """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry."""
+        """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry; a
+        Set-Cookie on it is for the client that revalidated, never for the stored copy."""
         resp = flow.response
-        new = {k.lower() for k, _ in resp.headers.fields} - {n.encode() for n in policy.NOT_UPDATED_BY_304}
+        new = {k.lower() for k, _ in resp.headers.fields} - {n.encode() for n in policy.NOT_UPDATED_BY_304} - \
+            {b"set-cookie"}
         fields = tuple(f for f in entry.fields if f[0].lower() not in new) + tuple(
             (k, v) for k, v in resp.headers.fields
             if k.lower() in new and k.lower() not in NOT_STORED)
@@ -261,7 +300,9 @@ class Cache:
             headers["age"] = resp.headers["age"]
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
-        lifetime = policy.freshness_lifetime(entry.status, headers, rules, response_time, self.settings.default_ttl)
+        guess = policy.guess_refused(flow.request.headers, headers, flow.request.path) is None
+        lifetime = policy.freshness_lifetime(entry.status, headers, rules, response_time, self.settings.default_ttl,
+                                             guess)
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
         if "no-store" not in rules.cc:
@@ -420,7 +461,8 @@ class Cache:
 
     @staticmethod
     def _client_request(req: http.Request, state: FlowState) -> Mapping[str, str]:
-        """The request's headers as the client sent them (without validators the cache added)."""
+        """The request's headers as forwarded, without validators the cache added: the same the
+        lookup read, so a stored Vary selection is the one lookups compute."""
         if not state.added_validators:
             return req.headers
         request = header_map(req.headers.fields)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
+from urllib.parse import unquote
 
 Headers = Mapping[str, str]
 
@@ -144,9 +145,10 @@ class ResponseRules:
 
 
 def freshness_lifetime(status: int, headers: Headers, rules: ResponseRules, response_time: float,
-                       default_ttl: float | None = None) -> float:
+                       default_ttl: float | None = None, guess: bool = True) -> float:
     """RFC 9111 4.2.1 for a shared cache: s-maxage, then max-age, then Expires - Date, then a
-    heuristic (4.2.2) where allowed. Seconds; 0 means stale on arrival."""
+    heuristic (4.2.2) where allowed, or default_ttl in its place; `guess=False` (see
+    `guess_refused`) allows neither. Seconds; 0 means stale on arrival."""
     for name in ("s-maxage", "max-age"):
         if rules.has(name):
             value = rules.seconds(name)
@@ -158,7 +160,7 @@ def freshness_lifetime(status: int, headers: Headers, rules: ResponseRules, resp
         date = http_date(headers.get("date")) or response_time
         return max(0.0, expires - date)
     heuristic_allowed = status in CACHEABLE_BY_DEFAULT or rules.has("public")
-    if not heuristic_allowed:
+    if not heuristic_allowed or not guess:
         return 0.0
     if default_ttl is not None:
         return float(default_ttl)
@@ -223,6 +225,96 @@ def initial_age(date: float | None, age_header: str | None, request_time: float,
     corrected_age_value = age_seconds(age_header) + (response_time - request_time)
     return max(apparent_age, corrected_age_value)
 
+
+
+# -- safety rules beyond RFC 9111 -----------------------------------------------------------------
+# RFC 9111 lets a shared cache guess a lifetime (heuristic freshness; our default_ttl stands
+# for a guess) for any response. Varnish's builtin.vcl and Cloudflare's Cache Deception Armor
+# refuse to in the cases below; each rule names the attack it stops.
+
+def has_content(request: Headers) -> bool:
+    """A GET/HEAD whose framing announces content (RFC 9110 9.3.1: it has no defined meaning).
+    Stops the "fat GET": an origin that reads parameters from the body (Rails, PHP, Express)
+    answers for the body while the cache would store that answer under the body-less URL for
+    everyone. Such a request bypasses the cache both ways (Varnish strips the body instead,
+    which breaks the APIs that use one; nginx forwards it and caches the answer)."""
+    length = request.get("content-length")
+    return "transfer-encoding" in request or (length is not None and length.strip() not in ("", "0"))
+
+
+def explicitly_fresh(headers: Headers, rules: ResponseRules) -> bool:
+    """The origin gave this cache a freshness lifetime or said `public` (s-maxage, max-age,
+    public, Expires; CDN-Cache-Control's own). Only then does RFC 9111 apply unguarded."""
+    return any(rules.has(d) for d in ("s-maxage", "max-age", "public")) or \
+        (not rules.targeted and "expires" in headers)
+
+
+# The type a URL's extension promises, for the extensions caches treat as static (Cloudflare's
+# default cached list, a subset): extension -> acceptable media types. Binary kinds also accept
+# application/octet-stream, which servers use for files they cannot type.
+_TYPES = {
+    "css": ("text/css",),
+    "js": ("text/javascript", "application/javascript", "application/x-javascript", "application/ecmascript"),
+    "mjs": ("text/javascript", "application/javascript"),
+    "json": ("application/json",), "xml": ("application/xml", "text/xml"), "txt": ("text/plain",),
+    "csv": ("text/csv", "text/plain"), "svg": ("image/svg+xml",), "html": ("text/html",), "htm": ("text/html",),
+}
+_BINARY = {
+    "png": ("image/png",), "jpg": ("image/jpeg",), "jpeg": ("image/jpeg",), "gif": ("image/gif",),
+    "webp": ("image/webp",), "avif": ("image/avif",), "bmp": ("image/bmp",), "tif": ("image/tiff",),
+    "tiff": ("image/tiff",), "ico": ("image/x-icon", "image/vnd.microsoft.icon"),
+    "woff": ("font/woff", "application/font-woff"), "woff2": ("font/woff2",),
+    "ttf": ("font/ttf", "font/sfnt", "application/x-font-ttf"), "otf": ("font/otf", "font/sfnt"),
+    "eot": ("application/vnd.ms-fontobject",), "mp3": ("audio/mpeg",), "mp4": ("video/mp4",),
+    "webm": ("video/webm", "audio/webm"), "ogg": ("audio/ogg", "video/ogg", "application/ogg"),
+    "flac": ("audio/flac",), "pdf": ("application/pdf",), "zip": ("application/zip",),
+    "gz": ("application/gzip", "application/x-gzip"), "zst": ("application/zstd",),
+    "wasm": ("application/wasm",),
+}
+EXTENSION_TYPES = {**_TYPES, **{ext: (*types, "application/octet-stream") for ext, types in _BINARY.items()}}
+
+
+def extension_contradicted(path: str, content_type: str | None) -> bool:
+    """The URL ends in a known static extension (percent-decoded, before any query or path
+    parameter) and the response's Content-Type is another type, or absent. Stops web cache
+    deception: `/account.php/x/nonexistent.css` reaches the account page (path info, or a
+    router that ignores the tail) and its answer would be kept as a stylesheet for everyone
+    (Cloudflare's Cache Deception Armor makes the same check)."""
+    last = unquote(path.split("?", 1)[0]).rsplit("/", 1)[-1]
+    ext = last.rsplit(".", 1)[1].split(";", 1)[0].lower() if "." in last else ""     # x.css;v=1: css
+    accepted = EXTENSION_TYPES.get(ext)
+    if accepted is None:
+        return False
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media not in accepted
+
+
+def guess_refused(request: Headers, headers: Headers, path: str) -> str | None:
+    """Why neither heuristic freshness nor default_ttl may be used for this exchange, or None.
+    A request with Cookie or Authorization is answered for one person: a guessed lifetime would
+    hand that answer to everyone, as would one for a response setting a cookie (Varnish's
+    builtin.vcl passes requests with either header and responses with Set-Cookie). A response
+    whose type contradicts its URL's extension is the web cache deception above."""
+    for name in ("cookie", "authorization"):
+        if name in request:
+            return name
+    if "set-cookie" in headers:
+        return "set-cookie"
+    if extension_contradicted(path, headers.get("content-type")):
+        return "content-type"
+    return None
+
+
+def unsafe_to_store(request: Headers, headers: Headers, rules: ResponseRules, path: str) -> str | None:
+    """The safety rules for a response RFC 9111 would store: why not, or None. An explicit
+    lifetime is the origin's word and keeps RFC 9111 behaviour, a Set-Cookie included (7.3: an
+    origin that marks such a response cacheable means it; `private="Set-Cookie"` keeps the page
+    and not the cookie). Without one the response is not stored at all when guessing is
+    refused (stored with a validator alone, the next visitor's revalidation could be answered
+    304 by the origin and get the first visitor's page)."""
+    if explicitly_fresh(headers, rules):
+        return None
+    return guess_refused(request, headers, path)
 
 
 class Use(Enum):

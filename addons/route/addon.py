@@ -1,8 +1,10 @@
 """The route addon: picks the pool and origin for each request before any upstream connection
 exists (mitmproxy decides the destination from request.host/port), keeping the client's Host.
-Only available origins are picked: active checks run in the background, a refused connection
-takes an origin out for a cool-down, and a pool with nothing available hands over to its
-fallback pool. With nothing left anywhere, the client gets an origin-free 503."""
+Only available origins are picked: active checks run in the background, a quiet or doubtful
+origin gets a connect probe first, consecutive origin failures eject an origin for a cool-down
+(addons/route/health.py: what counts), and a pool with nothing available hands over to its
+fallback pool. With nothing available anywhere, ejected origins are used anyway (panic mode);
+only when checks or probes show nothing is reachable does the client get an origin-free 503."""
 
 from __future__ import annotations
 
@@ -17,19 +19,21 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from addons import internals
 from addons.admin import format_status
 from addons.client import client_of
-from addons.config import EdgeConfig, HealthCheck, Origin, Pool
+from addons.config import EdgeConfig, HealthCheck, Origin, PassiveHealth, Pool
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator, embedded_database
 from addons.geo.steer import Steering, steer
 from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
-from addons.route.health import Health
+from addons.route.health import CONNECT_TIMEOUT, READ_TIMEOUT, Failure, Health, classify, ejection_allowed
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 IN_FLIGHT = "edge.route.origin"   # the origin a flow counts against until it ends
+TRIED = "edge.route.tried"        # origins a flow already failed on: failover tries each once
 # RFC 9110 9.2.2: safe to send again after bytes may have reached an origin (nginx's rule too)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 QUIET = 5.0             # an origin not heard from for this long is probed before use
@@ -78,6 +82,8 @@ class Route:
         self.trusted: tuple = ()
         self.locator: Locator | None = None
         self.connect_timeouts: dict[tuple[str, int], float] = {}
+        self.passive: dict[tuple[str, int], PassiveHealth] = {}
+        self.pools_of: dict[tuple[str, int], list[Pool]] = {}
         self.steering: Steering | None = None
 
     def apply(self, config: EdgeConfig) -> None:
@@ -86,6 +92,12 @@ class Route:
         self.trusted = config.trusted_proxies
         self.steering = Steering.from_config(config) if config.geo else None
         self.connect_timeouts = {(o.host, o.port): p.connect_timeout for p in config.pools.values() for o in p.origins}
+        self.passive = {(o.host, o.port): p.passive for p in config.pools.values() for o in p.origins}
+        internals.read_timeouts = {(o.host, o.port): p.read_timeout for p in config.pools.values() for o in p.origins}
+        self.pools_of = {}
+        for pool in config.pools.values():
+            for o in pool.origins:
+                self.pools_of.setdefault((o.host, o.port), []).append(pool)
         database = None if config.geo is None else Path(config.geo.database or embedded_database())
         if database is None:
             self.locator = None
@@ -100,21 +112,30 @@ class Route:
 
     # -- choosing ---------------------------------------------------------------------------------
 
-    def choose(self, pool_name: str, now: float, flow: http.HTTPFlow | None = None) -> tuple[str, Origin] | None:
-        """The first pool along the fallback chain with an available origin, and that origin."""
-        usable = lambda o: self._health(o).available(now)
+    def choose(self, pool_name: str, now: float, flow: http.HTTPFlow | None = None,
+               tried: frozenset | set = frozenset()) -> tuple[str, Origin] | None:
+        """The first pool along the fallback chain with an available origin, and that origin.
+        Panic mode (Envoy's panic threshold, nginx's rule for a lone server): with none
+        available anywhere, the first pool with an origin that is only ejected, not shown
+        unreachable, gets the request anyway. `tried`: origins this request already failed on."""
+        chain = []
+        while pool_name and pool_name not in chain:
+            chain.append(pool_name)
+            pool_name = self.balancers[pool_name].pool.fallback or ""
         load = lambda o: self.in_flight[(o.host, o.port)]
-        seen = set()
-        while pool_name and pool_name not in seen:
-            seen.add(pool_name)
-            balancer = self.balancers[pool_name]
-            pool = balancer.pool
-            key = self._hash_key(flow, pool) if flow is not None and pool.balance == "hash" else ""
-            share = (lambda o: self._health(o).share(now, pool.slow_start)) if pool.slow_start else None
-            origin = balancer.pick(usable, key, load, share)
-            if origin is not None:
-                return pool_name, origin
-            pool_name = balancer.pool.fallback or ""
+        for panic in (False, True):
+            state = Health.reachable if panic else Health.available
+            usable = lambda o: (o.host, o.port) not in tried and state(self._health(o), now)
+            for name in chain:
+                balancer = self.balancers[name]
+                pool = balancer.pool
+                key = self._hash_key(flow, pool) if flow is not None and pool.balance == "hash" else ""
+                share = (lambda o: self._health(o).share(now, pool.slow_start)) if pool.slow_start else None
+                origin = balancer.pick(usable, key, load, share)
+                if origin is not None:
+                    if panic and flow is not None:
+                        decisions(flow)["panic"] = f"nothing available from pool {chain[0]}: an ejected origin serves"
+                    return name, origin
         return None
 
     @fail_closed
@@ -164,38 +185,61 @@ class Route:
         return await asyncio.shield(task)
 
     async def _connect(self, origin: Origin) -> bool:
+        """A failed probe is the edge's own evidence that the origin cannot be reached (no
+        client's request is involved): unreachable for the cool-down, no panic mode."""
         health = self._health(origin)
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(origin.host, origin.port), PROBE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as e:
-            if health.request_failed(f"connect probe: {type(e).__name__}", time.monotonic()):
-                logger.warning("edge: origin %s marked down: connect probe failed", origin.url)
+            if classify(str(e), connecting=True, client_gone=False) is Failure.LOCAL:
+                return True                 # the edge is out of descriptors: says nothing of the origin
+            cooldown = self.passive[(origin.host, origin.port)].cooldown
+            if health.probe_failed(f"connect probe: {type(e).__name__}", time.monotonic(), cooldown):
+                logger.warning("edge: origin %s unreachable: connect probe failed", origin.url)
             return False
         writer.close()
-        health.last_ok = time.monotonic()
+        health.probe_passed(time.monotonic())
         return True
 
     def failover(self, flow: http.HTTPFlow, error: str, sent: bool) -> bool:
-        """The origin failed before answering: point the flow at the next available origin
-        (this pool, then its fallbacks). Called by the internals patch, which then connects
-        again; `sent`: bytes may have reached the failed origin."""
+        """The origin failed before answering: count it if the failure is the origin's, and
+        point the flow at the next available origin it has not failed on (this pool, then its
+        fallbacks). Called by the internals patch, which then connects again; `sent`: bytes
+        may have reached the failed origin."""
         key = flow.metadata.get(IN_FLIGHT)
         health = self.health.get(key) if key is not None else None
         if health is None:
             return False
-        if health.request_failed(error, time.monotonic()):
-            logger.warning("edge: origin %s:%s marked down: %s", key[0], key[1], error)
+        failure = classify(error, connecting=not sent, client_gone=flow.client_conn.timestamp_end is not None)
+        rec = decisions(flow)
+        if not failure.counts:
+            rec["upstream"] = f"{failure.value}: {error}"
+            return False
+        self._origin_failed(key, health, error)
         if sent and flow.request.method not in IDEMPOTENT:
             return False
-        rec = decisions(flow)
-        tried = rec.setdefault("failover", [])
-        tried.append(f"{key[0]}:{key[1]} {error}")
+        rec.setdefault("failover", []).append(f"{key[0]}:{key[1]} {error}")
+        tried = flow.metadata.setdefault(TRIED, set())
+        tried.add(key)
         self._finished(flow)
-        chosen = self.choose(rec["pool"], time.monotonic(), flow)
-        if chosen is None or len(tried) >= len(self.health):
+        chosen = self.choose(rec["pool"], time.monotonic(), flow, tried)
+        if chosen is None:
             return False
         self._route(flow, rec["geo"]["pool"] if "geo" in rec else self.default_pool, chosen)
         return True
+
+    def _origin_failed(self, key: tuple[str, int], health: Health, why: str) -> None:
+        now = time.monotonic()
+        passive = self.passive[key]
+        if health.origin_failed(why, now, passive.failures, passive.cooldown, self._may_eject(key, now)):
+            logger.warning("edge: origin %s:%s ejected for %.0fs: %d failures in a row, the last: %s",
+                           key[0], key[1], passive.cooldown, passive.failures, why)
+
+    def _may_eject(self, key: tuple[str, int], now: float) -> bool:
+        """max_ejected has room in every pool the origin is in."""
+        return all(ejection_allowed(sum(self._health(o).ejected(now) for o in pool.origins),
+                                    len(pool.origins), pool.passive.max_ejected)
+                   for pool in self.pools_of.get(key, ()))
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         """mitmproxy has no upstream connect timeout (a blackholed origin holds a request for
@@ -259,38 +303,57 @@ class Route:
             self.in_flight[key] -= 1
 
     def error(self, flow: http.HTTPFlow) -> None:
+        """A read timeout (internals) is answered 504 by the edge, unless the cache answered
+        with a stale copy already; it does not count against the origin (one slow URL is no
+        outage: a wedged origin fails its active checks)."""
         self._finished(flow)
+        if flow.response is None and flow.error is not None and flow.error.msg == READ_TIMEOUT:
+            decisions(flow)["upstream"] = f"{Failure.TIMEOUT.value}: {READ_TIMEOUT}"
+            flow.response = edge_answer(flow, 504, "the origin did not answer in time")
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Passive health from the origin's own status, before the cache may answer for it."""
+        """The origin answered: passive health from that, before the cache may answer for it."""
         key = flow.metadata.get(IN_FLIGHT)            # set only for requests this addon routed
         health = self.health.get(key) if key is not None else None
-        if health is not None and health.answered(flow.response.status_code, time.monotonic()):
-            logger.warning("edge: origin %s:%s marked down: %s", key[0], key[1], health.last_error)
+        if health is None or flow.server_conn.timestamp_tcp_setup is None:
+            return                                    # an addon answered: the origin said nothing
+        now = time.monotonic()
+        passive = self.passive[key]
+        if health.answered(flow.response.status_code, now, passive.consecutive_5xx, passive.cooldown,
+                           passive.consecutive_5xx > 0 and self._may_eject(key, now)):
+            logger.warning("edge: origin %s:%s ejected for %.0fs: %s", key[0], key[1], passive.cooldown,
+                           health.last_error)
 
     # -- active health --------------------------------------------------------------------------------
 
     def running(self) -> None:
-        checked = [p for b in self.balancers.values() if (p := b.pool).health is not None]
-        if checked and self.checker is None:
-            self.checker = asyncio.get_running_loop().create_task(self._check_forever(checked))
+        if self.checker is None:
+            self.checker = asyncio.get_running_loop().create_task(self._check_forever())
 
     def done(self) -> None:
         if self.checker is not None:
             self.checker.cancel()
             self.checker = None
 
-    async def _check_forever(self, pools: list[Pool]) -> None:
-        interval = min(p.health.interval for p in pools)
+    async def _check_forever(self) -> None:
+        """Every pool with `health` in the current config (it may be reloaded). An exception
+        is logged and the next round runs: a dead checker would keep a dead origin in."""
         while True:
-            await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins))
-            await asyncio.sleep(interval)
+            pools = [p for b in self.balancers.values() if (p := b.pool).health is not None]
+            done = await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins),
+                                        return_exceptions=True)
+            for error in done:
+                if isinstance(error, Exception):
+                    logger.error("edge: a health check failed: %r; checking on", error, exc_info=error)
+            await asyncio.sleep(min((p.health.interval for p in pools), default=1.0))
 
     async def _check(self, origin: Origin, check: HealthCheck) -> None:
-        health = self._health(origin)
+        health = self.health.get((origin.host, origin.port))
+        if health is None:
+            return                          # the config was reloaded without this origin
         try:
             status = await asyncio.wait_for(probe(origin, check.path), check.timeout)
             ok = check.expect[0] <= status <= check.expect[1]
@@ -329,7 +392,7 @@ class Route:
 
 def _cancel_if_connecting(task: asyncio.Task | None, server) -> None:
     if task is not None and not task.done() and server.timestamp_tcp_setup is None and server.error is None:
-        task.cancel("connect timeout")
+        task.cancel(CONNECT_TIMEOUT)
 
 
 async def probe(origin: Origin, path: str) -> int:

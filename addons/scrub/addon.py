@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addons.client import client_of, public_base, split_host
+from addons.client import public_base, split_host
 from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
-from addons.scrub.forwarding import forwardable, forwarding_headers
 from addons.scrub.masking import OriginMask
 from addons.trace import decisions
 
@@ -26,19 +25,6 @@ class Scrub:
         self.trusted = config.trusted_proxies
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
         self.configure_scrub(config.scrub)
-
-    # -- towards the origin -------------------------------------------------------------------------
-
-    @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response:
-            return
-        headers = flow.request.headers
-        client = client_of(flow, self.trusted)
-        proto, _, host = public_base(flow, self.trusted).partition("://")
-        added = tuple((k.encode(), v.encode("utf-8", "surrogateescape"))
-                      for k, v in forwarding_headers(client, proto, host).items())
-        headers.fields = forwardable(headers.fields) + added
 
     # -- towards the client -------------------------------------------------------------------------
 

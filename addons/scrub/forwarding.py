@@ -18,12 +18,19 @@ _DROP = frozenset(n.encode() for n in (*HOP_BY_HOP, *FORWARDING))
 _FRAMING = frozenset({b"transfer-encoding", b"content-length", b"host"})
 
 
-def forwardable(fields: Fields) -> Fields:
+def header_set(names) -> frozenset[bytes]:
+    """Header names as `forwardable` compares them: lower-case bytes."""
+    return frozenset(n.lower().encode() for n in names)
+
+
+def forwardable(fields: Fields, overrides: frozenset[bytes] = frozenset()) -> Fields:
     """Request header fields without hop-by-hop headers (RFC 9110 7.6.1, and those the client
-    named in Connection) and without the client's own forwarding claims. A WebSocket upgrade
-    keeps `Connection: upgrade` and `Upgrade`, which mitmproxy relays end to end; message
-    framing (Content-Length, Transfer-Encoding) is mitmproxy's and is never touched."""
-    drop = _DROP
+    named in Connection), without the client's own forwarding claims, and without the
+    `overrides` (lower-case names: the override headers of a client that is not a trusted
+    proxy). A WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`, which mitmproxy
+    relays end to end; message framing (Content-Length, Transfer-Encoding) is mitmproxy's and
+    is never touched."""
+    drop = _DROP | overrides if overrides else _DROP
     named = [v for k, v in fields if k.lower() == b"connection"]
     websocket = any(k.lower() == b"upgrade" and v.strip().lower() == b"websocket" for k, v in fields)
     if named or websocket:
