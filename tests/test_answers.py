@@ -32,6 +32,7 @@ HOSTILE = {
                         b"Content-Length: 5\r\nX-" + MARK + b": 1\r\n\r\n0\r\n\r\n", 400),
     "CONNECT": (b"CONNECT " + MARK + b".example:443 HTTP/1.1\r\nHost: " + MARK + b".example:443\r\n\r\n", 405),
     "head too large": (b"GET /" + MARK + b" HTTP/1.1\r\nHost: shop.example\r\nX-Big: " + b"a" * 4000, 431),
+    "bad chunk": (b"POST / HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\nzz" + MARK + b"\r\n", 400),
     "body too large": (b"POST /" + MARK + b" HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5000\r\n\r\n", 413),
 }
 
