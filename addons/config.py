@@ -126,6 +126,10 @@ class ScrubConfig:
     server_header: str | None = "edge"
     strip: tuple[str, ...] = DEFAULT_STRIP
     override_headers: tuple[str, ...] = DEFAULT_OVERRIDE_HEADERS    # request: trusted proxies only
+    internal_domains: tuple[str, ...] = ()        # added to the built-in reserved ones (.internal, .local...)
+    internal_networks: tuple[Network, ...] = ()   # added to RFC 1918, loopback, link-local, ULA, CGNAT
+    error_bodies: str = "mask"                    # mask: an origin 5xx body naming an internal address
+                                                  #   becomes the edge's page; pass: sent as it is
 
 
 @dataclass(frozen=True)
@@ -594,6 +598,25 @@ def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
     return names
 
 
+_DOMAIN = re.compile(r"(?i)\.?(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?")
+
+
+def _scrub_masking(r: _Reader, raw: dict) -> dict:
+    """scrub.internal_domains, internal_networks and error_bodies."""
+    path = ("scrub",)
+    domains = tuple(r.listing(raw.get("internal_domains"), path + ("internal_domains",)))
+    for i, name in enumerate(domains):
+        if not isinstance(name, str) or not _DOMAIN.fullmatch(name) or name.strip(".").replace(".", "").isdigit():
+            raise r.doc.error(path + ("internal_domains", i), "expected a domain name like internal.example")
+    networks = tuple(r.convert(parse_network, v, path + ("internal_networks", i))
+                     for i, v in enumerate(r.listing(raw.get("internal_networks"), path + ("internal_networks",))))
+    error_bodies = raw.get("error_bodies", "mask")
+    if error_bodies not in ("mask", "pass"):
+        raise r.doc.error(path + ("error_bodies",), "expected mask or pass")
+    return {"internal_domains": tuple(d.strip(".").lower() for d in domains), "internal_networks": networks,
+            "error_bodies": error_bodies}
+
+
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
@@ -667,7 +690,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         raise doc.error(("routing", "default_pool"), f"no pool named {default_pool!r}")
     geo = _geo(r, routing["geo"], ("routing", "geo"), pools, source) if routing.get("geo") is not None else None
 
-    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip", "override_headers"})
+    scrub_raw = r.mapping(top.get("scrub"), ("scrub",), {"server_header", "strip", "override_headers",
+                                                         "internal_domains", "internal_networks", "error_bodies"})
     server_header = scrub_raw.get("server_header", "edge")
     if server_header is not None and not isinstance(server_header, str):
         raise doc.error(("scrub", "server_header"), "expected a string, or null to remove the header")
@@ -722,7 +746,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
     return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, trusted_proxies=trusted,
-                      scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw)), cache=cache, compress=compress,
+                      scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
+                                        **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)
 
 

@@ -4,7 +4,8 @@ Every answer the proxy makes itself, from a hook (a refusal, a 503) or from mitm
 layer (a head it cannot parse, a CONNECT, an unreachable origin: addons/internals.py), has one
 form: plain text naming the status, a reason in the edge's own words (never the client's bytes),
 and a request id that is also in the access log; `Server` as configured, `Cache-Control:
-no-store`, `X-Request-Id`.
+no-store`, `Edge-Request-Id` (not X-Request-Id: an origin's own id of that name, kept on a
+page that replaces its body, must not be confused with the edge's).
 
 Fail closed: an exception in one of our hooks answers that one client with a 5xx and never
 lets the request or response through unchecked. mitmproxy itself would log and carry on."""
@@ -68,7 +69,7 @@ def page_headers(request_id: str, close: bool = False) -> dict[str, str]:
     """The header fields of every edge answer (Content-Length is added with the body)."""
     headers = {"Server": server_header} if server_header is not None else {}
     headers |= {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store",
-                "X-Request-Id": request_id}
+                "Edge-Request-Id": request_id}
     if close:
         headers["Connection"] = "close"
     return headers

@@ -45,7 +45,7 @@ def assert_edge_page(response: bytes, status: int, server: str | None = "edge") 
     assert fields.get(b"server") == (server.encode() if server else None)
     assert fields[b"cache-control"] == b"no-store" and fields[b"content-type"].startswith(b"text/plain")
     m = ID.search(body)
-    assert m and fields[b"x-request-id"] == m[1]
+    assert m and fields[b"edge-request-id"] == m[1]
     assert body.startswith(f"{status} ".encode())
     assert b"mitmproxy" not in response.lower() and MARK.lower() not in response.lower()
     assert b"validate_inbound_headers" not in response and b"<html" not in response
@@ -118,7 +118,7 @@ def test_502_to_a_head_request_has_no_body(edge, origin):
     o.stop()
     out = exchange(e.host, e.port, b"HEAD /gone HTTP/1.1\r\nHost: a\r\n\r\n")
     head, _, body = out.partition(b"\r\n\r\n")
-    assert status_of(out) == 502 and b"\r\nX-Request-Id: " in head and body == b""
+    assert status_of(out) == 502 and b"\r\nEdge-Request-Id: " in head and body == b""
 
 
 def test_server_header_null_removes_it_from_protocol_answers(edge):
@@ -178,9 +178,9 @@ def test_http2_requests_mitmproxy_cannot_take_get_the_edges_page(edge, tls, tmp_
     e = edge([o.url], cert=str(tls.pem), access_log=str(log))
     fields, body = h2_request(e.host, e.port, tls.client_context(), headers)
     assert fields[":status"] == status and fields["server"] == "edge" and fields["cache-control"] == "no-store"
-    assert body.startswith(status.encode() + b" ") and fields["x-request-id"].encode() in body
+    assert body.startswith(status.encode() + b" ") and fields["edge-request-id"].encode() in body
     assert b"mitmproxy" not in body.lower() and MARK not in body and "connection" not in fields
-    assert fields["x-request-id"] in log.read_text()
+    assert fields["edge-request-id"] in log.read_text()
     assert h2_request(e.host, e.port, tls.client_context(), H2_GET)[0][":status"] == "200"
     assert MARK not in o.received
 
@@ -204,7 +204,7 @@ def test_http2_502_is_the_edges_page(edge, origin, tls):
     o.stop()
     fields, body = h2_request(e.host, e.port, tls.client_context(), H2_GET)
     assert fields[":status"] == "502" and fields["server"] == "edge"
-    assert fields["x-request-id"].encode() in body and b"mitmproxy" not in body.lower()
+    assert fields["edge-request-id"].encode() in body and b"mitmproxy" not in body.lower()
 
 
 # -- TLS: never a certificate of mitmproxy's CA ------------------------------------------------------
@@ -283,7 +283,7 @@ def test_page_and_headers_are_one_format():
         b"431 Request Header Fields Too Large: request header fields too large\nrequest id: abc\n"
     assert failsafe.page(599, "x", "abc").startswith(b"599 Error: x\n")
     headers = failsafe.page_headers("abc", close=True)
-    assert headers["Server"] == failsafe.server_header and headers["X-Request-Id"] == "abc"
+    assert headers["Server"] == failsafe.server_header and headers["Edge-Request-Id"] == "abc"
     assert headers["Connection"] == "close" and headers["Cache-Control"] == "no-store"
     assert failsafe.reason_for(502) == "the origin could not be reached or did not answer properly"
     assert failsafe.reason_for(418) == "the request was refused" and failsafe.reason_for(599) == failsafe.REASONS[500]

@@ -5,8 +5,10 @@ meaning for each request.
 requestheaders     the rules of rules.py; an absolute-form target becomes origin-form with
                    its authority as Host (RFC 9112 3.2.2), so the cache key, routing, the WAF
                    and the origin all see the same Host
-request, response  trailers are dropped (nginx and Envoy do the same by default): a field
-                   section after the body that neither the shield nor the masking inspects
+request            request trailers are dropped (nginx and Envoy do the same by default): a
+                   field section after the body that the shield does not inspect. Response
+                   trailers go on to HTTP/2 clients (gRPC's status lives there) after the
+                   scrub masked them; HTTP/1 clients never get them (internals)
 responseheaders,   a client that asked to close (Connection: close, HTTP/1.0) is told so and
 response           mitmproxy closes after the answer; the scrub removes the request's
                    Connection field before mitmproxy would look at it
@@ -68,6 +70,3 @@ class Protocol:
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(CLOSE):       # also for answers made in `error`, which skip responseheaders
             flow.response.headers["Connection"] = "close"
-        if flow.response.trailers:
-            flow.response.trailers = None
-            _note(flow, "response trailers dropped")
