@@ -10,7 +10,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from addons import internals
+from addons import failsafe, internals
 from addons.admin import Admin, prometheus
 from addons.cache import Cache
 from addons.compress import Compress
@@ -28,7 +28,11 @@ logger = logging.getLogger("edge")
 
 # Options edge relies on: route per request before any upstream connection exists (lazy), keep
 # the client's Host for the origin, and serve clients from public addresses (block_global).
-SAFE_DEFAULTS = {"connection_strategy": "lazy", "keep_host_header": True, "block_global": False}
+# Under plain mitmdump/mitmweb also: no onboarding app (`Host: mitm.it` would get mitmproxy's
+# page and CA certificate) and Alt-Svc left to the edge's masking (options of addons that
+# `edge run`'s masters do not load).
+SAFE_DEFAULTS = {"connection_strategy": "lazy", "keep_host_header": True, "block_global": False,
+                 "onboarding": False, "keep_alt_svc_header": True}
 
 
 def config_from_mode(modes) -> EdgeConfig | None:
@@ -99,3 +103,4 @@ class Edge:
         self.request_scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.admin.apply(config)
+        failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks

@@ -1,10 +1,18 @@
 """The one place edge reaches into mitmproxy's private modules. Each patch says why, is applied
 once, is checked against the pinned mitmproxy version and is covered by an integration test.
 
-- Error pages: when an origin cannot be reached mitmproxy answers 502 with the connect error
-  (which names the origin's address and port) and `Server: mitmproxy <version>`. An `error`
-  hook cannot change that page (mitmproxy-notes: a response set there is ignored), so the page
-  itself is replaced by an origin-free one.
+- Error pages: mitmproxy answers protocol errors itself, with its own HTML page, `Server:
+  mitmproxy <version>` and its message (the connect error naming the origin's address, the
+  client's request line quoted back, its option names, "not running in regular mode" for a
+  CONNECT). An `error` hook cannot change that page (mitmproxy-notes: a response set there is
+  ignored). Every such answer is the edge's page instead (failsafe.answer: the flow's id as
+  request id, a fresh id logged to the access log when there is no flow): the HTTP/1 server's
+  error branch of `send`, its head parser's 400 (`make_error_response`), the HTTP/2 server's
+  error responses, and `format_error` for anything else. A CONNECT (which reverse mode
+  refuses) is answered 405. An HTTP/2 request with pseudo-headers mitmproxy cannot take (a
+  CONNECT among them) is answered on its stream, where mitmproxy would close the whole
+  connection with its message as GOAWAY data; a real protocol error still ends the
+  connection, with a request id as the GOAWAY's data.
 - Answers from the `error` hook: when the origin fails before any response, an addon may set
   `flow.response` in `error` (the cache serving a stale copy, failover's last resort) and that
   response is sent instead of the 502. mitmproxy ignores such a response (its PR #7999, open).
@@ -78,12 +86,14 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 from __future__ import annotations
 
 import asyncio
-import html
+import collections
 import logging
 import re
 import time
 from collections.abc import Callable
 
+import h2.errors
+import h2.events
 import h11
 import h2.errors
 import h2.events
@@ -96,11 +106,12 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
 
+from addons import failsafe
 from addons.config import Http2Limits
 from addons.protocol import rules
 from addons.route.health import READ_TIMEOUT
@@ -110,27 +121,135 @@ logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
 _installed = False
 
-GENERIC_5XX = {
-    502: "The origin could not be reached or did not answer properly.",
-    503: "No origin is available to serve this request.",
-    504: "The origin did not answer in time.",
-}
 
-
-def error_page(status: int, message: str) -> bytes:
+def error_page(status: int, message: str, request_id: str | None = None) -> bytes:
     """The body of an error the proxy layer answers itself. 5xx messages come from the origin
-    side and may name it, so they are replaced; 4xx messages are about the client's request."""
-    reason = http.status_codes.RESPONSES.get(status, "Error")
+    side and may name it, so they are replaced; 4xx messages are the caller's own words."""
     if status >= 500:
-        message = GENERIC_5XX.get(status, "The edge could not complete this request.")
-    return (f"<html><head><title>{status} {reason}</title></head><body>"
-            f"<h1>{status} {reason}</h1><p>{html.escape(message)}</p></body></html>\n").encode()
+        message = failsafe.reason_for(status)
+    return failsafe.page(status, message, request_id or failsafe.new_request_id())
+
+
+def _format_error(status: int, message: str) -> bytes:
+    """mitmproxy's format_error: its message is never shown (it may quote the client)."""
+    return error_page(status, failsafe.reason_for(status))
+
+
+def _wire_answer(status: int, request_id: str, headers: dict | None = None, head: bool = False) -> bytes:
+    """An HTTP/1 edge answer as bytes (without its body for a HEAD); the connection is closed
+    after it."""
+    response = failsafe.answer(status, failsafe.reason_for(status), request_id, headers, close=True)
+    if head:
+        response.raw_content = b""          # Content-Length stays: what a GET would get
+    return http1.assemble_response(response)
+
+
+# pages made by _make_error_response that the head parser is about to send: (id, status, message)
+_made_without_flow: collections.deque[tuple[str, int, str]] = collections.deque(maxlen=16)
 
 
 def _make_error_response(status_code: int, message: str = "") -> bytes:
-    resp = http.Response.make(status_code, error_page(status_code, message),
-                              http.Headers(Connection="close", Content_Type="text/html"))
-    return http1.assemble_response(resp)
+    """mitmproxy's make_error_response, used for a request head it cannot parse (no flow yet):
+    the edge's page with a fresh request id, logged by `_server_read_headers`."""
+    request_id = failsafe.new_request_id()
+    _made_without_flow.append((request_id, status_code, message))
+    return _wire_answer(status_code, request_id)
+
+
+ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def _stream_answer(layer, stream_id: int, status: int, why: str,
+                   code: ErrorCode | None = None) -> tuple[int, str, dict, bool]:
+    """Status, request id, extra header fields and HEAD-ness of the edge's answer to a protocol
+    error on one of the client's streams: the stream's flow id, or a fresh one (logged)."""
+    stream = next((p.streams.get(stream_id) for p in reversed(layer.context.layers)
+                   if isinstance(p, http_layer.HttpLayer)), None)
+    flow_ = getattr(stream, "flow", None)
+    headers = {}
+    if flow_ is not None and flow_.request.method == "CONNECT" and code == ErrorCode.REQUEST_VALIDATION_FAILED:
+        status, headers = 405, {"Allow": ALLOW}     # reverse mode serves no tunnels
+    if flow_ is not None:
+        return status, flow_.id, headers, flow_.request.method == "HEAD"
+    request_id = failsafe.new_request_id()
+    failsafe.log_answer(layer.conn.peername, status, request_id, why)
+    return status, request_id, headers, False
+
+
+def _protocol_answer(layer, event: ResponseProtocolError, status: int) -> tuple[int, str, dict, bool]:
+    return _stream_answer(layer, event.stream_id, status, event.message, event.code)
+
+
+_original_server_send = _http1.Http1Server.send
+
+
+def _server_send(self, event):
+    """mitmproxy's HTTP/1 server send, with the edge's page for its error answers, dropping
+    trailers (it has no way to send them)."""
+    if isinstance(event, http_layer.ResponseTrailers):
+        return
+    if (isinstance(event, ResponseProtocolError) and not self.response and self.conn.state & ConnectionState.CAN_WRITE
+            and (status := event.code.http_status_code()) is not None):
+        yield commands.SendData(self.conn, _wire_answer(*_protocol_answer(self, event, status)))
+        yield commands.CloseConnection(self.conn)
+        return
+    yield from _original_server_send(self, event)
+
+
+def _h2_answer(self, stream_id: int, status: int, request_id: str, headers: dict, head: bool = False) -> None:
+    """Queue the edge's page on an HTTP/2 stream (no Connection field: HTTP/2 forbids it)."""
+    response = failsafe.answer(status, failsafe.reason_for(status), request_id, headers)
+    fields = [(b":status", b"%d" % status)] + [(k.lower(), v) for k, v in response.headers.fields]
+    self.h2_conn.send_headers(stream_id, fields, end_stream=head)
+    if not head:
+        self.h2_conn.send_data(stream_id, response.raw_content, end_stream=True)
+
+
+_original_h2_server_handle_event = _http2.Http2Server._handle_event
+
+
+def _h2_server_handle_event(self, event):
+    """mitmproxy's HTTP/2 server, with the edge's page for its error answers."""
+    if (isinstance(event, ResponseProtocolError) and (status := event.code.http_status_code()) is not None
+            and self.is_open_for_us(event.stream_id)
+            and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent):
+        _h2_answer(self, event.stream_id, *_protocol_answer(self, event, status))
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        return
+    yield from _original_h2_server_handle_event(self, event)
+
+
+_original_h2_server_handle_h2_event = _http2.Http2Server.handle_h2_event
+
+
+def _h2_server_handle_h2_event(self, event):
+    """mitmproxy's, answering a request whose pseudo-headers it cannot take (a CONNECT, which
+    has no :scheme or :path; an unknown pseudo-header; a bad :authority) on its own stream, 405
+    or 400, where mitmproxy would end the whole connection with its message (which quotes the
+    client's fields) as GOAWAY data. The client's other streams go on."""
+    if isinstance(event, h2.events.RequestReceived):
+        try:
+            _http2.parse_h2_request_headers(event.headers)
+        except ValueError as e:
+            connect = (b":method", b"CONNECT") in event.headers
+            status, headers = (405, {"Allow": ALLOW}) if connect else (400, {})
+            request_id = failsafe.new_request_id()
+            failsafe.log_answer(self.conn.peername, status, request_id, f"HTTP/2 request: {e}")
+            _h2_answer(self, event.stream_id, status, request_id, headers)
+            if not event.stream_ended:          # answered before the request ended (RFC 9113 8.1)
+                self.h2_conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            return False
+    return (yield from _original_h2_server_handle_h2_event(self, event))
+
+
+def _h2_server_protocol_error(self, message: str, error_code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR):
+    """mitmproxy's protocol_error for the client's connection, with a request id as the GOAWAY's
+    debug data instead of mitmproxy's message (logged instead)."""
+    request_id = failsafe.new_request_id()
+    failsafe.log_answer(self.conn.peername, None, request_id, message)
+    self.h2_conn.close_connection(error_code, f"request id: {request_id}".encode())
+    yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+    yield from self.close_connection(message)
 
 
 _original_handle_protocol_error = http_layer.HttpStream.handle_protocol_error
@@ -225,14 +344,22 @@ _original_server_read_headers = _http1.Http1Server.read_headers
 
 
 def _server_read_headers(self, event):
-    """Refuse a request head that exceeds max_head before mitmproxy buffers more of it."""
+    """Refuse a request head that exceeds max_head before mitmproxy buffers more of it; log
+    the answers to heads mitmproxy cannot parse (they have no flow) with the client."""
     if (max_head is not None and isinstance(event, events.DataReceived)
             and len(self.buf) > max_head and not _END_OF_HEAD.search(bytes(self.buf._data[:max_head + 4]))):
-        yield commands.SendData(self.conn, _make_error_response(431, HEAD_TOO_LARGE))
+        request_id = failsafe.new_request_id()
+        failsafe.log_answer(self.conn.peername, 431, request_id, HEAD_TOO_LARGE)
+        yield commands.SendData(self.conn, _wire_answer(431, request_id))
         yield commands.CloseConnection(self.conn)
         self.state = self.done
         return
-    yield from _original_server_read_headers(self, event)
+    for command in _original_server_read_headers(self, event):     # its commands never block
+        if _made_without_flow and isinstance(command, commands.SendData):
+            for request_id, status, message in _made_without_flow:
+                failsafe.log_answer(self.conn.peername, status, request_id, message)
+            _made_without_flow.clear()
+        yield command
 
 
 _original_check_body_size = http_layer.HttpStream.check_body_size
@@ -456,7 +583,6 @@ class _TrailersReader:
 
 _original_make_body_reader = _http1.make_body_reader
 _original_read_body = _http1.Http1Connection.read_body
-_original_http1_server_send = _http1.Http1Server.send
 
 
 def _make_body_reader(expected_size: int | None):
@@ -469,20 +595,13 @@ def _read_body(self, event):
     for command in _original_read_body(self, event):
         if (isinstance(command, commands.CloseConnection) and isinstance(self, _http1.Http1Server)
                 and self.response is None and self.conn.state & ConnectionState.CAN_WRITE):
-            yield commands.SendData(self.conn, _make_error_response(400, MALFORMED_BODY))
+            yield commands.SendData(self.conn, _wire_answer(*_stream_answer(self, self.stream_id, 400, MALFORMED_BODY)))
         trailers = getattr(self.body_reader, "trailers", None)
         if (trailers is not None and isinstance(command, ReceiveHttp)
                 and isinstance(command.event, (http_layer.RequestEndOfMessage, http_layer.ResponseEndOfMessage))):
             kind = http_layer.RequestTrailers if isinstance(self, _http1.Http1Server) else http_layer.ResponseTrailers
             yield ReceiveHttp(kind(self.stream_id, trailers))
         yield command
-
-
-def _server_send(self, event):
-    """mitmproxy's Http1Server.send, dropping trailers (it has no way to send them)."""
-    if isinstance(event, http_layer.ResponseTrailers):
-        return
-    yield from _original_http1_server_send(self, event)
 
 
 # -- HTTP/2 client connections ----------------------------------------------------------------------
@@ -542,7 +661,6 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
 
 
 _original_h2_server_init = _http2.Http2Server.__init__
-_original_h2_server_event = _http2.Http2Server.handle_h2_event
 
 
 def _h2_server_init(self, context) -> None:
@@ -572,7 +690,7 @@ def _h2_server_event(self, event):
     if isinstance(event, h2.events.StreamReset) and event.stream_id not in self.streams and event.stream_id % 2:
         yield ReceiveHttp(RequestProtocolError(event.stream_id, "stream reset by client", ErrorCode.CANCEL))
         return False
-    return (yield from _original_h2_server_event(self, event))
+    return (yield from _h2_server_handle_h2_event(self, event))
 
 
 def _lingering(self, event):
@@ -600,7 +718,12 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     if not version.VERSION.startswith(TESTED_WITH):
         logger.warning("edge: mitmproxy %s is untested; error pages may name the origin", version.VERSION)
     _http1.make_error_response = _make_error_response
-    _http2.format_error = error_page
+    _http1.Http1Server.send = _server_send
+    _http2.Http2Server._handle_event = _h2_server_handle_event
+    _http2.Http2Server.handle_h2_event = _h2_server_event      # floods and resets, then bad pseudo-headers
+    _http2.Http2Server.protocol_error = _h2_server_protocol_error
+    for module in (_http1, _http2, _http3):
+        module.format_error = _format_error
     http_layer.HttpStream.handle_protocol_error = _handle_protocol_error
     http_layer.HttpStream.make_server_connection = _make_server_connection
     _http1.Http1Client.read_headers = _read_headers
@@ -612,7 +735,5 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.Http1Client.send = _client_send
     _http1.make_body_reader = _make_body_reader
     _http1.Http1Connection.read_body = _read_body
-    _http1.Http1Server.send = _server_send
     _http2.Http2Server.__init__ = _h2_server_init
-    _http2.Http2Server.handle_h2_event = _h2_server_event
     _installed = True

@@ -13,6 +13,8 @@ from typing import IO
 
 from mitmproxy import http
 
+from addons.tasks import Throttle, report
+
 logger = logging.getLogger("edge")
 
 
@@ -38,6 +40,7 @@ def access_record(flow: http.HTTPFlow) -> dict:
         status, size = None, 0
     out = {
         "time": datetime.fromtimestamp(req.timestamp_start, timezone.utc).isoformat(timespec="milliseconds"),
+        "id": flow.id,                      # the request id on the edge's own answers
         "client": rec.get("client") or flow.client_conn.peername[0],
         "method": req.method,
         "url": rec.get("public_url") or req.pretty_url,
@@ -75,13 +78,17 @@ def cache_verdict(rec: dict) -> str:
 
 class Trace:
     """Writes the access log, annotates flows for mitmweb, and counts what it writes (the
-    metrics endpoint reads the counts). Runs last in the chain."""
+    metrics endpoint reads the counts). Runs last in the chain. A line that cannot be written
+    (a full disk, an I/O error, a closed file) is counted and reported once a minute, never
+    raised: the hook or background task that logs goes on."""
 
     def __init__(self) -> None:
         self.out: IO[str] | None = None
         self.annotate = False
         self.answered: Counter[tuple[str, str]] = Counter()     # (status class, cache verdict)
         self.served_by: Counter[tuple[str, str]] = Counter()    # (pool, origin) that answered
+        self.failures = Throttle()
+        self.lost = 0                   # lines not written since writes last worked
 
     def apply(self, access_log: str | None, annotate: bool = False) -> None:
         self.close()
@@ -92,9 +99,12 @@ class Trace:
             self.out = open(access_log, "a", buffering=1, encoding="utf-8")
 
     def close(self) -> None:
-        if self.out is not None and self.out is not sys.stdout:
-            self.out.close()
-        self.out = None
+        out, self.out = self.out, None
+        if out is not None and out is not sys.stdout:
+            try:
+                out.close()             # flushes: may fail like any write
+            except (OSError, ValueError) as e:
+                report(self.failures, "access log", e)
 
     def done(self) -> None:
         self.close()
@@ -109,8 +119,19 @@ class Trace:
     def write(self, record: dict) -> None:
         """An access-log line for an event without a flow (a connection the shield refused)."""
         if self.out is not None:
-            record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record}
+            self._emit({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record})
+
+    def _emit(self, record: dict) -> None:
+        try:
             self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except (OSError, ValueError) as e:      # ValueError: the file was closed
+            self.lost += 1
+            report(self.failures, "access log", e)
+            return
+        if self.lost:
+            logger.warning("edge: access log writes work again; %d line%s lost",
+                           self.lost, "" if self.lost == 1 else "s")
+            self.lost, self.failures = 0, Throttle()
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         rec = decisions(flow)
@@ -124,11 +145,11 @@ class Trace:
             return
         try:
             if self.out is not None:
-                self.out.write(json.dumps(access_record(flow), separators=(",", ":")) + "\n")
+                self._emit(access_record(flow))
             if self.annotate:
                 rec = decisions(flow)
                 flow.comment = summary(rec)
                 if rec.get("failed") or flow.error:
                     flow.marked = ":warning:"
-        except Exception:       # logging must never take the proxy down
-            logger.exception("access log failed for flow %s", flow.id)
+        except Exception as e:      # logging must never take the proxy down
+            report(self.failures, f"access log (flow {flow.id})", e)

@@ -14,14 +14,16 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mitmproxy import exceptions, master, options
+from mitmproxy import certs, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog, tlsconfig
 
 from addons.chain import Edge
 from addons.config import EdgeConfig
+from addons.tasks import Throttle
 from edgecli.dispatch import IndexedAddonManager
 
 logger = logging.getLogger("edge")
@@ -31,12 +33,63 @@ class LaunchError(Exception):
     """A problem starting the edge, said in one line for the user."""
 
 
+class NoCertificate(Exception):
+    """No certificate of the operator's is configured for the name a TLS client asked for."""
+
+
 class EdgeTlsConfig(tlsconfig.TlsConfig):
-    """mitmproxy's TLS addon without its `request` hook, which answers a magic path with the
-    CRL of mitmproxy's interception CA: an interception feature an edge must not expose (and
-    a check on every request)."""
+    """mitmproxy's TLS addon for an edge. Without its `request` hook, which answers a magic
+    path with the CRL of mitmproxy's interception CA (an interception feature an edge must not
+    expose, and a check on every request). And presenting only the operator's certificates
+    (`--cert`, the `certs` option): mitmproxy would mint one from its own CA for any name, so a
+    client asking for a name no certificate covers (any name, without `--cert`) gets no TLS;
+    the connection is closed."""
     name = "tlsconfig"
     request = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = Throttle()
+
+    def get_cert(self, conn_context) -> certs.CertStoreEntry:
+        name = conn_context.client.sni or conn_context.client.sockname[0]
+        for key in (*certs.CertStore.asterisk_forms(name), "*"):     # minted entries have tuple keys
+            entry = self.certstore.certs.get(key)
+            if entry is not None:
+                return entry
+        raise NoCertificate(name)
+
+    def tls_start_client(self, tls_start) -> None:
+        try:
+            super().tls_start_client(tls_start)
+        except NoCertificate as e:       # no ssl_conn: mitmproxy closes the connection
+            if count := self.refused.occurred(time.monotonic()):
+                logger.warning("edge: TLS refused (%d since the last report; last %s asking for %s): "
+                               "no certificate is configured for that name (--cert)",
+                               count, tls_start.conn.peername[0], e)
+
+
+class QuietTlsRefusals(logging.Filter):
+    """mitmproxy logs an error for every TLS client it was given no context for; EdgeTlsConfig
+    reports those refusals itself, throttled (scanners trying TLS on a plain port would
+    otherwise fill the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "No TLS context was provided, failing connection."
+
+
+QUIET_TLS_REFUSALS = QuietTlsRefusals()
+
+
+def without_mitmproxy_apps(m: master.Master) -> None:
+    """mitmweb's full master, minus what would answer clients as mitmproxy or change what they
+    get: the onboarding app (`Host: mitm.it` would get mitmproxy's page and its CA
+    certificate), the Alt-Svc rewriter (not in the lean master: flows would differ from
+    production), and the stock TLS addon (the CRL path, minted certificates), replaced by the
+    edge's."""
+    for name in ("onboarding", "updatealtsvc", "tlsconfig"):
+        m.addons.remove(m.addons.get(name))
+    m.addons.add(EdgeTlsConfig())
 
 
 class LeanMaster(master.Master):
@@ -126,6 +179,7 @@ async def serve(launch: Launch) -> None:
     """Run the edge until shutdown. Raises LaunchError for problems the user can fix."""
     logging.getLogger().setLevel(logging.WARNING)      # mitmproxy's per-connection info logs cost time
     logger.setLevel(logging.INFO)
+    logging.getLogger("mitmproxy.proxy.server").addFilter(QUIET_TLS_REFUSALS)     # once: same instance
     cfg = launch.config
     host, port = cfg.listen
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -133,6 +187,7 @@ async def serve(launch: Launch) -> None:
     if launch.web:
         from mitmproxy.tools.web.master import WebMaster
         m: master.Master = WebMaster(opts, with_termlog=True)
+        without_mitmproxy_apps(m)
     else:
         m = LeanMaster(opts)
     ready = _Ready(launch, m)

@@ -170,15 +170,39 @@ def tls(tmp_path_factory) -> TLSFiles:
 
 
 @pytest.fixture
-def redis_url(tmp_path) -> Iterator[str]:
+def redis_url(redis_server) -> str:
     """A real redis-server on an ephemeral loopback port, for this test only."""
+    return redis_server.url
+
+
+class RedisServer:
+    """A redis-server on a fixed ephemeral loopback port that a test can stop and start again."""
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary, self.folder, self.port = binary, folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """Like redis_url, with stop() and start() for outages in the middle of a test."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (make test installs Debian's redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    server = RedisServer(binary, tmp_path)
+    server.start()
+    yield server
+    server.stop()

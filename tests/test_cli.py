@@ -113,6 +113,8 @@ def test_plain_mitmdump_loads_the_addons(origin, tmp_path, with_config):
         assert "x-powered-by" not in r.headers
         assert o.seen[-1].headers["host"] == "shop.example"
         assert o.seen[-1].headers["x-forwarded-for"] == "127.0.0.1"
+        r = httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": "mitm.it"})   # not mitmproxy's onboarding app
+        assert r.text == "hello from eu\n" and o.seen[-1].headers["host"] == "mitm.it"
     finally:
         proc.terminate()
         proc.communicate(timeout=15)

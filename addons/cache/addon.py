@@ -26,7 +26,7 @@ from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
 from addons.config import CacheConfig, EdgeConfig
-from addons.failsafe import edge_answer
+from addons.failsafe import edge_answer, made_by_edge
 from addons.net import in_networks, parse_ip
 from addons.scrub.masking import OriginMask
 from addons.trace import decisions
@@ -154,7 +154,9 @@ class Cache:
         if state is None:
             return
         try:
-            if not state.answered and not state.bypass:
+            if not state.answered and made_by_edge(flow.response):     # a refusal or 503 of ours
+                state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
+            elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
             elif state.bypass and not state.answered:
                 state.status.fwd_status = flow.response.status_code

@@ -21,9 +21,12 @@ import geoip2.errors
 import maxminddb
 from cachetools import LRUCache
 
+from addons.tasks import Throttle, report
+
 logger = logging.getLogger("edge")
 RELOAD_CHECK = 2.0          # seconds between looks at the file's identity
 CACHE_SIZE = 65536          # addresses remembered (a few MiB)
+PROBES = ("1.1.1.1", "81.2.69.160", "223.5.5.5", "2001:4860:4860::8888")    # looked up before a file is used
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,16 @@ def open_reader(path: str | os.PathLike) -> geoip2.database.Reader:
     if "City" not in kind and "Country" not in kind:
         reader.close()
         raise GeoDatabaseError(f"{path}: a {kind} database; a City or Country database is needed")
+    lookup = reader.city if "City" in kind else reader.country
+    try:            # a file with valid metadata can still have a broken tree or data section
+        for ip in PROBES:
+            try:
+                lookup(ip)
+            except geoip2.errors.AddressNotFoundError:
+                pass
+    except (maxminddb.InvalidDatabaseError, ValueError, OSError) as e:
+        reader.close()
+        raise GeoDatabaseError(f"{path}: a damaged MaxMind DB file ({e})") from None
     return reader
 
 
@@ -77,6 +90,7 @@ class Locator:
         self.checked = time.monotonic()
         self.cache: LRUCache[str, Place | None] = LRUCache(CACHE_SIZE)
         self.is_city = "City" in self.reader.metadata().database_type
+        self.failures = Throttle()
 
     def _identity(self) -> tuple[int, int] | None:
         try:
@@ -121,6 +135,9 @@ class Locator:
                 return None
             record = self.reader.city(ip) if self.is_city else self.reader.country(ip)
         except (ValueError, geoip2.errors.AddressNotFoundError):
+            return None
+        except maxminddb.InvalidDatabaseError as e:     # damage the probes missed: unknown, reported
+            report(self.failures, f"geo lookup in {self.path}", e)
             return None
         location = getattr(record, "location", None)
         return Place(record.country.iso_code, record.continent.code,

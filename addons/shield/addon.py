@@ -36,6 +36,7 @@ from addons.shield.bots import Behaviour, Challenge, classify
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
+from addons.tasks import Throttle, every, report
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
@@ -368,22 +369,31 @@ class Shield:
             await self.limiter.close()
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP)
+        """Every SWEEP seconds, close the connections that missed their deadlines. Nothing in
+        a round stops the next (a dead sweeper would leave slow clients connected for good),
+        and a failure on one connection does not spare the others."""
+        failures = Throttle()
+
+        def close_expired() -> None:
             if self.deadlines is None:
-                continue
+                return
             now = time.monotonic()
             for conn, why in self.deadlines.expired(now):
-                client = self.clients.pop(conn, None)
-                if client is None:
-                    continue
-                if why == "idle timeout" and internals.sending(ctx.master, client):
-                    self.clients[conn] = client                # still downloading a response
-                    self.deadlines.answered(conn, now)
-                    continue
-                if internals.close_client(ctx.master, client):
-                    self.refused[f"connection: {why}"] += 1
-                    self.closed[conn] = why         # a flow cut short says so in its own log line
-                    if why != "request body timeout":
-                        self.log({"client": client.peername[0], "status": None,
-                                  "edge": {"shield": f"connection closed: {why}"}})
+                try:
+                    client = self.clients.pop(conn, None)
+                    if client is None:
+                        continue
+                    if why == "idle timeout" and internals.sending(ctx.master, client):
+                        self.clients[conn] = client                # still downloading a response
+                        self.deadlines.answered(conn, now)
+                        continue
+                    if internals.close_client(ctx.master, client):
+                        self.refused[f"connection: {why}"] += 1
+                        self.closed[conn] = why         # a flow cut short says so in its own log line
+                        if why != "request body timeout":
+                            self.log({"client": client.peername[0], "status": None,
+                                      "edge": {"shield": f"connection closed: {why}"}})
+                except Exception as e:
+                    report(failures, "shield: closing a slow connection", e)
+
+        await every(SWEEP, close_expired, "shield: slow-client sweep")

@@ -7,13 +7,16 @@ needs remembering: idle keys expire and memory stays bounded by the active keys.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from cachetools import TTLCache
 
+logger = logging.getLogger("edge")
 MAX_KEYS = 100_000          # in-process store: beyond this, the least recently used keys go
 
 
@@ -113,8 +116,9 @@ REDIS_BACKOFF = 5.0         # after a failure, limit in-process for this long be
 
 class RedisStore:
     """Buckets in a Redis server shared by several edge processes or machines. When Redis cannot
-    be reached the limits are kept in-process meanwhile (logged): neither open to a flood nor
-    refusing everyone because the store is down."""
+    be reached the limits are kept in-process meanwhile: neither open to a flood nor refusing
+    everyone because the store is down. The fallback is logged when it starts and when it
+    ends (the first success after it)."""
 
     def __init__(self, url: str, rate: float, burst: int, prefix: str = "edge:rl:") -> None:
         import redis.asyncio
@@ -125,6 +129,7 @@ class RedisStore:
         self.ttl_ms = int((burst / rate + 1.0) * 1000)
         self.fallback = MemoryStore(rate, burst)
         self.down_until = 0.0
+        self.down_since: float | None = None       # in fallback since (monotonic), or None
         self.last_error = ""
 
     async def take(self, key: str, now: float) -> Verdict:
@@ -135,8 +140,27 @@ class RedisStore:
                                                        args=[self.rate, self.burst, self.ttl_ms])
         except Exception as e:          # any failure of the store: limit in-process meanwhile
             self.down_until, self.last_error = now + REDIS_BACKOFF, f"{type(e).__name__}: {e}"
+            if self.down_since is None:
+                self.down_since = now
+                logger.warning("edge: rate limit store %s failed (%s); limiting in this process "
+                               "until it answers again (tried every %.0f s)",
+                               redacted(self.url), self.last_error, REDIS_BACKOFF)
             return self.fallback.take(key, now)
+        if self.down_since is not None:
+            logger.warning("edge: rate limit store %s answers again after %.0f s; limits are shared again",
+                           redacted(self.url), now - self.down_since)
+            self.down_since = None
         return Verdict(bool(int(allowed)), float(retry), int(float(tokens)))
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def redacted(url: str) -> str:
+    """A store URL for the log: without a password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
