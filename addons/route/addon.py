@@ -28,6 +28,7 @@ from addons.geo.locate import Locator, embedded_database
 from addons.geo.steer import Steering, steer
 from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
 from addons.route.health import CONNECT_TIMEOUT, READ_TIMEOUT, Failure, Health, classify, ejection_allowed
+from addons.tasks import Throttle, report
 from addons.trace import decisions
 
 logger = logging.getLogger("edge")
@@ -77,6 +78,7 @@ class Route:
         self.default_pool = ""
         self.health: dict[tuple[str, int], Health] = {}
         self.checker: asyncio.Task | None = None
+        self.check_errors = Throttle()      # a failing check is reported once a minute, not every round
         self.probes: dict[tuple[str, int], asyncio.Task] = {}
         self.in_flight: Counter[tuple[str, int]] = Counter()
         self.trusted: tuple = ()
@@ -347,7 +349,7 @@ class Route:
                                         return_exceptions=True)
             for error in done:
                 if isinstance(error, Exception):
-                    logger.error("edge: a health check failed: %r; checking on", error, exc_info=error)
+                    report(self.check_errors, "a health check", error)
             await asyncio.sleep(min((p.health.interval for p in pools), default=1.0))
 
     async def _check(self, origin: Origin, check: HealthCheck) -> None:
