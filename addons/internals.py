@@ -535,7 +535,8 @@ def _upstream_head(self, event: http_layer.RequestHeaders) -> bytes:
     if self.edge_chunked and version == b"HTTP/1.0":
         version = b"HTTP/1.1"                       # chunked needs HTTP/1.1
     target = data.authority if data.method.upper() == b"CONNECT" else data.path
-    return b"%s %s %s\r\n%s\r\n" % (data.method, target, version, bytes(http.Headers(fields)))
+    head = b"".join(b"%s: %s\r\n" % field for field in fields)      # as bytes(Headers) writes it
+    return b"%s %s %s\r\n%s\r\n" % (data.method, target, version, head)
 
 
 def _client_send(self, event):

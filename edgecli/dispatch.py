@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import inspect
 
-from mitmproxy import addonmanager, exceptions, hooks
+from mitmproxy import addonmanager, exceptions, flow, hooks
+
+
+_UPDATE = hooks.UpdateHook([])       # stands for the event in the index look-up
 
 
 class IndexedAddonManager(addonmanager.AddonManager):
@@ -43,6 +46,16 @@ class IndexedAddonManager(addonmanager.AddonManager):
             found = [funcs for top in self.chain if (funcs := [f for _, f in self._iter_hooks(top, event)])]
             self._index[event.name] = found
         return found
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        """mitmproxy's: the event, then `update` for a flow event, which only user interfaces
+        handle; when no addon has an `update` hook (the lean master) it is not even built (a
+        hook object and its argument list for every flow event: several per request)."""
+        await self.trigger_event(event)
+        if self._hooks(_UPDATE):
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         groups = self._hooks(event)

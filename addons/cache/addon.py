@@ -108,9 +108,10 @@ class Cache:
             state.invalidate = method not in policy.SAFE_METHODS
             state.status.fwd = "method"
             return None
-        # mitmproxy's Headers answer get() and `in` case-insensitively, joining repeated
-        # fields with ", ": the policy reads them as they are, without a copy
-        request = req.headers
+        # the policy asks a dozen questions of the request's fields; mitmproxy's Headers answers
+        # each by a scan of every field, a plain map (lower-case name -> values joined with
+        # ", ", as Headers joins them) in one pass
+        request = header_map(req.headers.fields)
         if policy.has_content(request):
             self._bypass(flow, state)
             return None
@@ -259,7 +260,7 @@ class Cache:
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
-        headers = resp.headers
+        headers = header_map(resp.headers.fields)       # read a dozen times below: one pass
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
@@ -279,7 +280,7 @@ class Cache:
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
         fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, fields, header_map(resp.headers.fields), resp.raw_content,
+        entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
             self.uncacheable.pop(state.key, None)
@@ -463,9 +464,9 @@ class Cache:
     def _client_request(req: http.Request, state: FlowState) -> Mapping[str, str]:
         """The request's headers as forwarded, without validators the cache added: the same the
         lookup read, so a stored Vary selection is the one lookups compute."""
+        request = header_map(req.headers.fields)        # a plain map: the policy reads it often
         if not state.added_validators:
-            return req.headers
-        request = header_map(req.headers.fields)
+            return request
         request.pop("if-none-match", None)
         request.pop("if-modified-since", None)
         return request

@@ -396,7 +396,9 @@ def not_modified(request: Headers, stored: Headers) -> bool:
     """RFC 9110 13.2.2 for a GET/HEAD the cache answers itself: does the client's copy match?"""
     if "if-none-match" in request:
         return weak_match(stored.get("etag"), request["if-none-match"])
-    ims = http_date(request.get("if-modified-since"))
+    if "if-modified-since" not in request:
+        return False                    # most hits: no date to parse
+    ims = http_date(request["if-modified-since"])
     last_modified = http_date(stored.get("last-modified"))
     return ims is not None and last_modified is not None and last_modified <= ims
 

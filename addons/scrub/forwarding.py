@@ -23,21 +23,27 @@ def header_set(names) -> frozenset[bytes]:
     return frozenset(n.lower().encode() for n in names)
 
 
-def forwardable(fields: Fields, overrides: frozenset[bytes] = frozenset()) -> Fields:
-    """Request header fields without hop-by-hop headers (RFC 9110 7.6.1, and those the client
-    named in Connection), without the client's own forwarding claims, and without the
-    `overrides` (lower-case names: the override headers of a client that is not a trusted
-    proxy). A WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`, which mitmproxy
-    relays end to end; message framing (Content-Length, Transfer-Encoding) is mitmproxy's and
-    is never touched."""
-    drop = _DROP | overrides if overrides else _DROP
-    named = [v for k, v in fields if k.lower() == b"connection"]
-    websocket = any(k.lower() == b"upgrade" and v.strip().lower() == b"websocket" for k, v in fields)
-    if named or websocket:
-        drop = set(drop).union(t.strip().lower() for v in named for t in v.split(b",")) - _FRAMING
-        if websocket:
-            drop -= {b"connection", b"upgrade"}
-    return tuple(f for f in fields if f[0].lower() not in drop)
+def drop_set(overrides: frozenset[bytes] = frozenset()) -> frozenset[bytes]:
+    """What `forwardable` removes from a request besides the fields its Connection names: the
+    hop-by-hop and forwarding headers, and `overrides` (lower-case names: the override headers
+    of a client that is not a trusted proxy). Worked out once per config, not per request."""
+    return _DROP | overrides
+
+
+def forwardable(fields: Fields, drop: frozenset[bytes] = _DROP) -> tuple[Fields, list[bytes]]:
+    """Request header fields without those in `drop` (see drop_set) and those the client named
+    in Connection (RFC 9110 7.6.1), and the names removed. A WebSocket upgrade keeps
+    `Connection: upgrade` and `Upgrade`, which mitmproxy relays end to end; message framing
+    (Content-Length, Transfer-Encoding) and Host are never touched. One pass over the names: it
+    runs for every request, cache hits included."""
+    names = [k.lower() for k, _ in fields]
+    if b"connection" in names or b"upgrade" in names:
+        named = {t.strip().lower() for n, (_, v) in zip(names, fields) if n == b"connection" for t in v.split(b",")}
+        drop = drop | (named - _FRAMING)
+        if any(n == b"upgrade" and v.strip().lower() == b"websocket" for n, (_, v) in zip(names, fields)):
+            drop = drop - {b"connection", b"upgrade"}
+    kept = tuple(f for n, f in zip(names, fields) if n not in drop)
+    return kept, [f[0] for n, f in zip(names, fields) if n in drop] if len(kept) < len(fields) else []
 
 
 def forwarded_node(ip: str) -> str:

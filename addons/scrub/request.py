@@ -10,18 +10,24 @@ from addons.client import client_of, public_base
 from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
 from addons.net import in_networks, parse_ip
-from addons.scrub.forwarding import forwardable, forwarding_headers, header_set
+from addons.scrub.forwarding import drop_set, forwardable, forwarding_headers, header_set
 from addons.trace import decisions
 
 
 class RequestScrub:
     def __init__(self) -> None:
         self.trusted: tuple = ()
-        self.overrides = header_set(ScrubConfig().override_headers)
+        self.added: dict[tuple[str, str, str], tuple] = {}     # (client, proto, host) -> forwarding fields
+        self.configure_scrub(ScrubConfig())
+
+    def configure_scrub(self, settings: ScrubConfig) -> None:
+        self.overrides = header_set(settings.override_headers)
+        self.drop_untrusted = drop_set(self.overrides)
+        self.drop_trusted = drop_set()      # a trusted proxy's override headers are its own to send
 
     def apply(self, config: EdgeConfig) -> None:
         self.trusted = config.trusted_proxies
-        self.overrides = header_set(config.scrub.override_headers)
+        self.configure_scrub(config.scrub)
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -30,12 +36,17 @@ class RequestScrub:
         headers = flow.request.headers
         client = client_of(flow, self.trusted)
         proto, _, host = public_base(flow, self.trusted).partition("://")
-        added = tuple((k.encode(), v.encode("utf-8", "surrogateescape"))
-                      for k, v in forwarding_headers(client, proto, host).items())
-        # a trusted proxy's override headers are its own to send, as its X-Forwarded-* are
+        added = self.added.get((client, proto, host))
+        if added is None:                   # the same few clients and hosts come back all the time
+            if len(self.added) >= 4096:
+                self.added.clear()
+            added = self.added[(client, proto, host)] = tuple(
+                (k.encode(), v.encode("utf-8", "surrogateescape"))
+                for k, v in forwarding_headers(client, proto, host).items())
         trusted_peer = self.trusted and in_networks(parse_ip(flow.client_conn.peername[0]), self.trusted)
-        overrides = frozenset() if trusted_peer else self.overrides
-        dropped = [k.decode("latin-1") for k, _ in headers.fields if k.lower() in overrides]
-        if dropped:
-            decisions(flow)["dropped"] = dropped
-        headers.fields = forwardable(headers.fields, overrides) + added
+        fields, removed = forwardable(headers.fields, self.drop_trusted if trusted_peer else self.drop_untrusted)
+        if removed and not trusted_peer:
+            dropped = [k.decode("latin-1") for k in removed if k.lower() in self.overrides]
+            if dropped:
+                decisions(flow)["dropped"] = dropped
+        headers.fields = fields + added

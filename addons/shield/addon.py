@@ -164,8 +164,9 @@ class Shield:
         conn = flow.client_conn
         if self.deadlines is not None and not flow.is_replay:      # a background refresh is ours, not the client's
             self._head_received(flow)
-        if head_bytes(flow.request) > self.limits.max_header_bytes:
-            self._refuse(flow, "size", "block", 431, "request header fields too large", close=conn.alpn != b"h2")
+        # an HTTP/1 head over the cap never gets here (internals refuse it before parsing)
+        if conn.alpn == b"h2" and head_bytes(flow.request) > self.limits.max_header_bytes:
+            self._refuse(flow, "size", "block", 431, "request header fields too large")
             return None
         if self.config is None:
             return None
@@ -194,8 +195,8 @@ class Shield:
         if conn.alpn == b"h2":
             self.deadlines.stream_opened(conn.id, flow.id, now, True)
         else:
-            body = bool(flow.request.headers.get("content-length", "0") != "0"
-                        or "transfer-encoding" in flow.request.headers)
+            body = any(k.lower() == b"transfer-encoding" or k.lower() == b"content-length" and v.strip() != b"0"
+                       for k, v in flow.request.data.headers.fields)       # one pass, not two scans
             self.deadlines.head_received(conn.id, now, body)
 
     def _after_rate_limit(self, flow: http.HTTPFlow, ip: str) -> None:
