@@ -233,7 +233,11 @@ def test_an_object_over_the_memory_limit_is_a_disk_hit(origin, edge, tmp_path, p
     assert "fwd=uri-miss" in first.headers["cache-status"] and "stored" in first.headers["cache-status"]
     assert second.headers["cache-status"].startswith("edge; hit") and ranged.status_code == 206
     assert count(o, "/large") == 1 and count(o, "/toolarge") == 2       # past disk.max_object: not stored
-    assert e.master.addons.get("edge").cache.store.memory.lookup("http://shop.example/large", {}) == (None, False)
+    chain = e.master.addons.get("edge")
+    assert chain.cache.store.memory.lookup("http://shop.example/large", {}) == (None, False)
+    tiers = {line.split('"')[1]: int(line.split()[1]) for line in chain.metrics().splitlines()
+             if line.startswith("edge_cache_tier_bytes{")}
+    assert tiers["disk"] > len(LARGE) and tiers["memory"] == 0
 
 
 def test_vary_variants_on_disk(origin, edge, tmp_path, pages):

@@ -39,6 +39,7 @@ import diskcache.core
 from addons.cache.policy import ResponseRules, selection
 from addons.cache.store import Entry, Store
 from addons.config import CacheConfig, DiskCacheConfig
+from addons.tasks import Throttle
 
 logger = logging.getLogger("edge")
 TRAILER = struct.Struct(">Q8s")          # the head's length, then the format's mark
@@ -186,6 +187,7 @@ class DiskStore:
     def __init__(self, settings: DiskCacheConfig) -> None:
         self.settings = settings
         self.max_object = settings.max_object
+        self.throttle = Throttle()          # a failing directory is reported once a minute
         self.spool = os.path.join(settings.path, SPOOL)
         os.makedirs(self.spool, exist_ok=True)
         self.index = _Index(settings.path, timeout=LOCK_TIMEOUT, disk=_BodyDisk,
@@ -206,11 +208,12 @@ class DiskStore:
 
     def lookup(self, key: str, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
         try:
-            names = self.index.get(_url_row(key))
-            if not isinstance(names, str):
-                return None, False
-            row = _entry_row(key, selection(tuple(json.loads(names)), request))
-            value = self.index.get(row, read=True)
+            with self.index.transact():     # one write (the access times) for both rows
+                names = self.index.get(_url_row(key))
+                if not isinstance(names, str):
+                    return None, False
+                row = _entry_row(key, selection(tuple(json.loads(names)), request))
+                value = self.index.get(row, read=True)
         except FAILURES as e:
             self._failed("lookup", key, e)
             return None, False
@@ -300,8 +303,10 @@ class DiskStore:
                 pass
 
     def _failed(self, what: str, key: str, e: Exception) -> None:
-        logger.warning("edge: disk cache %s of %s failed (%s: %s): answered as a miss",
-                       what, key, type(e).__name__, e)
+        count = self.throttle.occurred(time.monotonic())
+        if count:
+            logger.warning("edge: disk cache %s of %s failed (%s: %s), %d failure%s since the last report; "
+                           "answered as a miss", what, key, type(e).__name__, e, count, "" if count == 1 else "s")
 
 
 class BodyWriter:
