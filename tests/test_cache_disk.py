@@ -97,6 +97,44 @@ def test_the_writer_commits_chunks_and_aborts_cleanly(tmp_path):
     assert os.listdir(disk.spool) == [] and len(value_files(tmp_path)) == 1
 
 
+def test_a_writer_left_uncommitted_is_aborted(tmp_path):
+    disk = store_at(tmp_path)
+    with pytest.raises(ConnectionResetError):
+        with disk.writer("http://a/cut") as w:
+            w.write(b"x" * 50_000)
+            raise ConnectionResetError("the origin went away mid-body")
+    with disk.writer("http://a/whole") as w:
+        w.write(b"y" * 50_000)
+        assert w.commit(entry(b""))
+    assert os.listdir(disk.spool) == [] and disk.lookup("http://a/cut", {}) == (None, False)
+    assert disk.lookup("http://a/whole", {})[0].body == b"y" * 50_000
+
+
+CHILD = """
+import sys
+from tests.test_cache_disk import entry, store_at
+disk = store_at(sys.argv[1], max_size=16 * 2**20)
+print(sum(disk.put(f"http://child/{i}", entry(bytes([i]) * 40_000)) for i in range(40)))
+"""
+
+
+def test_two_processes_write_and_read_one_directory_at_once(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONPATH": "."})
+    disk = store_at(tmp_path, max_size=16 * 2**20)
+    mine = 0
+    for i in range(40):                  # reading the other process's rows while both write
+        mine += disk.put(f"http://parent/{i}", entry(bytes([i]) * 40_000))
+        got, _ = disk.lookup(f"http://child/{i}", {})
+        assert got is None or got.body == bytes([i]) * 40_000
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.strip() == "40" and mine == 40
+    for who in ("child", "parent"):
+        for i in range(40):
+            assert disk.lookup(f"http://{who}/{i}", {})[0].body == bytes([i]) * 40_000
+    assert len(value_files(tmp_path)) == 80
+
+
 def test_vary_selections_and_a_changed_vary(tmp_path):
     disk = store_at(tmp_path)
     for lang in ("fr", "de"):

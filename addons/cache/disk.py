@@ -312,7 +312,8 @@ class DiskStore:
 class BodyWriter:
     """A body arriving in chunks on its way to the disk tier: written to a spool file in the
     cache directory, entered into the index by commit(entry) (the response's head, any body),
-    thrown away by abort() or by a body past max_object."""
+    thrown away by abort(), by a body past max_object, or by leaving its `with` block
+    uncommitted."""
 
     def __init__(self, disk: DiskStore, key: str) -> None:
         self.disk, self.key = disk, key
@@ -349,6 +350,14 @@ class BodyWriter:
             return False
         self.file = None
         return self.disk._commit(self.key, entry, _Spooled(self.path, os.path.getsize(self.path)))
+
+    def __enter__(self) -> BodyWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Leaving the block without commit() (a truncated or failed response) aborts."""
+        if self.file is not None:
+            self.abort()
 
     def abort(self) -> None:
         if self.file is not None:
@@ -409,6 +418,6 @@ class TieredStore:
 def make_store(settings: CacheConfig) -> Store | TieredStore:
     """The store `cache:` describes: memory only, or memory in front of `cache.disk`."""
     memory = Store(settings.max_size, settings.max_object)
-    if settings.disk is None:
+    if settings.disk is None or not settings.enabled:      # a disabled cache leaves the directory alone
         return memory
     return TieredStore(memory, settings.max_object, DiskStore(settings.disk))
