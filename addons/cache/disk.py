@@ -46,6 +46,7 @@ TRAILER = struct.Struct(">Q8s")          # the head's length, then the format's 
 MARK = b"edgec1\r\n"
 MAX_HEAD = 1 << 20                       # a longer head is not one this module wrote
 SPOOL = "edge-spool"                     # bodies being written, renamed into the index on commit
+PURGE_LOG = "edge-purged.log"            # removals, for the other processes' memory tiers
 STALE_SPOOL = 86400.0                    # spool files older than this were left by a crash
 LOCK_TIMEOUT = 1.0                       # seconds to wait for another process's write lock
 INLINE = 2**15                           # smaller values live in the SQLite index itself
@@ -369,6 +370,70 @@ class BodyWriter:
             pass
 
 
+class PurgeLog:
+    """The keys purged or invalidated by any process sharing the directory, so that each drops
+    them from its own memory tier: one line appended per removal (`*`: everything), read from
+    where this process left off on every lookup (one stat when nothing is new). Past MAX_LOG
+    bytes the file is replaced by an empty one; a process that sees a new file clears its
+    memory. The disk row is removed before the line is written, so a memory tier cleared
+    late cannot be refilled with the removed entry."""
+
+    MAX_LOG = 2**20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))  # its inode tells a replaced log
+        self.inode, self.offset = self._stat()      # what came before this process is not its concern
+
+    def record(self, key: str) -> None:
+        line = ("*" if "\n" in key else key).encode("utf-8", "surrogateescape") + b"\n"
+        try:
+            if self._stat()[1] > self.MAX_LOG:
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path))
+                os.close(fd)
+                os.replace(tmp, self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)      # one write: lines of processes appending at once never mix
+            finally:
+                os.close(fd)
+        except OSError as e:
+            logger.warning("edge: disk cache purge log %s not written (%s): other processes may serve "
+                           "%s from memory until it is evicted", self.path, e, key)
+
+    def apply(self, memory: Store) -> None:
+        """Drop from `memory` what the other processes removed since the last call."""
+        inode, size = self._stat()
+        if inode != self.inode:
+            memory.clear()
+            self.inode, self.offset = inode, size
+            return
+        if size <= self.offset:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                new = f.read(size - self.offset)
+        except OSError:
+            memory.clear()
+            return
+        complete = new.rfind(b"\n") + 1    # a line still being written is read next time
+        self.offset += complete
+        for line in new[:complete].splitlines():
+            key = line.decode("utf-8", "surrogateescape")
+            if key == "*":
+                memory.clear()
+            else:
+                memory.remove(key)
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+            return st.st_ino, st.st_size
+        except OSError:
+            return 0, 0
+
+
 class TieredStore:
     """Memory in front of disk, with the memory Store's interface: small objects live in both
     (the disk copy survives restarts and is shared with the other processes), larger ones up to
@@ -378,6 +443,7 @@ class TieredStore:
         self.memory, self.disk = memory, disk
         self.memory_max_object = memory_max_object
         self.max_object = max(memory_max_object, disk.max_object)
+        self.purged = PurgeLog(os.path.join(disk.settings.path, PURGE_LOG))
 
     @property
     def bytes(self) -> int:
@@ -388,6 +454,7 @@ class TieredStore:
         return {"memory": self.memory.bytes, "disk": self.disk.bytes}
 
     def lookup(self, key: str, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
+        self.purged.apply(self.memory)
         entry, known = self.memory.lookup(key, request)
         if entry is not None:
             return entry, True
@@ -406,10 +473,14 @@ class TieredStore:
 
     def remove(self, key: str) -> bool:
         in_memory = self.memory.remove(key)
-        return self.disk.remove(key) or in_memory
+        on_disk = self.disk.remove(key)
+        self.purged.record(key)
+        return on_disk or in_memory
 
     def clear(self) -> int:
-        return max(self.memory.clear(), self.disk.clear())
+        urls = max(self.memory.clear(), self.disk.clear())
+        self.purged.record("*")
+        return urls
 
     def close(self) -> None:
         self.disk.close()
