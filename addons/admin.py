@@ -92,7 +92,8 @@ def _label(value) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus(snapshot: dict, answered: dict, served_by: dict, cache_bytes: int) -> str:
+def prometheus(snapshot: dict, answered: dict, served_by: dict, cache_bytes: int,
+               tier_bytes: dict[str, int] | None = None) -> str:
     """The metrics page: what `edge status` shows, and the request counts, as Prometheus text."""
     out = ["# HELP edge_requests_total Requests answered, by status class and cache verdict.",
            "# TYPE edge_requests_total counter"]
@@ -111,4 +112,7 @@ def prometheus(snapshot: dict, answered: dict, served_by: dict, cache_bytes: int
     out += [f'edge_shield_refusals_total{{kind="{_label(k)}"}} {n}' for k, n in sorted(snapshot.get("shield", {}).items())]
     out += ["# HELP edge_cache_bytes Bytes held by the cache.", "# TYPE edge_cache_bytes gauge",
             f"edge_cache_bytes {cache_bytes}"]
+    out += ["# HELP edge_cache_tier_bytes Bytes held by each tier of the cache (disk: the directory's index and files).",
+            "# TYPE edge_cache_tier_bytes gauge"]
+    out += [f'edge_cache_tier_bytes{{tier="{_label(t)}"}} {n}' for t, n in sorted((tier_bytes or {}).items())]
     return "\n".join(out) + "\n"

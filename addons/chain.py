@@ -91,7 +91,8 @@ class Edge:
         return {**self.route.snapshot(), "shield": dict(self.shield.refused)}
 
     def metrics(self) -> str:
-        return prometheus(self.snapshot(), self.trace.answered, self.trace.served_by, self.cache.store.bytes)
+        store = self.cache.store
+        return prometheus(self.snapshot(), self.trace.answered, self.trace.served_by, store.bytes, store.tiers)
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

@@ -133,12 +133,20 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class DiskCacheConfig:
+    path: str                            # absolute; the edge's user alone may write it
+    max_size: int = 10 * 2**30           # bytes of the directory: bodies, heads and the index
+    max_object: int = 2**30              # larger responses are not stored on disk
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     enabled: bool = True
     max_size: int = 256 * 2**20          # bytes of stored bodies + headers
     max_object: int = 8 * 2**20          # larger responses pass through unstored
     default_ttl: float | None = None     # None: RFC 9111 heuristic freshness
     purge_from: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    disk: DiskCacheConfig | None = None  # the disk tier, behind memory
 
 
 @dataclass(frozen=True)
@@ -633,6 +641,35 @@ def _limits(r: _Reader, raw: Any, path: tuple) -> Limits:
     return Limits(sizes["max_header_bytes"], sizes["max_body"], timeouts, http2)
 
 
+MIN_DISK_SIZE = 2**20                    # the SQLite index alone takes tens of KB
+
+
+def _cache_disk(r: _Reader, raw: Any, path: tuple) -> DiskCacheConfig:
+    """cache.disk: a directory the edge can write (made if missing), and its byte bounds."""
+    d = r.mapping(raw, path, {"path", "max_size", "max_object"})
+    folder = d.get("path")
+    if not isinstance(folder, str) or not folder.strip():
+        raise r.doc.error(path + ("path",), "expected the directory to keep cached bodies in")
+    folder = os.path.abspath(os.path.expanduser(folder))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a directory" if not os.path.isdir(existing) else "not writable by the edge"
+        raise r.doc.error(path + ("path",), f"{existing}: {problem}")
+    max_size = r.convert(parse_size, d["max_size"], path + ("max_size",)) if "max_size" in d else \
+        DiskCacheConfig.max_size
+    if max_size < MIN_DISK_SIZE:
+        raise r.doc.error(path + ("max_size",), "at least 1MB")
+    max_object = (r.convert(parse_size, d["max_object"], path + ("max_object",))
+                  if "max_object" in d else min(DiskCacheConfig.max_object, max_size))
+    if max_object > max_size:
+        raise r.doc.error(path + ("max_object",), "must not be larger than cache.disk.max_size")
+    if max_object < 1:
+        raise r.doc.error(path + ("max_object",), "must be more than 0")
+    return DiskCacheConfig(folder, max_size, max_object)
+
+
 def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
     """scrub.override_headers: the list replaces the default; framing and Host cannot be named."""
     if "override_headers" not in scrub_raw:
@@ -753,7 +790,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
 
     cache = CacheConfig()
     if "cache" in top:
-        raw = r.mapping(top["cache"], ("cache",), {"enabled", "max_size", "max_object", "default_ttl", "purge_from"})
+        raw = r.mapping(top["cache"], ("cache",), {"enabled", "max_size", "max_object", "default_ttl", "purge_from",
+                                                   "disk"})
         enabled = raw.get("enabled", True)
         if not isinstance(enabled, bool):
             raise doc.error(("cache", "enabled"), "expected true or false")
@@ -768,7 +806,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
         if "purge_from" in raw:
             purge_from = tuple(r.convert(parse_network, v, ("cache", "purge_from", i))
                                for i, v in enumerate(r.listing(raw["purge_from"], ("cache", "purge_from"))))
-        cache = CacheConfig(enabled, max_size, max_object, default_ttl, purge_from)
+        disk = _cache_disk(r, raw["disk"], ("cache", "disk")) if raw.get("disk") is not None else None
+        cache = CacheConfig(enabled, max_size, max_object, default_ttl, purge_from, disk)
 
     compress = CompressConfig()
     if "compress" in top:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -18,14 +19,16 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import cachetools
+import diskcache
 from mitmproxy import command, connection, ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 
 from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
+from addons.cache.disk import make_store
 from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
-from addons.config import CacheConfig, EdgeConfig
+from addons.config import CacheConfig, ConfigError, EdgeConfig
 from addons.failsafe import edge_answer, made_by_edge
 from addons.net import in_networks, parse_ip
 from addons.scrub.masking import OriginMask
@@ -68,6 +71,7 @@ class Cache:
     def __init__(self) -> None:
         self.settings = CacheConfig(enabled=False)
         self.store = Store(1)
+        self.tiers: tuple = ()                  # what the store was made from
         self.trusted: tuple = ()
         self.mask = OriginMask([])          # origin URLs in Location name this site
         self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
@@ -80,14 +84,20 @@ class Cache:
         self.settings = config.cache
         self.trusted = config.trusted_proxies
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
-        if self.store.lru.maxsize != config.cache.max_size:
-            self.store = Store(config.cache.max_size)
+        tiers = (config.cache.max_size, config.cache.max_object, config.cache.disk)
+        if tiers != self.tiers:
+            try:
+                store = make_store(config.cache)
+            except (OSError, sqlite3.Error, diskcache.Timeout) as e:
+                raise ConfigError(f"cannot open the disk cache: {e}", "cache.disk.path", config.source) from None
+            self.store.close()
+            self.store, self.tiers = store, tiers
 
     # -- commands ---------------------------------------------------------------------------------
 
     @command.command("edge.purge")
     def purge(self, url: str) -> str:
-        """Drop a URL (all its variants) from the cache; `*` empties the cache."""
+        """Drop a URL (all its variants) from the cache, memory and disk; `*` empties both."""
         if url == "*":
             return f"purged {self.store.clear()} URLs"
         return "purged" if self.store.remove(self._url_key(url)) else "not cached"
@@ -271,7 +281,7 @@ class Cache:
                                                  self.settings.default_ttl)
             if not policy.reusable(lifetime, headers, rules):
                 why_not = "no-freshness"
-        if why_not is None and len(resp.raw_content) > self.settings.max_object:
+        if why_not is None and len(resp.raw_content) > self.store.max_object:
             why_not = "too-large"
         if why_not is not None:
             state.status.detail = state.status.detail or f"not stored: {why_not}"

@@ -50,12 +50,20 @@ class Store:
     """URL key -> {vary selection -> Entry}, evicting least recently used URLs past max_bytes.
     Used from the event loop only, so no locking is needed."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_object: int | None = None) -> None:
         self.lru: cachetools.LRUCache = cachetools.LRUCache(maxsize=max_bytes, getsizeof=_size)
+        self.max_object = max_bytes if max_object is None else max_object   # the largest body stored
 
     @property
     def bytes(self) -> int:
         return int(self.lru.currsize)
+
+    @property
+    def tiers(self) -> dict[str, int]:
+        return {"memory": self.bytes}
+
+    def close(self) -> None:
+        """Nothing to release: the disk tier's counterpart."""
 
     def lookup(self, key: str, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
         """The stored response selected for this request, and whether the URL is known at all."""
