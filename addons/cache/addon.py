@@ -2,7 +2,13 @@
 revalidates stale entries with the origin, stores in `response`, serves stale when the origin
 fails. The rules are in policy.py; this module only moves bytes between flows and the store.
 The request it keys, looks up and stores with is the one the origin will see: the request-side
-scrubbing (RequestScrub) runs before it in the chain.
+scrubbing (RequestScrub) and the compress addon (Accept-Encoding: identity) run before it.
+
+Codings: the stored "base" is the origin's representation; each coding the compress addon made
+from it is stored beside it as a variant of the same URL, selected by `Accept-Encoding: edge/CODING`
+in place of the forwarded `identity` (the edge makes these, so the edge selects them) and the
+base's values of every other Vary'd header. A variant carries the base's times, so one made from
+an older base is never served; a 304 refreshes the variants with the base, a purge drops them all.
 
 Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
 mitmproxy logs it and the request simply goes to the origin, uncached."""
@@ -25,6 +31,9 @@ from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
+from addons.compress.addon import BASE, META as CODING
+from addons.compress.negotiate import encode
+from addons.compress.variants import THREAD_MIN, VARIANT, encoded_fields, transformable
 from addons.config import CacheConfig, EdgeConfig
 from addons.failsafe import edge_answer, made_by_edge
 from addons.net import in_networks, parse_ip
@@ -62,11 +71,14 @@ class FlowState:
     leader: bool = False                # other requests for this key wait on this one
     answered: bool = False              # the cache produced flow.response
     bypass: bool = False                # neither served from nor stored in the cache
+    base: Entry | None = None           # answered with it for a coding it has no variant of yet
 
 
 class Cache:
     def __init__(self) -> None:
         self.settings = CacheConfig(enabled=False)
+        self.codings: tuple[str, ...] = ()                   # the compress addon's, for variants
+        self.min_size = 0
         self.store = Store(1)
         self.trusted: tuple = ()
         self.mask = OriginMask([])          # origin URLs in Location name this site
@@ -78,6 +90,7 @@ class Cache:
 
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
+        self.codings, self.min_size = config.compress.encodings, config.compress.min_size
         self.trusted = config.trusted_proxies
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
         if self.store.lru.maxsize != config.cache.max_size:
@@ -158,6 +171,9 @@ class Cache:
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
             elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
+            elif state.base is not None and BASE in flow.metadata:    # compress encoded the base we answered with
+                self._store_variant(state.key, state.base, flow.response.headers["content-encoding"],
+                                    flow.response.raw_content)
             elif state.bypass and not state.answered:
                 state.status.fwd_status = flow.response.status_code
         finally:
@@ -259,7 +275,9 @@ class Cache:
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
-        headers = resp.headers
+        base = flow.metadata.get(BASE)          # compress encoded it for this client: store the origin's
+        fields, body = base if base is not None else (resp.headers.fields, resp.raw_content)
+        headers = http.Headers(fields) if base is not None else resp.headers
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
@@ -270,7 +288,7 @@ class Cache:
                                                  self.settings.default_ttl)
             if not policy.reusable(lifetime, headers, rules):
                 why_not = "no-freshness"
-        if why_not is None and len(resp.raw_content) > self.settings.max_object:
+        if why_not is None and len(body) > self.settings.max_object:
             why_not = "too-large"
         if why_not is not None:
             state.status.detail = state.status.detail or f"not stored: {why_not}"
@@ -278,13 +296,15 @@ class Cache:
             return
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
-        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, fields, header_map(resp.headers.fields), resp.raw_content,
+        kept = tuple((k, v) for k, v in fields if k.lower() not in omit)
+        entry = Entry(resp.status_code, resp.data.reason, kept, header_map(fields), body,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
             self.uncacheable.pop(state.key, None)
             state.status.stored = True
             state.status.ttl = round(lifetime - self._age(entry))
+            if base is not None:
+                self._store_variant(state.key, entry, resp.headers["content-encoding"], resp.raw_content)
 
     def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
         """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry; a
@@ -305,9 +325,61 @@ class Cache:
                                              guess)
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
-        if "no-store" not in rules.cc:
-            self.store.put(key, refreshed)
+        if "no-store" not in rules.cc and self.store.put(key, refreshed):
+            for coding in self.codings:         # same bodies, the refreshed headers and times
+                variant = self._variant(key, entry, coding)
+                if variant is not None:
+                    self._store_variant(key, refreshed, coding, variant.body)
         return refreshed
+
+    # -- codings made at the edge -------------------------------------------------------------------------
+
+    def _representation(self, flow: http.HTTPFlow, state: FlowState, base: Entry,
+                        request: Mapping[str, str], revalidated: bool) -> Entry:
+        """The entry to answer with: the variant of the client's coding made from this base;
+        else the base, which the compress addon then encodes and `response` stores. An answer
+        made in `response` (after a revalidation) comes after the compress addon's turn: the
+        variant is made here, when small enough for the event loop (else the base is sent,
+        and the next hit makes it). A range
+        is served from the base, the identity representation (RFC 9110 14.1.1: ranges of a
+        coding made per client would depend on the encoder; nginx does not range gzip either)."""
+        coding = flow.metadata.get(CODING)
+        if coding in (None, "identity") or not self._has_variants(base):
+            return base
+        if flow.request.method == "GET" and "range" in request and self._if_range_ok(request, base):
+            return base
+        variant = self._variant(state.key, base, coding)
+        if variant is not None:
+            return variant
+        if revalidated and len(base.body) < THREAD_MIN:
+            return self._store_variant(state.key, base, coding, encode(base.body, coding))
+        state.base = base
+        return base
+
+    def _has_variants(self, base: Entry) -> bool:
+        return "accept-encoding" in base.vary and transformable(base.status, base.headers, len(base.body),
+                                                                self.min_size)
+
+    @staticmethod
+    def _variant_selection(base: Entry, coding: str) -> tuple:
+        return tuple((n, VARIANT + coding if n == "accept-encoding" else v) for n, v in base.selected_by)
+
+    def _variant(self, key: str, base: Entry, coding: str) -> Entry | None:
+        """The stored `coding` variant made from this very base (same times), if any."""
+        found, _ = self.store.lookup(key, dict(self._variant_selection(base, coding)))
+        if (found is None or found is base or found.headers.get("content-encoding") != coding
+                or (found.request_time, found.response_time) != (base.request_time, base.response_time)):
+            return None
+        return found
+
+    def _store_variant(self, key: str, base: Entry, coding: str, body: bytes) -> Entry:
+        fields = encoded_fields(base.fields, coding, len(body))
+        changed = header_map(f for f in fields if f[0].lower() in (b"etag", b"content-encoding", b"content-length"))
+        variant = Entry(base.status, base.reason, fields, {**base.headers, **changed}, body, base.request_time,
+                        base.response_time, base.rules, base.lifetime, self._variant_selection(base, coding))
+        variant.initial_age = base.initial_age      # a 304's Age the base kept
+        self.store.put(key, variant)
+        return variant
 
     # -- answering from the store -------------------------------------------------------------------------
 
@@ -320,6 +392,7 @@ class Cache:
             state.status.hit = True
             state.status.fwd = None
         state.status.ttl = round(entry.lifetime - age)
+        entry = self._representation(flow, state, entry, request, revalidated)
         status, reason, body = entry.status, entry.reason, entry.body
         fields = entry.fields + ((b"Age", str(int(age)).encode()),)
         method = flow.request.method
