@@ -31,9 +31,8 @@ from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
-from addons.compress.addon import BASE, META as CODING
-from addons.compress.negotiate import encode
-from addons.compress.variants import THREAD_MIN, VARIANT, encoded_fields, transformable
+from addons.compress.addon import ACCEPT, BASE, META as CODING
+from addons.compress.variants import THREAD_MIN, VARIANT, encoded_fields, plan, represent
 from addons.config import CacheConfig, EdgeConfig
 from addons.failsafe import edge_answer, made_by_edge
 from addons.net import in_networks, parse_ip
@@ -171,8 +170,8 @@ class Cache:
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
             elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
-            elif state.base is not None and BASE in flow.metadata:    # compress encoded the base we answered with
-                self._store_variant(state.key, state.base, flow.response.headers["content-encoding"],
+            elif state.base is not None and BASE in flow.metadata:    # compress made a coding of our base
+                self._store_variant(state.key, state.base, flow.response.headers.get("content-encoding", "identity"),
                                     flow.response.raw_content)
             elif state.bypass and not state.answered:
                 state.status.fwd_status = flow.response.status_code
@@ -304,7 +303,8 @@ class Cache:
             state.status.stored = True
             state.status.ttl = round(lifetime - self._age(entry))
             if base is not None:
-                self._store_variant(state.key, entry, resp.headers["content-encoding"], resp.raw_content)
+                self._store_variant(state.key, entry, resp.headers.get("content-encoding", "identity"),
+                                    resp.raw_content)
 
     def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
         """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry; a
@@ -326,7 +326,7 @@ class Cache:
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
         if "no-store" not in rules.cc and self.store.put(key, refreshed):
-            for coding in self.codings:         # same bodies, the refreshed headers and times
+            for coding in (*self.codings, "identity"):     # same bodies, the refreshed headers and times
                 variant = self._variant(key, entry, coding)
                 if variant is not None:
                     self._store_variant(key, refreshed, coding, variant.body)
@@ -344,21 +344,23 @@ class Cache:
         is served from the base, the identity representation (RFC 9110 14.1.1: ranges of a
         coding made per client would depend on the encoder; nginx does not range gzip either)."""
         coding = flow.metadata.get(CODING)
-        if coding in (None, "identity") or not self._has_variants(base):
+        if coding is None or "accept-encoding" not in base.vary:
             return base
-        if flow.request.method == "GET" and "range" in request and self._if_range_ok(request, base):
+        varies, target = plan(base.status, base.headers, len(base.body), self.min_size, coding,
+                              flow.metadata.get(ACCEPT))
+        own = base.headers.get("content-encoding")
+        if not varies or target is None:
             return base
-        variant = self._variant(state.key, base, coding)
+        if own is None and flow.request.method == "GET" and "range" in request and self._if_range_ok(request, base):
+            return base
+        variant = self._variant(state.key, base, target)
         if variant is not None:
+            flow.metadata.pop(CODING)       # settled: the compress addon must not make another coding of it
             return variant
-        if revalidated and len(base.body) < THREAD_MIN:
-            return self._store_variant(state.key, base, coding, encode(base.body, coding))
+        if revalidated and target != "identity" and len(base.body) < THREAD_MIN:
+            return self._store_variant(state.key, base, target, represent(base.body, own, target))
         state.base = base
         return base
-
-    def _has_variants(self, base: Entry) -> bool:
-        return "accept-encoding" in base.vary and transformable(base.status, base.headers, len(base.body),
-                                                                self.min_size)
 
     @staticmethod
     def _variant_selection(base: Entry, coding: str) -> tuple:
@@ -367,15 +369,17 @@ class Cache:
     def _variant(self, key: str, base: Entry, coding: str) -> Entry | None:
         """The stored `coding` variant made from this very base (same times), if any."""
         found, _ = self.store.lookup(key, dict(self._variant_selection(base, coding)))
-        if (found is None or found is base or found.headers.get("content-encoding") != coding
+        if (found is None or found is base or found.headers.get("content-encoding", "identity") != coding
                 or (found.request_time, found.response_time) != (base.request_time, base.response_time)):
             return None
         return found
 
     def _store_variant(self, key: str, base: Entry, coding: str, body: bytes) -> Entry:
         fields = encoded_fields(base.fields, coding, len(body))
-        changed = header_map(f for f in fields if f[0].lower() in (b"etag", b"content-encoding", b"content-length"))
-        variant = Entry(base.status, base.reason, fields, {**base.headers, **changed}, body, base.request_time,
+        replaced = ("etag", "content-encoding", "content-length")
+        headers = {k: v for k, v in base.headers.items() if k not in replaced} | \
+            header_map(f for f in fields if f[0].lower().decode() in replaced)
+        variant = Entry(base.status, base.reason, fields, headers, body, base.request_time,
                         base.response_time, base.rules, base.lifetime, self._variant_selection(base, coding))
         variant.initial_age = base.initial_age      # a 304's Age the base kept
         self.store.put(key, variant)

@@ -4,10 +4,12 @@ it, so the cache keeps the origin's response once and each coding made from it a
 br, zstd, gzip and identity clients of one page cost one origin fetch. Runs before the cache in
 the chain: the cache looks up and stores with the request the origin sees.
 
-Encoding happens here only, on the way to the client, for a response from the origin as for a
-hit the cache answered with the base; the origin's representation is left in flow.metadata
-(BASE) so the cache stores it and the encoded body as the variant. Bodies of THREAD_MIN bytes
-and more are encoded in a thread: br of 50 MiB blocked the event loop 2.4 s."""
+Codings are made here, on the way to the client, for a response from the origin as for a hit
+the cache answered with the base (the cache makes them itself only for an answer it makes after
+this addon's turn); the origin's representation is left in flow.metadata (BASE) so the cache
+stores it and the result as the variant. Bodies of THREAD_MIN bytes and more, and every decoding
+(a small body can expand a thousandfold), run in a thread: br of 50 MiB blocked the event loop
+2.4 s."""
 
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ import asyncio
 
 from mitmproxy import http
 
-from addons.compress.negotiate import choose, encode
-from addons.compress.variants import THREAD_MIN, encoded_fields, transformable, with_accept_encoding
+from addons.compress.negotiate import choose
+from addons.compress.variants import THREAD_MIN, encoded_fields, plan, represent, with_accept_encoding
 from addons.config import CompressConfig, EdgeConfig
 from addons.failsafe import fail_closed
 from addons.trace import decisions
 
 META = "edge.encoding"          # the coding this client gets
+ACCEPT = "edge.encoding.accept"  # the client's Accept-Encoding (the origin is sent identity)
 BASE = "edge.encoding.base"     # (fields, body) of the representation the encoding was made from
 
 
@@ -38,7 +41,8 @@ class Compress:
         if flow.response or not self.settings.enabled:
             return
         headers = flow.request.headers
-        flow.metadata[META] = choose(headers.get("accept-encoding"), self.settings.encodings) or "identity"
+        flow.metadata[ACCEPT] = headers.get("accept-encoding")
+        flow.metadata[META] = choose(flow.metadata[ACCEPT], self.settings.encodings) or "identity"
         headers["Accept-Encoding"] = "identity"     # one origin representation, every coding made here
 
     @fail_closed
@@ -48,33 +52,38 @@ class Compress:
         if coding is None or resp.stream or resp.raw_content is None:
             return None
         headers, body = resp.headers, resp.raw_content
-        if not transformable(resp.status_code, headers, len(body), self.settings.min_size):
+        varies, target = plan(resp.status_code, headers, len(body), self.settings.min_size, coding,
+                              flow.metadata.get(ACCEPT))
+        if not varies:
             return None                 # the same bytes for every client: no Vary needed
         if (vary := with_accept_encoding(headers.get("vary"))) is not None:
             headers["Vary"] = vary
-        if coding == "identity":
+        if target is None:
             return None
-        if len(body) >= THREAD_MIN:
-            return self._encode_off_loop(flow, coding, body)
-        self._replace(flow, coding, encode(body, coding))
+        own = headers.get("content-encoding")
+        if target == "identity" or len(body) >= THREAD_MIN:
+            return self._off_loop(flow, body, own, target)
+        self._replace(flow, target, represent(body, own, target))
         return None
 
-    async def _encode_off_loop(self, flow: http.HTTPFlow, coding: str, body: bytes) -> None:
-        """Concurrent hits on one stored body share one encoding (the bytes object is the
-        cache's, alive while the job runs)."""
-        job = (id(body), coding)
+    async def _off_loop(self, flow: http.HTTPFlow, body: bytes, own: str | None, target: str) -> None:
+        """Concurrent hits on one stored body share one job (the bytes object is the cache's,
+        alive while the job runs)."""
+        job = (id(body), target)
         future = self.encoding.get(job)
         if future is None:
-            future = asyncio.ensure_future(asyncio.to_thread(encode, body, coding))
+            future = asyncio.ensure_future(asyncio.to_thread(represent, body, own, target))
             self.encoding[job] = future
             future.add_done_callback(lambda _: self.encoding.pop(job, None))
-        self._replace(flow, coding, await asyncio.shield(future))
+        self._replace(flow, target, await asyncio.shield(future))
 
     @staticmethod
-    def _replace(flow: http.HTTPFlow, coding: str, encoded: bytes) -> None:
+    def _replace(flow: http.HTTPFlow, target: str, made: bytes | None) -> None:
+        if made is None:
+            return                      # an origin's coding we could not undo: sent as it is
         resp = flow.response
         flow.metadata[BASE] = (resp.headers.fields, resp.raw_content)
         size = len(resp.raw_content)
-        resp.headers.fields = encoded_fields(resp.headers.fields, coding, len(encoded))
-        resp.raw_content = encoded
-        decisions(flow)["compress"] = f"{coding} {size}->{len(encoded)}"
+        resp.headers.fields = encoded_fields(resp.headers.fields, target, len(made))
+        resp.raw_content = made
+        decisions(flow)["compress"] = f"{target} {size}->{len(made)}"
