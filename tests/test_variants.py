@@ -253,3 +253,19 @@ def test_a_gzip_bomb_from_the_origin_is_not_decoded(origin, edge):
     assert r.headers["content-encoding"] == "gzip" and raw == bomb          # sent as the origin sent it
     r, raw = get(e, "/page-elsewhere", "identity")                          # the edge goes on serving
     assert r.status_code == 404
+
+
+def test_without_compression_the_origins_vary_on_accept_encoding_is_the_plain_rfc_selection(origin, edge):
+    def own(req, o):
+        ae = req.headers.get("accept-encoding", "")
+        headers = [("Content-Type", "text/html"), ("Cache-Control", "max-age=60"), ("Vary", "Accept-Encoding")]
+        if "gzip" in ae:
+            return 200, headers + [("Content-Encoding", "gzip")], gzip.compress(TEXT)
+        return 200, headers, TEXT
+    o = origin("eu", pages={"/own": own})
+    e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncompress: {{enabled: false}}\n")
+    for _ in range(2):
+        for accept in ("gzip", "br"):
+            r, raw = get(e, "/own", accept)
+            assert decoded(r, raw) == TEXT and r.headers.get("content-encoding") == ("gzip" if accept == "gzip" else None)
+    assert [s.headers["accept-encoding"] for s in o.seen] == ["gzip", "br"]     # the client's, one fetch each

@@ -355,7 +355,7 @@ class Cache:
             return base
         variant = self._variant(state.key, base, target)
         if variant is not None:
-            flow.metadata.pop(CODING)       # settled: the compress addon must not make another coding of it
+            flow.metadata.pop(CODING, None)     # settled: the compress addon must not make another coding of it
             return variant
         if revalidated and target != "identity" and len(base.body) < THREAD_MIN:
             return self._store_variant(state.key, base, target, represent(base.body, own, target))
