@@ -269,3 +269,23 @@ def test_without_compression_the_origins_vary_on_accept_encoding_is_the_plain_rf
             r, raw = get(e, "/own", accept)
             assert decoded(r, raw) == TEXT and r.headers.get("content-encoding") == ("gzip" if accept == "gzip" else None)
     assert [s.headers["accept-encoding"] for s in o.seen] == ["gzip", "br"]     # the client's, one fetch each
+
+
+def test_stale_while_revalidate_serves_each_coding(origin, edge):
+    o = origin("eu", pages={"/swr": page(etag=None, cc="max-age=0, stale-while-revalidate=60")})
+    e = edge([o.url])
+    get(e, "/swr", "br")
+    for coding in CODINGS:
+        r, raw = get(e, "/swr", coding)
+        assert 'detail="stale-while-revalidate"' in r.headers["cache-status"]
+        assert r.headers.get("content-encoding", "identity") == coding and decoded(r, raw) == TEXT
+
+
+def test_stale_if_error_serves_the_stored_coding(origin, edge):
+    o = origin("eu", pages={"/sie": page(cc="max-age=0, stale-if-error=60")})
+    e = edge([o.url])
+    get(e, "/sie", "br")
+    o.stop()            # (one request after: the refused connect takes the origin out, then 503)
+    r, raw = get(e, "/sie", "br")
+    assert r.status_code == 200 and 'detail="origin unreachable"' in r.headers["cache-status"]
+    assert r.headers["content-encoding"] == "br" and decoded(r, raw) == TEXT

@@ -340,9 +340,9 @@ class Cache:
         else the base, which the compress addon then encodes and `response` stores. An answer
         made in `response` (after a revalidation) comes after the compress addon's turn: the
         variant is made here, when small enough for the event loop (else the base is sent,
-        and the next hit makes it). A range
-        is served from the base, the identity representation (RFC 9110 14.1.1: ranges of a
-        coding made per client would depend on the encoder; nginx does not range gzip either)."""
+        and the next hit makes it). A range is served from an identity base (RFC 9110 14.1.1:
+        ranges of a coding made at the edge would depend on its encoder; nginx does not range
+        what it gzips either)."""
         coding = flow.metadata.get(CODING)
         if coding is None or "accept-encoding" not in base.vary:
             return base
@@ -356,6 +356,7 @@ class Cache:
         variant = self._variant(state.key, base, target)
         if variant is not None:
             flow.metadata.pop(CODING, None)     # settled: the compress addon must not make another coding of it
+            decisions(flow)["compress"] = f"{target} stored"
             return variant
         if revalidated and target != "identity" and len(base.body) < THREAD_MIN:
             return self._store_variant(state.key, base, target, represent(base.body, own, target))
