@@ -274,9 +274,9 @@ class Cache:
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
-        base = flow.metadata.get(BASE)          # compress encoded it for this client: store the origin's
+        base = flow.metadata.get(BASE)          # compress made this client's coding of it: store the origin's
         fields, body = base if base is not None else (resp.headers.fields, resp.raw_content)
-        headers = http.Headers(fields) if base is not None else resp.headers
+        headers = header_map(fields)            # read a dozen times below: one pass
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
@@ -296,7 +296,7 @@ class Cache:
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
         kept = tuple((k, v) for k, v in fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, kept, header_map(fields), body,
+        entry = Entry(resp.status_code, resp.data.reason, kept, headers, body,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
             self.uncacheable.pop(state.key, None)
