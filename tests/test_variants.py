@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from addons.compress.negotiate import zstd
-from addons.compress.variants import THREAD_MIN, encoded_fields, transformable, with_accept_encoding
+from addons.compress.variants import THREAD_MIN, acceptable, encoded_fields, plan, transformable, with_accept_encoding
 
 TEXT = "".join(f"<li>item {i}: edge makes every coding of this page from one fetch</li>\n"
                for i in range(300)).encode()
@@ -289,3 +289,23 @@ def test_stale_if_error_serves_the_stored_coding(origin, edge):
     r, raw = get(e, "/sie", "br")
     assert r.status_code == 200 and 'detail="origin unreachable"' in r.headers["cache-status"]
     assert r.headers["content-encoding"] == "br" and decoded(r, raw) == TEXT
+
+
+@pytest.mark.parametrize("headers, negotiated, accept, expected", [
+    ({"content-type": "text/html"}, "br", "br, gzip", (True, "br")),
+    ({"content-type": "text/html"}, "identity", "identity", (True, None)),          # the base itself
+    ({"content-type": "image/png"}, "br", "br", (False, None)),
+    ({"content-type": "text/html", "content-encoding": "gzip"}, "br", "br, gzip", (True, None)),   # the origin's
+    ({"content-type": "text/html", "content-encoding": "gzip"}, "br", "br", (True, "identity")),
+    ({"content-type": "text/html", "content-encoding": "gzip"}, "identity", None, (True, "identity")),
+    ({"content-type": "text/html", "content-encoding": "deflate"}, "identity", None, (False, None)),  # cannot undo
+    ({"content-type": "text/html", "content-encoding": "gzip", "cache-control": "no-transform"}, "identity", None,
+     (False, None)),
+])
+def test_plan(headers, negotiated, accept, expected):
+    assert plan(200, headers, 1000, 256, negotiated, accept) == expected
+
+
+def test_acceptable():
+    assert acceptable("gzip, br", "gzip") and acceptable("*", "zstd") and acceptable("br;q=0.1", "br")
+    assert not acceptable(None, "gzip") and not acceptable("gzip;q=0", "gzip") and not acceptable("*;q=0", "br")
