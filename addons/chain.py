@@ -58,8 +58,9 @@ class Edge:
         # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
         # are cheapest before any other work. The request the origin will see is settled
         # (request_scrub) before the cache keys on it and before compress narrows
-        # Accept-Encoding. compress before cache: it compresses before the cache stores, so
-        # each coding is stored once and hits never recompress
+        # Accept-Encoding. compress before cache: the origin is asked for identity, and the
+        # origin's representation and each coding made from it are stored once (one origin
+        # fetch for every coding; hits never recompress)
         self.addons = [self.protocol, self.shield, self.request_scrub, self.compress, self.cache, self.route,
                        *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate

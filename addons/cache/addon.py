@@ -2,7 +2,13 @@
 revalidates stale entries with the origin, stores in `response`, serves stale when the origin
 fails. The rules are in policy.py; this module only moves bytes between flows and the store.
 The request it keys, looks up and stores with is the one the origin will see: the request-side
-scrubbing (RequestScrub) runs before it in the chain.
+scrubbing (RequestScrub) and the compress addon (Accept-Encoding: identity) run before it.
+
+Codings: the stored "base" is the origin's representation; each coding the compress addon made
+from it is stored beside it as a variant of the same URL, selected by `Accept-Encoding: edge/CODING`
+in place of the forwarded `identity` (the edge makes these, so the edge selects them) and the
+base's values of every other Vary'd header. A variant carries the base's times, so one made from
+an older base is never served; a 304 refreshes the variants with the base, a purge drops them all.
 
 Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
 mitmproxy logs it and the request simply goes to the origin, uncached."""
@@ -28,6 +34,8 @@ from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.disk import make_store
 from addons.cache.store import Entry, Store
 from addons.client import client_of, public_base, split_host
+from addons.compress.addon import ACCEPT, BASE, META as CODING
+from addons.compress.variants import THREAD_MIN, VARIANT, encoded_fields, plan, represent
 from addons.config import CacheConfig, ConfigError, EdgeConfig
 from addons.failsafe import edge_answer, made_by_edge
 from addons.net import in_networks, parse_ip
@@ -65,11 +73,14 @@ class FlowState:
     leader: bool = False                # other requests for this key wait on this one
     answered: bool = False              # the cache produced flow.response
     bypass: bool = False                # neither served from nor stored in the cache
+    base: Entry | None = None           # answered with it for a coding it has no variant of yet
 
 
 class Cache:
     def __init__(self) -> None:
         self.settings = CacheConfig(enabled=False)
+        self.codings: tuple[str, ...] = ()                   # the compress addon's, for variants
+        self.min_size = 0
         self.store = Store(1)
         self.tiers: tuple = ()                  # what the store was made from
         self.trusted: tuple = ()
@@ -82,6 +93,7 @@ class Cache:
 
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
+        self.codings, self.min_size = config.compress.encodings, config.compress.min_size
         self.trusted = config.trusted_proxies
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
         tiers = (config.cache.max_size, config.cache.max_object, config.cache.disk)
@@ -169,6 +181,9 @@ class Cache:
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
             elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
+            elif state.base is not None and BASE in flow.metadata:    # compress made a coding of our base
+                self._store_variant(state.key, state.base, flow.response.headers.get("content-encoding", "identity"),
+                                    flow.response.raw_content)
             elif state.bypass and not state.answered:
                 state.status.fwd_status = flow.response.status_code
         finally:
@@ -270,7 +285,9 @@ class Cache:
         resp, req = flow.response, flow.request
         if resp.stream or resp.raw_content is None:
             return
-        headers = header_map(resp.headers.fields)       # read a dozen times below: one pass
+        base = flow.metadata.get(BASE)          # compress made this client's coding of it: store the origin's
+        fields, body = base if base is not None else (resp.headers.fields, resp.raw_content)
+        headers = header_map(fields)            # read a dozen times below: one pass
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
@@ -281,7 +298,7 @@ class Cache:
                                                  self.settings.default_ttl)
             if not policy.reusable(lifetime, headers, rules):
                 why_not = "no-freshness"
-        if why_not is None and len(resp.raw_content) > self.store.max_object:
+        if why_not is None and len(body) > self.store.max_object:
             why_not = "too-large"
         if why_not is not None:
             state.status.detail = state.status.detail or f"not stored: {why_not}"
@@ -289,13 +306,16 @@ class Cache:
             return
         selected = policy.vary_key(headers.get("vary"), request)
         omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
-        fields = tuple((k, v) for k, v in resp.headers.fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, fields, headers, resp.raw_content,
+        kept = tuple((k, v) for k, v in fields if k.lower() not in omit)
+        entry = Entry(resp.status_code, resp.data.reason, kept, headers, body,
                       req.timestamp_start, response_time, rules, lifetime, selected)
         if self.store.put(state.key, entry):
             self.uncacheable.pop(state.key, None)
             state.status.stored = True
             state.status.ttl = round(lifetime - self._age(entry))
+            if base is not None:
+                self._store_variant(state.key, entry, resp.headers.get("content-encoding", "identity"),
+                                    resp.raw_content)
 
     def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
         """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry; a
@@ -316,9 +336,66 @@ class Cache:
                                              guess)
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
-        if "no-store" not in rules.cc:
-            self.store.put(key, refreshed)
+        if "no-store" not in rules.cc and self.store.put(key, refreshed):
+            for coding in (*self.codings, "identity"):     # same bodies, the refreshed headers and times
+                variant = self._variant(key, entry, coding)
+                if variant is not None:
+                    self._store_variant(key, refreshed, coding, variant.body)
         return refreshed
+
+    # -- codings made at the edge -------------------------------------------------------------------------
+
+    def _representation(self, flow: http.HTTPFlow, state: FlowState, base: Entry,
+                        request: Mapping[str, str], revalidated: bool) -> Entry:
+        """The entry to answer with: the variant of the client's coding made from this base;
+        else the base, which the compress addon then encodes and `response` stores. An answer
+        made in `response` (after a revalidation) comes after the compress addon's turn: the
+        variant is made here, when small enough for the event loop (else the base is sent,
+        and the next hit makes it). A range is served from an identity base (RFC 9110 14.1.1:
+        ranges of a coding made at the edge would depend on its encoder; nginx does not range
+        what it gzips either)."""
+        coding = flow.metadata.get(CODING)
+        if coding is None or "accept-encoding" not in base.vary:
+            return base
+        varies, target = plan(base.status, base.headers, len(base.body), self.min_size, coding,
+                              flow.metadata.get(ACCEPT))
+        own = base.headers.get("content-encoding")
+        if not varies or target is None:
+            return base
+        if own is None and flow.request.method == "GET" and "range" in request and self._if_range_ok(request, base):
+            return base
+        variant = self._variant(state.key, base, target)
+        if variant is not None:
+            flow.metadata.pop(CODING, None)     # settled: the compress addon must not make another coding of it
+            decisions(flow)["compress"] = f"{target} stored"
+            return variant
+        if revalidated and target != "identity" and len(base.body) < THREAD_MIN:
+            return self._store_variant(state.key, base, target, represent(base.body, own, target))
+        state.base = base
+        return base
+
+    @staticmethod
+    def _variant_selection(base: Entry, coding: str) -> tuple:
+        return tuple((n, VARIANT + coding if n == "accept-encoding" else v) for n, v in base.selected_by)
+
+    def _variant(self, key: str, base: Entry, coding: str) -> Entry | None:
+        """The stored `coding` variant made from this very base (same times), if any."""
+        found, _ = self.store.lookup(key, dict(self._variant_selection(base, coding)))
+        if (found is None or found is base or found.headers.get("content-encoding", "identity") != coding
+                or (found.request_time, found.response_time) != (base.request_time, base.response_time)):
+            return None
+        return found
+
+    def _store_variant(self, key: str, base: Entry, coding: str, body: bytes) -> Entry:
+        fields = encoded_fields(base.fields, coding, len(body))
+        replaced = ("etag", "content-encoding", "content-length")
+        headers = {k: v for k, v in base.headers.items() if k not in replaced} | \
+            header_map(f for f in fields if f[0].lower().decode() in replaced)
+        variant = Entry(base.status, base.reason, fields, headers, body, base.request_time,
+                        base.response_time, base.rules, base.lifetime, self._variant_selection(base, coding))
+        variant.initial_age = base.initial_age      # a 304's Age the base kept
+        self.store.put(key, variant)
+        return variant
 
     # -- answering from the store -------------------------------------------------------------------------
 
@@ -331,6 +408,7 @@ class Cache:
             state.status.hit = True
             state.status.fwd = None
         state.status.ttl = round(entry.lifetime - age)
+        entry = self._representation(flow, state, entry, request, revalidated)
         status, reason, body = entry.status, entry.reason, entry.body
         fields = entry.fields + ((b"Age", str(int(age)).encode()),)
         method = flow.request.method
