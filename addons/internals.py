@@ -33,6 +33,14 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 - Request body cap: `max_request_body` is checked as mitmproxy checks its body_size_limit
   (Content-Length at once, chunked bodies as they arrive: 413), but for requests only: the
   option would also cut large responses.
+- Streamed request bodies: mitmproxy checks no size once a request body streams. Each chunk
+  is now counted against `max_request_body` as it passes; past it the origin's connection is
+  cut (it got a part, never the end) and the client gets 413 (or is cut if its answer began).
+  A body held under a flow's STREAM_AFTER (flow metadata, set by the stream addon for bodies of
+  unknown length) starts streaming once more than that is held, as mitmproxy's global
+  stream_large_bodies does, but per flow: a small chunked upload stays whole.
+- bytes_held: what the proxy holds of bodies right now (socket buffers, HTTP stream buffers,
+  HTTP/2 send buffers), read from mitmproxy's private state, for the tests' memory bounds.
 - Closing a client connection from outside a hook (slow clients): cancel the task that runs it,
   as mitmproxy's own tcp_timeout does (shield notes Q1; public attributes of the proxyserver
   addon, no underscore names).
@@ -90,6 +98,7 @@ import collections
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
 
 import h2.errors
@@ -104,6 +113,7 @@ from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import layer as layer_module
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h2
@@ -363,10 +373,23 @@ def _server_read_headers(self, event):
 
 
 _original_check_body_size = http_layer.HttpStream.check_body_size
+STREAM_AFTER = "edge.stream.after"      # flow metadata: request body bytes held before the rest streams
 
 
 def _check_body_size(self, request: bool):
-    """mitmproxy's body size check, plus max_request_body for requests (413)."""
+    """mitmproxy's body size check, plus max_request_body for requests (413), and a request
+    body held past its flow's STREAM_AFTER bytes starts streaming (as stream_large_bodies
+    does, per flow: what is held is sent, then the rest as it comes)."""
+    after = self.flow.metadata.get(STREAM_AFTER)
+    if (request and after is not None and len(self.request_body_buf) > after and not self.flow.request.stream
+            and (max_request_body is None or len(self.request_body_buf) <= max_request_body)):
+        held = bytes(self.request_body_buf)
+        self.request_body_buf.clear()
+        self.flow.request.stream = True
+        yield from self.start_request_stream()
+        if self.client_state == self.state_stream_request_body:
+            yield from self.handle_event(http_layer.RequestData(self.stream_id, held))
+        return False
     if request and max_request_body is not None:
         if self.request_body_buf:
             size = len(self.request_body_buf)
@@ -386,6 +409,50 @@ def _check_body_size(self, request: bool):
             self.flow.live = False
             return True
     return (yield from _original_check_body_size(self, request))
+
+
+_original_stream_request_body = http_layer.HttpStream.state_stream_request_body
+
+
+def _stream_request_body(self, event):
+    """mitmproxy's, counting a streamed request body against max_request_body as it passes
+    (its Content-Length was checked at the head, see `_check_body_size`): past the cap the
+    origin's connection is cut (it got a part, never the whole) and the client is answered 413,
+    or cut if its answer already started."""
+    if isinstance(event, http_layer.RequestData) and max_request_body is not None:
+        self.edge_streamed = getattr(self, "edge_streamed", 0) + len(event.data)
+        if self.edge_streamed > max_request_body:
+            self.flow.error = flow.Error(BODY_TOO_LARGE)
+            yield HttpErrorHook(self.flow)
+            yield http_layer.SendHttp(RequestProtocolError(self.stream_id, BODY_TOO_LARGE,
+                                                           ErrorCode.REQUEST_TOO_LARGE), self.context.server)
+            yield http_layer.SendHttp(ResponseProtocolError(self.stream_id, BODY_TOO_LARGE,
+                                                            ErrorCode.REQUEST_TOO_LARGE), self.context.client)
+            self.client_state = self.server_state = self.state_errored
+            self.flow.live = False
+            return
+    yield from _original_stream_request_body(self, event)
+
+
+def bytes_held(master) -> int:
+    """Body bytes the proxy holds right now, over all connections: what waits in its socket
+    write buffers and read buffers, and in HTTP/2 send buffers (what backpressure bounds)."""
+    held = 0
+    for handler in list(master.addons.get("proxyserver").connections.values()):
+        layer = handler.layer
+        while layer is not None:                    # NextLayer -> ... -> HttpLayer -> its streams
+            for stream in list(getattr(layer, "streams", {}).values()):
+                held += len(getattr(stream, "request_body_buf", b"")) + len(getattr(stream, "response_body_buf", b""))
+            layer = getattr(layer, "layer", None) if isinstance(layer, layer_module.NextLayer) \
+                else getattr(layer, "child_layer", None)
+        for io in list(handler.transports.values()):
+            transport = getattr(io.writer, "transport", None)
+            if transport is not None:
+                held += transport.get_write_buffer_size()
+            held += len(getattr(io.reader, "_buffer", b""))
+    for h2_conn in list(_h2_connections):
+        held += sum(len(d.data) for chunks in list(h2_conn.stream_buffers.values()) for d in chunks)
+    return held
 
 
 def _client_io(master, client):
@@ -627,6 +694,9 @@ def _frame_kind(frame) -> str | None:
     return _FRAME_KINDS.get(kind)
 
 
+_h2_connections: weakref.WeakSet = weakref.WeakSet()     # the clients' (GuardedH2Connection), for bytes_held
+
+
 class Flood(h2.exceptions.DenialOfServiceError):
     """A client past one of its budgets; h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
 
@@ -636,6 +706,7 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        _h2_connections.add(self)
         self.budgets = FrameBudgets(h2_limits, time.monotonic())
         self.block_cap = 2 * (max_head or 2**16)
         self.local_settings.max_concurrent_streams = h2_limits.max_concurrent_streams
@@ -736,4 +807,5 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.make_body_reader = _make_body_reader
     _http1.Http1Connection.read_body = _read_body
     _http2.Http2Server.__init__ = _h2_server_init
+    http_layer.HttpStream.state_stream_request_body = _stream_request_body
     _installed = True

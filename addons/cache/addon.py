@@ -164,6 +164,18 @@ class Cache:
             self._release(state)
             flow.response.headers.add("Cache-Status", self._record(flow, state))
 
+    def streamed(self, flow: http.HTTPFlow) -> None:
+        """The origin's response is relayed as it arrives (addons/stream): its head leaves now,
+        with its Cache-Status. It is not stored (yet), so requests waiting on it go on now."""
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.answered:
+            return
+        self._release(state)
+        if not state.bypass and not state.invalidate:
+            state.status.fwd_status = flow.response.status_code
+            state.status.detail = state.status.detail or "not stored: streamed"
+        flow.response.headers.add("Cache-Status", self._record(flow, state))
+
     def error(self, flow: http.HTTPFlow) -> None:
         """The origin could not be reached: a stale entry answers if the origin allows it."""
         state: FlowState | None = flow.metadata.get(META)

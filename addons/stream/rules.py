@@ -1,0 +1,40 @@
+"""When a body is streamed, and how many WebSocket messages are kept: plain functions, no
+mitmproxy. A body whose length is known and at most the buffer limit is held whole (the cache
+stores it, compression and masking see it); any other is relayed as it arrives, so memory
+does not grow with the body and a live stream (server-sent events, a trickled chunked answer)
+reaches the client chunk by chunk."""
+
+from __future__ import annotations
+
+EVENT_STREAM = "text/event-stream"
+# messages mitmweb keeps per WebSocket flow under --web (the UI shows them); else none
+WEB_MESSAGES = 1000
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def stream_response(length: int | None, content_type: str | None, limit: int) -> bool:
+    """`length`: the body's size from its framing, None when unknown (chunked, read until close).
+    No body (HEAD, 204, 304, Content-Length: 0) is never streamed."""
+    if length == 0:
+        return False
+    return length is None or length > limit or media_type(content_type) == EVENT_STREAM
+
+
+def request_stream_after(length: int | None, limit: int, inspected: bool) -> int | None:
+    """How many bytes of a request body are held before the rest streams: 0 streams it from
+    the head (a known length above the limit), `limit` for a body of unknown length (a small
+    chunked upload stays whole, and a client that stalls never reaches the origin), None
+    holds it whole. `inspected`: a WAF reads the body in the `request` hook, so it is held
+    (the request body cap bounds it)."""
+    if inspected or length == 0 or (length is not None and length <= limit):
+        return None
+    return limit if length is None else 0
+
+
+def messages_to_drop(kept: int, web: bool) -> int:
+    """How many of a WebSocket flow's oldest messages to forget once one more arrived:
+    all of them unless the flows are inspected (mitmweb), then all but the last WEB_MESSAGES."""
+    return max(kept - WEB_MESSAGES, 0) if web else kept
