@@ -13,9 +13,12 @@ import time
 
 import httpx
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto import events as wsevents
 
 from addons import internals
 from addons.stream import rules
+from tests.conftest import free_port
 from tests.rawnet import RecordingOrigin, status_of
 
 MiB = 2**20
@@ -47,9 +50,12 @@ def test_request_rule(length, inspected, after):
 
 
 def test_websocket_history_rule():
-    assert rules.messages_to_drop(1, web=False) == 1
-    assert rules.messages_to_drop(rules.WEB_MESSAGES, web=True) == 0
-    assert rules.messages_to_drop(rules.WEB_MESSAGES + 1, web=True) == 1
+    assert rules.messages_to_drop([5], web=False) == 1
+    assert rules.messages_to_drop([5] * rules.WEB_MESSAGES, web=True) == 0
+    assert rules.messages_to_drop([5] * (rules.WEB_MESSAGES + 1), web=True) == 1
+    big = rules.WEB_BYTES // 2
+    assert rules.messages_to_drop([big, big, big], web=True) == 1          # a byte budget too
+    assert rules.messages_to_drop([1, 3 * rules.WEB_BYTES], web=True) == 1  # the newest stays
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -341,5 +347,101 @@ def test_large_request_body_streams_whole_to_the_origin(edge):
         (request,) = o.wait_for_requests(1)
         head, _, sent = request.partition(b"\r\n\r\n")
         assert b"content-length: %d" % len(body) in head.lower() and sent == body
+    finally:
+        o.stop()
+
+
+# -- WebSocket -----------------------------------------------------------------------------------
+
+class WsEchoOrigin:
+    """A WebSocket origin (wsproto, raw sockets) echoing every message back."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:                 # the edge's connect probe comes first
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        with conn:
+            while data := conn.recv(65536):
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, wsevents.Request):
+                        conn.sendall(ws.send(wsevents.AcceptConnection()))
+                    elif isinstance(event, wsevents.Message):
+                        conn.sendall(ws.send(type(event)(data=event.data, message_finished=event.message_finished)))
+                    elif isinstance(event, wsevents.CloseConnection):
+                        conn.sendall(ws.send(event.response()))
+                        return
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+class WebSocketFlows:
+    """An embedder's addon (after the stream addon) keeping the WebSocket flows to look at."""
+
+    def __init__(self) -> None:
+        self.flows: list = []
+
+    def websocket_start(self, flow) -> None:
+        self.flows.append(flow)
+
+
+def ws_echo(host: str, port: int, count: int, size: int) -> int:
+    """Open a WebSocket through the edge, send `count` messages of `size` bytes one by one,
+    read each echo; returns the echoed bytes."""
+    ws = WSConnection(ConnectionType.CLIENT)
+    echoed = 0
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(ws.send(wsevents.Request(host="site.example", target="/ws")))
+        events: list = []
+
+        def wait_for(kind):
+            while True:
+                while events:
+                    event = events.pop(0)
+                    if isinstance(event, kind):
+                        return event
+                data = s.recv(65536)
+                assert data, "closed"
+                ws.receive_data(data)
+                events.extend(ws.events())
+
+        wait_for(wsevents.AcceptConnection)
+        payload = b"m" * size
+        for _ in range(count):
+            s.sendall(ws.send(wsevents.BytesMessage(data=payload)))
+            got = 0
+            while got < size:
+                got += len(wait_for(wsevents.BytesMessage).data)
+            echoed += got
+        s.sendall(ws.send(wsevents.CloseConnection(code=1000)))
+        wait_for(wsevents.CloseConnection)
+    return echoed
+
+
+@pytest.mark.parametrize("web", [False, True])
+def test_websocket_keeps_no_history(edge, web):
+    """Many messages each way: none is kept (under --web, the last WEB_MESSAGES)."""
+    o = WsEchoOrigin()
+    seen = WebSocketFlows()
+    try:
+        kw = {"web": True, "web_port": free_port()} if web else {}
+        e = edge([o.url], extra_addons=[seen], **kw)
+        count = rules.WEB_MESSAGES + 200
+        assert ws_echo(e.host, e.port, count, 1000) == count * 1000
+        (flow,) = seen.flows
+        assert len(flow.websocket.messages) == (rules.WEB_MESSAGES if web else 0)
     finally:
         o.stop()

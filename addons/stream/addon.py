@@ -93,5 +93,6 @@ class Stream:
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         messages = flow.websocket.messages
-        if drop := rules.messages_to_drop(len(messages), self.web):
+        sizes = [len(m.content) for m in messages] if self.web else [0] * len(messages)
+        if drop := rules.messages_to_drop(sizes, self.web):
             del messages[:drop]

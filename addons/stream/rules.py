@@ -6,9 +6,12 @@ reaches the client chunk by chunk."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EVENT_STREAM = "text/event-stream"
-# messages mitmweb keeps per WebSocket flow under --web (the UI shows them); else none
+# what mitmweb keeps of each WebSocket flow's messages under --web (the UI shows them); else none
 WEB_MESSAGES = 1000
+WEB_BYTES = 16 * 2**20
 
 
 def media_type(content_type: str | None) -> str:
@@ -34,7 +37,15 @@ def request_stream_after(length: int | None, limit: int, inspected: bool) -> int
     return limit if length is None else 0
 
 
-def messages_to_drop(kept: int, web: bool) -> int:
-    """How many of a WebSocket flow's oldest messages to forget once one more arrived:
-    all of them unless the flows are inspected (mitmweb), then all but the last WEB_MESSAGES."""
-    return max(kept - WEB_MESSAGES, 0) if web else kept
+def messages_to_drop(sizes: Sequence[int], web: bool) -> int:
+    """How many of a WebSocket flow's oldest messages (`sizes`, oldest first) to forget once
+    one more arrived: all of them unless the flows are inspected (mitmweb), then all but the
+    newest WEB_MESSAGES that fit in WEB_BYTES (the newest is always kept)."""
+    if not web:
+        return len(sizes)
+    kept, total = 0, 0
+    for size in reversed(sizes[-WEB_MESSAGES:]):
+        if kept and total + size > WEB_BYTES:
+            break
+        kept, total = kept + 1, total + size
+    return len(sizes) - kept
