@@ -39,6 +39,12 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   A body held under a flow's STREAM_AFTER (flow metadata, set by the stream addon for bodies of
   unknown length) starts streaming once more than that is held, as mitmproxy's global
   stream_large_bodies does, but per flow: a small chunked upload stays whole.
+- HTTP/2 backpressure: mitmproxy waits for socket write buffers to drain after each read
+  (drain_writers), which bounds what a slow reader makes it hold, but an HTTP/2 client that
+  keeps a stream's flow-control window shut leaves the stream's data in h2 send buffers
+  (BufferedH2Connection), unbounded. An origin connection now reads only while its client
+  stream holds at most H2_HELD unsent bytes (_GatedReader, woken when the client's frames
+  change the buffers); the origin's kernel buffers then fill and TCP slows it.
 - bytes_held: what the proxy holds of bodies right now (socket buffers, HTTP stream buffers,
   HTTP/2 send buffers), read from mitmproxy's private state, for the tests' memory bounds.
 - Closing a client connection from outside a hook (slow clients): cancel the task that runs it,
@@ -471,7 +477,11 @@ _original_handle_connection = proxy_server.ConnectionHandler.handle_connection
 
 
 async def _handle_connection(self, connection):
-    """mitmproxy's, closing the socket when a cancellation escapes before it did."""
+    """mitmproxy's, closing the socket when a cancellation escapes before it did; an origin
+    connection's reads wait for its HTTP/2 client stream (_GatedReader)."""
+    io = self.transports.get(connection)
+    if connection is not self.client and io is not None and isinstance(io.reader, asyncio.StreamReader):
+        io.reader = _GatedReader(self, connection, io.reader)
     try:
         await _original_handle_connection(self, connection)
     except asyncio.CancelledError:
@@ -707,6 +717,7 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
     def __init__(self, config) -> None:
         super().__init__(config)
         _h2_connections.add(self)
+        self.room_waiters: list[asyncio.Future] = []
         self.budgets = FrameBudgets(h2_limits, time.monotonic())
         self.block_cap = 2 * (max_head or 2**16)
         self.local_settings.max_concurrent_streams = h2_limits.max_concurrent_streams
@@ -722,13 +733,79 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
             raise Flood(why)                            # h2's receive_data sends the GOAWAY
         return super()._receive_frame(frame)
 
+    def wait_for_room(self, stream_id: int) -> asyncio.Future | None:
+        """None if the stream holds at most H2_HELD unsent bytes (the client's flow-control
+        window is shut for the rest), else a future done when that may have changed."""
+        chunks = self.stream_buffers.get(stream_id)
+        if not chunks or sum(len(c.data) for c in chunks) <= H2_HELD:
+            return None
+        room = asyncio.get_running_loop().create_future()
+        self.room_waiters.append(room)
+        return room
+
+    def _wake(self) -> None:
+        waiters, self.room_waiters = self.room_waiters, []
+        for room in waiters:
+            if not room.done():
+                room.set_result(None)
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._wake()
+
     def receive_data(self, data):
+        try:
+            return self._receive_guarded(data)
+        finally:
+            if self.room_waiters:       # a WINDOW_UPDATE sent buffered data, a reset dropped it
+                self._wake()
+
+    def _receive_guarded(self, data):
         events = super().receive_data(data)
         block = self.incoming_buffer._headers_buffer    # HEADERS + CONTINUATION not yet ended
         if block and sum(len(f.data) for f in block) > self.block_cap:
             self.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             raise Flood(f"header block over {self.block_cap} bytes")
         return events
+
+
+H2_HELD = 256 * 2**10      # unsent bytes an HTTP/2 client stream may hold before its origin read pauses
+
+
+def _http_layer(handler) -> http_layer.HttpLayer | None:
+    layer = handler.layer
+    while layer is not None and not isinstance(layer, http_layer.HttpLayer):
+        layer = layer.layer if isinstance(layer, layer_module.NextLayer) else getattr(layer, "child_layer", None)
+    return layer
+
+
+class _GatedReader:
+    """An origin connection's reader that, before each read, waits while the HTTP/2 client
+    stream it feeds holds more than H2_HELD unsent bytes: mitmproxy's drain_writers waits for
+    socket buffers only, and an HTTP/2 client that leaves a stream's window shut (a paused
+    video) made the origin's whole body pile up in h2 send buffers."""
+
+    def __init__(self, handler, connection, reader: asyncio.StreamReader) -> None:
+        self.handler, self.connection, self.reader = handler, connection, reader
+
+    async def read(self, n: int = -1) -> bytes:
+        while (room := self._room()) is not None:
+            await room
+        return await self.reader.read(n)
+
+    def _room(self) -> asyncio.Future | None:
+        layer = _http_layer(self.handler)
+        if layer is None:
+            return None
+        h2_conn = getattr(layer.connections.get(self.handler.client), "h2_conn", None)
+        origin = getattr(layer.connections.get(self.connection), "child_layer", None)     # HttpClient -> Http1Client
+        if not isinstance(h2_conn, GuardedH2Connection) or not isinstance(origin, _http1.Http1Client) \
+                or origin.stream_id is None:        # an HTTP/2 origin maps its own stream ids: not gated
+            return None
+        return h2_conn.wait_for_room(origin.stream_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
 
 
 _original_h2_server_init = _http2.Http2Server.__init__

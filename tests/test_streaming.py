@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+import h2.events
 import httpx
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -19,6 +20,7 @@ from wsproto import events as wsevents
 from addons import internals
 from addons.stream import rules
 from tests.conftest import free_port
+from tests.test_h2_abuse import RawH2
 from tests.rawnet import RecordingOrigin, status_of
 
 MiB = 2**20
@@ -71,6 +73,19 @@ def read_until(sock: socket.socket, buf: bytearray, needle: bytes) -> None:
         if not data:
             raise AssertionError(f"closed before {needle!r}; got {bytes(buf[-200:])!r}")
         buf += data
+
+
+def serve_each(sock: socket.socket, serve) -> None:
+    """Accept connections until `sock` closes, each served by `serve(conn)` in its thread
+    (the edge's connect probe comes first, then the connection that carries the request)."""
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
 
 
 def log_lines(path, n: int, timeout: float = 5.0) -> list[dict]:
@@ -247,15 +262,7 @@ def test_streamed_upload_to_a_slow_origin_is_bounded(edge, framing):
             self.sock = socket.create_server(("127.0.0.1", 0))
             self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
             self.received = 0
-            threading.Thread(target=self.accept, daemon=True).start()
-
-        def accept(self) -> None:
-            while True:             # the edge's connect probe comes first
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:
-                    return
-                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+            serve_each(self.sock, self.serve)
 
         def serve(self, conn: socket.socket) -> None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -290,6 +297,50 @@ def test_streamed_upload_to_a_slow_origin_is_bounded(edge, framing):
     assert r.status_code == 200 and r.text == "ok"
     assert o.received > size and samples
     assert max(samples) < BOUND, max(samples)
+
+
+def test_http2_stream_with_a_shut_window_pauses_the_origin_read(edge, tls):
+    """An HTTP/2 client that lets a stream's window run out (h2's 64 KiB) and reads nothing
+    more: the edge holds at most BOUND (else the origin's whole body piled up in its HTTP/2
+    send buffers); once the client opens the window, the whole body arrives."""
+    size = 24 * MiB
+    sent = [0]
+
+    def answer(request: bytes):
+        for piece in endless_body(size)(request):
+            sent[0] += len(piece)
+            yield piece
+
+    o = RecordingOrigin(answer)
+    try:
+        e = edge([o.url], cert=str(tls.pem))
+        client = RawH2(e, tls)
+        client.conn.send_headers(1, [(":method", "GET"), (":path", "/big"), (":scheme", "https"),
+                                     (":authority", "localhost")], end_stream=True)
+        client.flush()
+        received = lambda: sum(len(x.data) for x in client.events if isinstance(x, h2.events.DataReceived))
+        client.read_until(lambda _: received() >= 65535)            # the stream's window is spent
+        deadline = time.monotonic() + 1.5       # held whole, the origin's 24 MiB would be in the edge by then
+        while time.monotonic() < deadline and sent[0] < size // 2:
+            time.sleep(0.02)
+        assert internals.bytes_held(e.master) < BOUND
+        assert sent[0] < size // 2
+        got, most = received(), 0
+        client.conn.acknowledge_received_data(got, 1)
+        client.flush()
+        while got < size:                       # now read it all, opening the window as we go
+            data = client.sock.recv(65536)
+            assert data, "closed early"
+            for event in client.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    got += len(event.data)
+                    client.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            client.flush()
+            most = max(most, internals.bytes_held(e.master))
+        assert most < BOUND
+        client.close()
+    finally:
+        o.stop()
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -359,15 +410,7 @@ class WsEchoOrigin:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:                 # the edge's connect probe comes first
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._serve)
 
     @staticmethod
     def _serve(conn: socket.socket) -> None:
