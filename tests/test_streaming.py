@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import queue
+import zlib
 import socket
 import threading
 import time
 
+import brotli
 import h2.events
 import httpx
 import pytest
@@ -18,9 +20,11 @@ from wsproto import ConnectionType, WSConnection
 from wsproto import events as wsevents
 
 from addons import internals
+from addons.compress.negotiate import zstd
 from addons.stream import rules
 from tests.conftest import free_port
 from tests.test_h2_abuse import RawH2
+from tests.test_protocol import dechunk
 from tests.rawnet import RecordingOrigin, status_of
 
 MiB = 2**20
@@ -165,7 +169,7 @@ def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_store
 
 def test_chunked_response_bytes_are_counted(edge, tmp_path):
     parts = [b"x" * 1000, b"y" * 2345, b"z"]
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
               + b"".join(chunk(p) for p in parts) + b"0\r\n\r\n")
     o = RecordingOrigin(answer)
     log = tmp_path / "access.log"
@@ -176,6 +180,72 @@ def test_chunked_response_bytes_are_counted(edge, tmp_path):
         assert record["bytes"] == 3346 and record["edge"]["stream"] == "response"
     finally:
         o.stop()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_trickled_events_are_compressed_and_still_arrive_one_by_one(edge, coding):
+    """The coder flushes each chunk: a client asking for gzip/br decodes every event before
+    the origin sends the next."""
+    release: queue.Queue = queue.Queue()
+    parts = [b"data: event %d\n\n" % i for i in range(5)]
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Cache-Control: no-store\r\n\r\n")
+    o = RecordingOrigin(trickling(release, parts, head))
+    try:
+        e = edge([o.url])
+        with httpx.Client(timeout=5) as c, c.stream("GET", f"{e.url}/events",
+                                                    headers={"Accept-Encoding": coding}) as r:
+            assert r.headers["content-encoding"] == coding and r.headers["vary"] == "Accept-Encoding"
+            pieces = r.iter_bytes()
+            got = b""
+            for part in parts:
+                release.put(True)
+                while part not in got:
+                    got += next(pieces)
+            release.put(True)
+            got += b"".join(pieces)
+        assert got == b"".join(parts)
+        assert o.requests[0].lower().count(b"accept-encoding: " + coding.encode()) == 1
+    finally:
+        o.stop()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd", "identity"])
+def test_large_text_is_compressed_as_it_streams(edge, tmp_path, coding):
+    body = b"".join(b"line %d of a large text file\n" % i for i in range(120_000))      # 3.4 MB
+    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nETag: \"v1\"\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    log = tmp_path / "access.log"
+    try:
+        e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\naccess_log: {log}\n")
+        with socket.create_connection((e.host, e.port), timeout=10) as s:
+            s.sendall(b"GET /big.txt HTTP/1.1\r\nHost: site.example\r\nAccept-Encoding: %s\r\n"
+                      b"Connection: close\r\n\r\n" % coding.encode())
+            raw = b""
+            while data := s.recv(65536):
+                raw += data
+        head, _, framed = raw.partition(b"\r\n\r\n")
+        head = head.lower()
+        (record,) = log_lines(log, 1)
+        if coding == "identity":
+            assert framed == body and b"content-encoding" not in head and b'etag: "v1"' in head
+            assert record["bytes"] == len(body)
+            return
+        assert b"content-encoding: " + coding.encode() in head and b"content-length" not in head
+        assert b"transfer-encoding: chunked" in head and b'etag: w/"v1"' in head and b"vary: accept-encoding" in head
+        encoded = dechunk(framed)
+        assert decode(encoded, coding) == body and len(encoded) < len(body) // 4
+        assert record["bytes"] == len(encoded) and record["edge"]["compress"] == f"{coding} streamed"
+    finally:
+        o.stop()
+
+
+def decode(data: bytes, coding: str) -> bytes:
+    if coding == "br":
+        return brotli.decompress(data)
+    if coding == "zstd":
+        return zstd.decompress(data)
+    return zlib.decompress(data, 47)
 
 
 def test_small_known_length_bodies_keep_the_buffered_path(edge, tmp_path):
@@ -361,13 +431,16 @@ def test_request_body_over_the_cap(edge, tmp_path, max_body, origin_got_some):
 
         r = httpx.post(f"{e.url}/upload", content=body(), timeout=10)
         assert r.status_code == 413
-        upload = [c for c in o.connections if c.data.startswith(b"POST")]
+        upload = lambda: [c for c in o.connections if c.data.startswith(b"POST")]
         if origin_got_some:
-            (conn,) = upload
-            assert conn.closed.wait(5)                          # cut by the edge
+            deadline = time.monotonic() + 5      # the origin's thread may not have read it all yet
+            while not (upload() and upload()[0].closed.is_set()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (conn,) = upload()
+            assert conn.closed.is_set()                         # cut by the edge
             assert MiB < len(conn.data) < 4 * MiB and not conn.requests     # never a whole request
         else:
-            assert not upload
+            assert not upload()
         assert httpx.get(f"{e.url}/").text == "ok"
         assert any(rec.get("error") == "Request body too large" for rec in log_lines(log, 2))
     finally:

@@ -1,5 +1,6 @@
 """The stream addon: decides, per body, whether it is relayed as it arrives (rules.py), and
-keeps no WebSocket history. Runs after the cache and routing (a hit or an edge answer is
+keeps no WebSocket history. A streamed response is compressed on the way (encode.py) with the
+coding the compress addon chose for the client. Runs after the cache and routing (a hit or an edge answer is
 never streamed; a streamed request's origin connection opens right after `requestheaders`)
 and before the scrub, whose `responseheaders` masks a streamed head before it leaves.
 
@@ -16,9 +17,12 @@ from mitmproxy import http
 from mitmproxy.net.http.http1 import expected_http_body_size
 
 from addons import internals
+from addons.compress.addon import META as ENCODING
+from addons.compress.negotiate import weak_etag
 from addons.failsafe import fail_closed
 from addons.protocol.rules import declared_length
 from addons.stream import rules
+from addons.stream.encode import StreamEncoder
 from addons.trace import STREAMED, decisions
 
 SENT = STREAMED          # flow metadata: body bytes of a streamed response relayed so far
@@ -43,15 +47,42 @@ def request_length(request: http.Request) -> int | None:
 
 
 class Relay:
-    """A streamed response's chunk function: counts what passes (the access log's bytes)."""
+    """A streamed response's chunk function: encodes (if asked) and counts what passes (the
+    access log's bytes)."""
 
-    def __init__(self, flow: http.HTTPFlow) -> None:
-        self.metadata = flow.metadata
+    def __init__(self, flow: http.HTTPFlow, encoder: StreamEncoder | None = None) -> None:
+        self.metadata, self.encoder = flow.metadata, encoder
         self.metadata[SENT] = 0
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self.encoder is not None:
+            chunk = self.encoder(chunk)
         self.metadata[SENT] += len(chunk)
         return chunk
+
+
+def encode_streamed(flow: http.HTTPFlow) -> StreamEncoder | None:
+    """The coder for a streamed response, its head changed to match; None to pass it as it is.
+    `Vary: Accept-Encoding` whenever the coding depends on it, as the compress addon does."""
+    resp, coding = flow.response, flow.metadata.get(ENCODING)
+    headers = resp.headers
+    if coding is None or not rules.compress_stream(resp.status_code, headers.get("content-type"),
+                                                   headers.get("content-encoding"), headers.get("cache-control"),
+                                                   flow.request.http_version == "HTTP/1.0"):
+        return None
+    vary = headers.get("vary", "")
+    if "accept-encoding" not in vary.lower() and "*" not in vary:
+        headers["Vary"] = f"{vary}, Accept-Encoding" if vary else "Accept-Encoding"
+    if coding == "identity":
+        return None
+    headers["Content-Encoding"] = coding
+    headers.pop("Content-Length", None)
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
+        headers["Transfer-Encoding"] = "chunked"        # HTTP/1 framing (HTTP/2 drops the field)
+    if "etag" in headers:
+        headers["ETag"] = weak_etag(headers["etag"])
+    decisions(flow)["compress"] = f"{coding} streamed"
+    return StreamEncoder(coding)
 
 
 class Stream:
@@ -86,7 +117,7 @@ class Stream:
         if resp.raw_content is not None or resp.stream:    # made by an addon (a hit, an answer): whole already
             return
         if rules.stream_response(response_length(flow), resp.headers.get("content-type"), self.buffer_limit):
-            resp.stream = Relay(flow)
+            resp.stream = Relay(flow, encode_streamed(flow))
             self.on_streamed(flow)
             rec = decisions(flow)
             rec["stream"] = f"{rec['stream']}, response" if "stream" in rec else "response"

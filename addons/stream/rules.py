@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from addons.compress.negotiate import compressible
+
 EVENT_STREAM = "text/event-stream"
 # what mitmweb keeps of each WebSocket flow's messages under --web (the UI shows them); else none
 WEB_MESSAGES = 1000
@@ -24,6 +26,15 @@ def stream_response(length: int | None, content_type: str | None, limit: int) ->
     if length == 0:
         return False
     return length is None or length > limit or media_type(content_type) == EVENT_STREAM
+
+
+def compress_stream(status: int, content_type: str | None, content_encoding: str | None,
+                    cache_control: str | None, http10: bool) -> bool:
+    """A streamed response is compressed as the buffered path would be (compress addon): a
+    200 of a compressible type, not already encoded, without no-transform; never to an
+    HTTP/1.0 client (its body would have no framing but the close)."""
+    return (status == 200 and not content_encoding and compressible(content_type) and not http10
+            and "no-transform" not in (cache_control or "").lower())
 
 
 def request_stream_after(length: int | None, limit: int, inspected: bool) -> int | None:
