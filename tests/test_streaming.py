@@ -25,6 +25,7 @@ from addons.stream import rules
 from tests.conftest import free_port
 from tests.test_h2_abuse import RawH2
 from tests.test_protocol import dechunk
+from tests.test_shield import needs_crs
 from tests.rawnet import RecordingOrigin, status_of
 
 MiB = 2**20
@@ -248,6 +249,22 @@ def decode(data: bytes, coding: str) -> bytes:
     return zlib.decompress(data, 47)
 
 
+def test_range_of_a_large_object_streams_the_origins_206(edge):
+    """A Range request passes to the origin (nothing is stored yet); its 206 streams whole."""
+    part = bytes(range(256)) * 8192                 # 2 MiB of a larger file
+    o = RecordingOrigin(b"HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\n"
+                        b"Content-Range: bytes 0-%d/104857600\r\nContent-Length: %d\r\n"
+                        b"Cache-Control: max-age=60\r\n\r\n" % (len(part) - 1, len(part)) + part)
+    try:
+        e = edge([o.url])
+        r = httpx.get(f"{e.url}/video.mp4", headers={"Range": "bytes=0-2097151"})
+        assert r.status_code == 206 and r.content == part
+        assert r.headers["content-range"] == "bytes 0-2097151/104857600"
+        assert b"range: bytes=0-2097151" in o.requests[0].lower()
+    finally:
+        o.stop()
+
+
 def test_small_known_length_bodies_keep_the_buffered_path(edge, tmp_path):
     """Below buffer_limit: held whole, so the cache stores it and the next request is a hit."""
     body = b"a" * 100_000
@@ -457,6 +474,29 @@ def test_small_chunked_upload_is_held_whole(edge):
         assert r.status_code == 200
         (request,) = o.wait_for_requests(1)
         assert request.endswith(b"\r\n\r\n7\r\na=1&b=2\r\n0\r\n\r\n")
+    finally:
+        o.stop()
+
+
+@needs_crs
+def test_a_body_the_waf_inspects_is_held_whole(edge, tmp_path):
+    """With a WAF, a 2 MiB form body is held and scored whole (an injection at its end is
+    refused before the origin sees a byte); a path the WAF skips streams."""
+    o = RecordingOrigin()
+    log = tmp_path / "access.log"
+    try:
+        e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\naccess_log: {log}\nshield:\n"
+                 f"  waf: {{skip: ['~u /upload']}}\n")
+        body = b"a=" + b"x" * (2 * MiB) + b"&id=1' OR '1'='1"
+        form = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0", "Accept": "*/*"}
+        assert httpx.post(f"{e.url}/form", content=body, headers=form, timeout=20).status_code == 403
+        assert not o.connections or not any(c.data for c in o.connections)
+        assert httpx.post(f"{e.url}/upload", content=body, headers=form, timeout=20).status_code == 200
+        (request,) = o.wait_for_requests(1)
+        assert request.endswith(body)
+        refused, streamed = log_lines(log, 2)
+        assert refused["edge"]["shield"] == "waf: request blocked (403)" and "stream" not in refused["edge"]
+        assert streamed["edge"]["stream"] == "request" and streamed["edge"]["waf"] == "skipped"
     finally:
         o.stop()
 

@@ -1,13 +1,14 @@
 """The stream addon: decides, per body, whether it is relayed as it arrives (rules.py), and
-keeps no WebSocket history. A streamed response is compressed on the way (encode.py) with the
-coding the compress addon chose for the client. Runs after the cache and routing (a hit or an edge answer is
-never streamed; a streamed request's origin connection opens right after `requestheaders`)
-and before the scrub, whose `responseheaders` masks a streamed head before it leaves.
+keeps no WebSocket history. A streamed response is compressed on the way (encode.py) with
+the coding the compress addon chose for the client. Runs after the cache and routing (a hit
+or an edge answer is never streamed; a streamed request's origin connection opens right
+after `requestheaders`) and before the scrub, whose `responseheaders` masks a streamed head
+before it leaves.
 
 Backpressure is mitmproxy's own once a body streams: after every read it waits for all of
 the connection's writers to drain (proxy/server.py drain_writers), so a slow reader stops
-the origin read and a slow origin's bytes go out as they come. The HTTP/2 case it misses is
-covered in internals (streamed_held)."""
+the origin read and a slow origin's bytes go out as they come. The HTTP/2 case it misses
+(a client stream's shut window) is covered in internals (_GatedReader)."""
 
 from __future__ import annotations
 
@@ -124,6 +125,5 @@ class Stream:
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         messages = flow.websocket.messages
-        sizes = [len(m.content) for m in messages] if self.web else [0] * len(messages)
-        if drop := rules.messages_to_drop(sizes, self.web):
+        if drop := rules.messages_to_drop([len(m.content) for m in messages], self.web):
             del messages[:drop]
