@@ -46,6 +46,12 @@ def test_response_rule(length, content_type, streamed):
     assert rules.stream_response(length, content_type, MiB) is streamed
 
 
+def test_response_rule_holds_what_the_cache_stores():
+    assert rules.stream_response(2 * MiB, "image/png", MiB, stored=True) is False
+    assert rules.stream_response(None, "text/html", MiB, stored=True) is True       # unknown: never held
+    assert rules.stream_response(10, "text/event-stream", MiB, stored=True) is True
+
+
 @pytest.mark.parametrize("length, inspected, after", [
     (2 * MiB, False, 0),                            # known and above the limit: from the head
     (None, False, MiB),                             # unknown: held up to the limit, then streamed
@@ -148,7 +154,9 @@ def test_trickled_chunks_reach_the_client_one_by_one(edge, content_type):
 
 
 def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_stored(edge, tmp_path):
-    body = bytes(range(256)) * (2 * MiB // 256 + 7)       # above buffer_limit, known length
+    """A cacheable response above the cache's max_object (8 MB) streams: Cache-Status leaves
+    with its head, it is not stored (no tee yet), the access log counts what was relayed."""
+    body = bytes(range(256)) * (9 * MiB // 256 + 7)
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: max-age=60\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body)) + body
     o = RecordingOrigin(answer)
@@ -158,12 +166,28 @@ def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_store
         with httpx.Client() as c:
             first, second = (c.get(f"{e.url}/big.bin") for _ in range(2))
         assert first.content == body and second.content == body
-        assert first.headers["cache-status"].startswith("edge; fwd=")
-        assert "hit" not in second.headers["cache-status"]        # not stored for now (no tee yet)
+        assert first.headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="not stored: streamed"'
+        assert "hit" not in second.headers["cache-status"]
         assert len(o.requests) == 2
         records = log_lines(log, 2)
         assert [r["bytes"] for r in records] == [len(body)] * 2
         assert all(r["edge"]["stream"] == "response" for r in records)
+    finally:
+        o.stop()
+
+
+def test_cacheable_body_up_to_max_object_is_held_and_stored(edge):
+    """Above buffer_limit but one the cache stores (within max_object): held whole, so the
+    next request is a hit (until streamed bodies are teed into the store)."""
+    body = b"c" * (2 * MiB)
+    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                        b"Cache-Control: max-age=60\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        e = edge([o.url])
+        with httpx.Client() as c:
+            first, second = (c.get(f"{e.url}/bundle.js.map") for _ in range(2))
+        assert first.content == second.content == body
+        assert second.headers["cache-status"].startswith("edge; hit") and len(o.requests) == 1
     finally:
         o.stop()
 
@@ -214,7 +238,7 @@ def test_trickled_events_are_compressed_and_still_arrive_one_by_one(edge, coding
 @pytest.mark.parametrize("coding", ["gzip", "br", "zstd", "identity"])
 def test_large_text_is_compressed_as_it_streams(edge, tmp_path, coding):
     body = b"".join(b"line %d of a large text file\n" % i for i in range(120_000))      # 3.4 MB
-    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nETag: \"v1\"\r\n"
+    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nETag: \"v1\"\r\nCache-Control: no-store\r\n"
                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
     log = tmp_path / "access.log"
     try:
@@ -283,16 +307,16 @@ def test_small_known_length_bodies_keep_the_buffered_path(edge, tmp_path):
         o.stop()
 
 
-def test_buffer_limit_decides(edge):
-    """A 600 KB body streams under buffer_limit: 512KB (not stored), not under the default."""
+@pytest.mark.parametrize("limit, streamed", [("512KB", True), ("1MB", False)])
+def test_buffer_limit_decides(edge, tmp_path, limit, streamed):
     body = b"b" * 600_000
     o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                        b"Cache-Control: max-age=60\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                        b"Cache-Control: no-store\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    log = tmp_path / "access.log"
     try:
-        e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\nbuffer_limit: 512KB\n")
-        with httpx.Client() as c:
-            assert [c.get(f"{e.url}/x").content for _ in range(2)] == [body, body]
-        assert len(o.requests) == 2
+        e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\naccess_log: {log}\nbuffer_limit: {limit}\n")
+        assert httpx.get(f"{e.url}/x").content == body
+        assert ("stream" in log_lines(log, 1)[0]["edge"]) is streamed
     finally:
         o.stop()
 

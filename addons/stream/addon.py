@@ -88,11 +88,13 @@ def encode_streamed(flow: http.HTTPFlow) -> StreamEncoder | None:
 
 class Stream:
     def __init__(self, inspects_body: Callable[[http.HTTPFlow], bool] = lambda flow: False,
-                 on_streamed: Callable[[http.HTTPFlow], None] = lambda flow: None) -> None:
+                 on_streamed: Callable[[http.HTTPFlow], None] = lambda flow: None,
+                 stores_whole: Callable[[http.HTTPFlow, int], bool] = lambda flow, length: False) -> None:
         """`inspects_body(flow)`: a WAF will read this request's body in `request`;
-        `on_streamed(flow)`: told when a response head is about to leave ahead of its body."""
+        `on_streamed(flow)`: told when a response head is about to leave ahead of its body;
+        `stores_whole(flow, length)`: the cache would store this response held whole."""
         self.buffer_limit = 2**20
-        self.inspects_body, self.on_streamed = inspects_body, on_streamed
+        self.inspects_body, self.on_streamed, self.stores_whole = inspects_body, on_streamed, stores_whole
         self.web = False
 
     def apply(self, buffer_limit: int, web: bool) -> None:
@@ -117,7 +119,9 @@ class Stream:
         resp = flow.response
         if resp.raw_content is not None or resp.stream:    # made by an addon (a hit, an answer): whole already
             return
-        if rules.stream_response(response_length(flow), resp.headers.get("content-type"), self.buffer_limit):
+        length = response_length(flow)
+        if rules.stream_response(length, resp.headers.get("content-type"), self.buffer_limit,
+                                 length is not None and self.stores_whole(flow, length)):
             resp.stream = Relay(flow, encode_streamed(flow))
             self.on_streamed(flow)
             rec = decisions(flow)
