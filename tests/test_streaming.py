@@ -9,6 +9,7 @@ import json
 import queue
 import zlib
 import socket
+import subprocess
 import threading
 import time
 
@@ -21,6 +22,7 @@ from wsproto import events as wsevents
 
 from addons import internals
 from addons.compress.negotiate import zstd
+from addons.config import ConfigError, parse_config
 from addons.stream import rules
 from tests.conftest import free_port
 from tests.test_h2_abuse import RawH2
@@ -261,6 +263,23 @@ def test_large_text_is_compressed_as_it_streams(edge, tmp_path, coding):
         encoded = dechunk(framed)
         assert decode(encoded, coding) == body and len(encoded) < len(body) // 4
         assert record["bytes"] == len(encoded) and record["edge"]["compress"] == f"{coding} streamed"
+    finally:
+        o.stop()
+
+
+def test_streamed_compressed_response_to_an_http2_client(edge, tls, tmp_path):
+    """Over HTTP/2 the chunked framing field is dropped (HTTP/2 frames the body itself)."""
+    body = b"".join(b"row %d of an export\n" % i for i in range(200_000))
+    o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + chunk(body) + b"0\r\n\r\n")
+    try:
+        e = edge([o.url], cert=str(tls.pem))
+        out = tmp_path / "export.csv.gz"
+        head = subprocess.run(["curl", "-s", "--http2", "--cacert", str(tls.ca), "--max-time", "20", "-D", "-",
+                               "-H", "Accept-Encoding: gzip", "-o", str(out), f"https://127.0.0.1:{e.port}/export.csv"],
+                              capture_output=True, check=True, timeout=30).stdout.decode().lower()
+        assert head.startswith("http/2 200") and "content-encoding: gzip" in head
+        assert "transfer-encoding" not in head and zlib.decompress(out.read_bytes(), 47) == body
     finally:
         o.stop()
 
@@ -625,3 +644,21 @@ def test_websocket_keeps_no_history(edge, web):
         assert len(flow.websocket.messages) == (rules.WEB_MESSAGES if web else 0)
     finally:
         o.stop()
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, message", [
+    ("8KB", "x.yaml:2: buffer_limit: at least 16KB"),
+    ("lots", "x.yaml:2: buffer_limit: 'lots': expected a size like 512KB, 8MB or 1GB"),
+])
+def test_buffer_limit_errors_name_the_line(value, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(f"pools: {{a: {{origins: ['http://127.0.0.1:1']}}}}\nbuffer_limit: {value}\n", "x.yaml")
+    assert str(e.value).startswith(message)
+
+
+def test_buffer_limit_default_and_value():
+    base = "pools: {a: {origins: ['http://127.0.0.1:1']}}\n"
+    assert parse_config(base, "x.yaml").buffer_limit == MiB
+    assert parse_config(base + "buffer_limit: 4MB\n", "x.yaml").buffer_limit == 4 * MiB
