@@ -22,6 +22,7 @@ from addons.scrub import Scrub
 from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
+from addons.stream import Stream
 from addons.trace import Trace
 
 logger = logging.getLogger("edge")
@@ -54,15 +55,18 @@ class Edge:
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
+        self.stream = Stream(self.shield.inspects_body, self.cache.streamed, self.cache.stores_whole)
         # protocol before all: no addon sees a request that is not well-formed, and all see it
         # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
         # are cheapest before any other work. The request the origin will see is settled
         # (request_scrub) before the cache keys on it and before compress narrows
         # Accept-Encoding. compress before cache: the origin is asked for identity, and the
         # origin's representation and each coding made from it are stored once (one origin
-        # fetch for every coding; hits never recompress)
+        # fetch for every coding; hits never recompress). stream after the cache and routing
+        # (hits are whole; a streamed request connects after requestheaders), before the scrub
+        # (which masks a streamed head as it leaves)
         self.addons = [self.protocol, self.shield, self.request_scrub, self.compress, self.cache, self.route,
-                       *extra, self.scrub, self.trace, self.admin]
+                       self.stream, *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -104,5 +108,6 @@ class Edge:
         self.scrub.apply(config)
         self.request_scrub.apply(config)
         self.trace.apply(config.access_log, self.annotate)
+        self.stream.apply(config.buffer_limit, web=self.annotate)
         self.admin.apply(config)
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks

@@ -262,6 +262,7 @@ class EdgeConfig:
     shield: ShieldConfig | None = None
     limits: Limits = field(default_factory=Limits)     # always on; tuned by the shield section
     admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
+    buffer_limit: int = 2**20           # bodies above it (or of unknown length) are streamed, not held
     source: str = "<config>"
 
     @property
@@ -707,7 +708,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
-                                    "access_log", "admin", "shield"})
+                                    "access_log", "admin", "shield", "buffer_limit"})
 
     listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -834,10 +835,24 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     limits = _limits(r, top.get("shield"), ("shield",))
     if admin is not None and admin == listen:
         raise doc.error(("admin",), "must differ from listen")
-    return EdgeConfig(pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
+    buffer_limit = _buffer_limit(r, top)
+    return EdgeConfig(buffer_limit=buffer_limit, pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)
+
+
+MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)
+
+
+def _buffer_limit(r: _Reader, top: dict) -> int:
+    """`buffer_limit:` the largest body of known length held whole (default 1 MiB)."""
+    if "buffer_limit" not in top:
+        return EdgeConfig.buffer_limit
+    limit = r.convert(parse_size, top["buffer_limit"], ("buffer_limit",))
+    if limit < MIN_BUFFER_LIMIT:
+        raise r.doc.error(("buffer_limit",), "at least 16KB (smaller bodies are cached and compressed whole)")
+    return limit
 
 
 def load_config(path: str) -> EdgeConfig:

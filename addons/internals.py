@@ -33,6 +33,20 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
 - Request body cap: `max_request_body` is checked as mitmproxy checks its body_size_limit
   (Content-Length at once, chunked bodies as they arrive: 413), but for requests only: the
   option would also cut large responses.
+- Streamed request bodies: mitmproxy checks no size once a request body streams. Each chunk
+  is now counted against `max_request_body` as it passes; past it the origin's connection is
+  cut (it got a part, never the end) and the client gets 413 (or is cut if its answer began).
+  A body held under a flow's STREAM_AFTER (flow metadata, set by the stream addon for bodies of
+  unknown length) starts streaming once more than that is held, as mitmproxy's global
+  stream_large_bodies does, but per flow: a small chunked upload stays whole.
+- HTTP/2 backpressure: mitmproxy waits for socket write buffers to drain after each read
+  (drain_writers), which bounds what a slow reader makes it hold, but an HTTP/2 client that
+  keeps a stream's flow-control window shut leaves the stream's data in h2 send buffers
+  (BufferedH2Connection), unbounded. An origin connection now reads only while its client
+  stream holds at most H2_HELD unsent bytes (_GatedReader, woken when the client's frames
+  change the buffers); the origin's kernel buffers then fill and TCP slows it.
+- bytes_held: what the proxy holds of bodies right now (socket buffers, HTTP stream buffers,
+  HTTP/2 send buffers), read from mitmproxy's private state, for the tests' memory bounds.
 - Closing a client connection from outside a hook (slow clients): cancel the task that runs it,
   as mitmproxy's own tcp_timeout does (shield notes Q1; public attributes of the proxyserver
   addon, no underscore names).
@@ -90,6 +104,7 @@ import collections
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
 
 import h2.errors
@@ -104,6 +119,7 @@ from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import layer as layer_module
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h2
@@ -363,10 +379,23 @@ def _server_read_headers(self, event):
 
 
 _original_check_body_size = http_layer.HttpStream.check_body_size
+STREAM_AFTER = "edge.stream.after"      # flow metadata: request body bytes held before the rest streams
 
 
 def _check_body_size(self, request: bool):
-    """mitmproxy's body size check, plus max_request_body for requests (413)."""
+    """mitmproxy's body size check, plus max_request_body for requests (413), and a request
+    body held past its flow's STREAM_AFTER bytes starts streaming (as stream_large_bodies
+    does, per flow: what is held is sent, then the rest as it comes)."""
+    after = self.flow.metadata.get(STREAM_AFTER)
+    if (request and after is not None and len(self.request_body_buf) > after and not self.flow.request.stream
+            and (max_request_body is None or len(self.request_body_buf) <= max_request_body)):
+        held = bytes(self.request_body_buf)
+        self.request_body_buf.clear()
+        self.flow.request.stream = True
+        yield from self.start_request_stream()
+        if self.client_state == self.state_stream_request_body:
+            yield from self.handle_event(http_layer.RequestData(self.stream_id, held))
+        return False
     if request and max_request_body is not None:
         if self.request_body_buf:
             size = len(self.request_body_buf)
@@ -388,6 +417,50 @@ def _check_body_size(self, request: bool):
     return (yield from _original_check_body_size(self, request))
 
 
+_original_stream_request_body = http_layer.HttpStream.state_stream_request_body
+
+
+def _stream_request_body(self, event):
+    """mitmproxy's, counting a streamed request body against max_request_body as it passes
+    (its Content-Length was checked at the head, see `_check_body_size`): past the cap the
+    origin's connection is cut (it got a part, never the whole) and the client is answered 413,
+    or cut if its answer already started."""
+    if isinstance(event, http_layer.RequestData) and max_request_body is not None:
+        self.edge_streamed = getattr(self, "edge_streamed", 0) + len(event.data)
+        if self.edge_streamed > max_request_body:
+            self.flow.error = flow.Error(BODY_TOO_LARGE)
+            yield HttpErrorHook(self.flow)
+            yield http_layer.SendHttp(RequestProtocolError(self.stream_id, BODY_TOO_LARGE,
+                                                           ErrorCode.REQUEST_TOO_LARGE), self.context.server)
+            yield http_layer.SendHttp(ResponseProtocolError(self.stream_id, BODY_TOO_LARGE,
+                                                            ErrorCode.REQUEST_TOO_LARGE), self.context.client)
+            self.client_state = self.server_state = self.state_errored
+            self.flow.live = False
+            return
+    yield from _original_stream_request_body(self, event)
+
+
+def bytes_held(master) -> int:
+    """Body bytes the proxy holds right now, over all connections: what waits in its socket
+    write buffers and read buffers, and in HTTP/2 send buffers (what backpressure bounds)."""
+    held = 0
+    for handler in list(master.addons.get("proxyserver").connections.values()):
+        layer = handler.layer
+        while layer is not None:                    # NextLayer -> ... -> HttpLayer -> its streams
+            for stream in list(getattr(layer, "streams", {}).values()):
+                held += len(getattr(stream, "request_body_buf", b"")) + len(getattr(stream, "response_body_buf", b""))
+            layer = getattr(layer, "layer", None) if isinstance(layer, layer_module.NextLayer) \
+                else getattr(layer, "child_layer", None)
+        for io in list(handler.transports.values()):
+            transport = getattr(io.writer, "transport", None)
+            if transport is not None:
+                held += transport.get_write_buffer_size()
+            held += len(getattr(io.reader, "_buffer", b""))
+    for h2_conn in list(_h2_connections):
+        held += sum(len(d.data) for chunks in list(h2_conn.stream_buffers.values()) for d in chunks)
+    return held
+
+
 def _client_io(master, client):
     handler = master.addons.get("proxyserver").connections.get(client.id)
     return handler.transports.get(handler.client) if handler is not None else None
@@ -404,7 +477,11 @@ _original_handle_connection = proxy_server.ConnectionHandler.handle_connection
 
 
 async def _handle_connection(self, connection):
-    """mitmproxy's, closing the socket when a cancellation escapes before it did."""
+    """mitmproxy's, closing the socket when a cancellation escapes before it did; an origin
+    connection's reads wait for its HTTP/2 client stream (_GatedReader)."""
+    io = self.transports.get(connection)
+    if connection is not self.client and io is not None and isinstance(io.reader, asyncio.StreamReader):
+        io.reader = _GatedReader(self, connection, io.reader)
     try:
         await _original_handle_connection(self, connection)
     except asyncio.CancelledError:
@@ -628,6 +705,9 @@ def _frame_kind(frame) -> str | None:
     return _FRAME_KINDS.get(kind)
 
 
+_h2_connections: weakref.WeakSet = weakref.WeakSet()     # the clients' (GuardedH2Connection), for bytes_held
+
+
 class Flood(h2.exceptions.DenialOfServiceError):
     """A client past one of its budgets; h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
 
@@ -637,6 +717,8 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        _h2_connections.add(self)
+        self.room_waiters: list[asyncio.Future] = []
         self.budgets = FrameBudgets(h2_limits, time.monotonic())
         self.block_cap = 2 * (max_head or 2**16)
         self.local_settings.max_concurrent_streams = h2_limits.max_concurrent_streams
@@ -652,13 +734,79 @@ class GuardedH2Connection(_http_h2.BufferedH2Connection):
             raise Flood(why)                            # h2's receive_data sends the GOAWAY
         return super()._receive_frame(frame)
 
+    def wait_for_room(self, stream_id: int) -> asyncio.Future | None:
+        """None if the stream holds at most H2_HELD unsent bytes (the client's flow-control
+        window is shut for the rest), else a future done when that may have changed."""
+        chunks = self.stream_buffers.get(stream_id)
+        if not chunks or sum(len(c.data) for c in chunks) <= H2_HELD:
+            return None
+        room = asyncio.get_running_loop().create_future()
+        self.room_waiters.append(room)
+        return room
+
+    def _wake(self) -> None:
+        waiters, self.room_waiters = self.room_waiters, []
+        for room in waiters:
+            if not room.done():
+                room.set_result(None)
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._wake()
+
     def receive_data(self, data):
+        try:
+            return self._receive_guarded(data)
+        finally:
+            if self.room_waiters:       # a WINDOW_UPDATE sent buffered data, a reset dropped it
+                self._wake()
+
+    def _receive_guarded(self, data):
         events = super().receive_data(data)
         block = self.incoming_buffer._headers_buffer    # HEADERS + CONTINUATION not yet ended
         if block and sum(len(f.data) for f in block) > self.block_cap:
             self.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             raise Flood(f"header block over {self.block_cap} bytes")
         return events
+
+
+H2_HELD = 256 * 2**10      # unsent bytes an HTTP/2 client stream may hold before its origin read pauses
+
+
+def _http_layer(handler) -> http_layer.HttpLayer | None:
+    layer = handler.layer
+    while layer is not None and not isinstance(layer, http_layer.HttpLayer):
+        layer = layer.layer if isinstance(layer, layer_module.NextLayer) else getattr(layer, "child_layer", None)
+    return layer
+
+
+class _GatedReader:
+    """An origin connection's reader that, before each read, waits while the HTTP/2 client
+    stream it feeds holds more than H2_HELD unsent bytes: mitmproxy's drain_writers waits for
+    socket buffers only, and an HTTP/2 client that leaves a stream's window shut (a paused
+    video) made the origin's whole body pile up in h2 send buffers."""
+
+    def __init__(self, handler, connection, reader: asyncio.StreamReader) -> None:
+        self.handler, self.connection, self.reader = handler, connection, reader
+
+    async def read(self, n: int = -1) -> bytes:
+        while (room := self._room()) is not None:
+            await room
+        return await self.reader.read(n)
+
+    def _room(self) -> asyncio.Future | None:
+        layer = _http_layer(self.handler)
+        if layer is None:
+            return None
+        h2_conn = getattr(layer.connections.get(self.handler.client), "h2_conn", None)
+        origin = getattr(layer.connections.get(self.connection), "child_layer", None)     # HttpClient -> Http1Client
+        if not isinstance(h2_conn, GuardedH2Connection) or not isinstance(origin, _http1.Http1Client) \
+                or origin.stream_id is None:        # an HTTP/2 origin maps its own stream ids: not gated
+            return None
+        return h2_conn.wait_for_room(origin.stream_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
 
 
 _original_h2_server_init = _http2.Http2Server.__init__
@@ -737,4 +885,5 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http1.make_body_reader = _make_body_reader
     _http1.Http1Connection.read_body = _read_body
     _http2.Http2Server.__init__ = _h2_server_init
+    http_layer.HttpStream.state_stream_request_body = _stream_request_body
     _installed = True

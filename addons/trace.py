@@ -20,6 +20,7 @@ logger = logging.getLogger("edge")
 
 # Facts kept in the record for other addons that the log line already shows as its own fields.
 FACTS = frozenset({"client", "public_base", "public_url"})
+STREAMED = "edge.stream.sent"   # flow metadata: body bytes of a streamed response relayed (addons/stream)
 
 
 def decisions(flow: http.HTTPFlow) -> dict:
@@ -36,6 +37,7 @@ def access_record(flow: http.HTTPFlow) -> dict:
     if resp is not None:
         status = resp.status_code
         size = len(resp.raw_content) if resp.raw_content is not None else int(resp.headers.get("content-length", 0) or 0)
+        size = flow.metadata.get(STREAMED, size)      # a streamed body: what was relayed
     else:
         status, size = None, 0
     out = {
@@ -113,7 +115,9 @@ class Trace:
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:     # else an addon answered for the origin: logged at `response`
+        # else an addon answered for the origin: logged at `response`; a streamed response cut
+        # short gets no `response`
+        if flow.response is None or flow.response.stream:
             self._finish(flow)
 
     def write(self, record: dict) -> None:

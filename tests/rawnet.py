@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: no-store\r\n\r\nok"
@@ -53,9 +53,10 @@ def split_request(buf: bytes) -> tuple[bytes, int] | None:
     return buf[:pos + size], pos + size
 
 
-# An answer for one request: bytes to send, None to stay silent, or CLOSE to hang up.
+# An answer for one request: bytes to send, None to stay silent, CLOSE to hang up, or an
+# iterator of bytes sent piece by piece as it yields them (a trickled or endless answer).
 CLOSE = object()
-Script = Callable[[bytes], "bytes | None | object"]
+Script = Callable[[bytes], "bytes | None | object | Iterator[bytes]"]
 
 
 class RecordingOrigin:
@@ -116,7 +117,10 @@ class RecordingOrigin:
                     answer = self.script(request)
                     if answer is CLOSE:
                         return
-                    if answer:
+                    if isinstance(answer, Iterator):
+                        for piece in answer:
+                            conn.sendall(piece)
+                    elif answer:
                         conn.sendall(answer)
         except OSError:
             pass

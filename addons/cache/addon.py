@@ -190,6 +190,33 @@ class Cache:
             self._release(state)
             flow.response.headers.add("Cache-Status", self._record(flow, state))
 
+    def stores_whole(self, flow: http.HTTPFlow, length: int | None) -> bool:
+        """Would the cache store this response, of this known length, if it were held whole?
+        (Until streamed responses are teed into the store, those up to max_object are held.)"""
+        state: FlowState | None = flow.metadata.get(META)
+        if (state is None or state.bypass or state.answered or state.invalidate or length is None
+                or length > self.settings.max_object or flow.request.method != "GET"):
+            return False
+        resp, request = flow.response, self._client_request(flow.request, state)
+        headers, rules = resp.headers, ResponseRules.read(resp.headers)
+        if (policy.storable("GET", resp.status_code, request, headers, rules) or
+                policy.unsafe_to_store(request, headers, rules, flow.request.path)) is not None:
+            return False
+        lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, time.time(), self.settings.default_ttl)
+        return policy.reusable(lifetime, headers, rules)
+
+    def streamed(self, flow: http.HTTPFlow) -> None:
+        """The origin's response is relayed as it arrives (addons/stream): its head leaves now,
+        with its Cache-Status. It is not stored (yet), so requests waiting on it go on now."""
+        state: FlowState | None = flow.metadata.get(META)
+        if state is None or state.answered:
+            return
+        self._release(state)
+        if not state.bypass and not state.invalidate:
+            state.status.fwd_status = flow.response.status_code
+            state.status.detail = state.status.detail or "not stored: streamed"
+        flow.response.headers.add("Cache-Status", self._record(flow, state))
+
     def error(self, flow: http.HTTPFlow) -> None:
         """The origin could not be reached: a stale entry answers if the origin allows it."""
         state: FlowState | None = flow.metadata.get(META)

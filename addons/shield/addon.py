@@ -296,6 +296,10 @@ class Shield:
             decisions(flow)["waf"] = "engine error: passed"
             return passed
 
+    def inspects_body(self, flow: http.HTTPFlow) -> bool:
+        """The WAF will read this request's body in `request`: it must be held, not streamed."""
+        return flow.id in self.inspecting
+
     def _waf_verdict(self, flow: http.HTTPFlow, finding: Finding) -> None:
         rec = decisions(flow)
         rec["waf"] = finding.summary()

@@ -1,0 +1,66 @@
+"""When a body is streamed, and how many WebSocket messages are kept: plain functions, no
+mitmproxy. A body whose length is known and at most the buffer limit is held whole (the cache
+stores it, compression and masking see it); any other is relayed as it arrives, so memory
+does not grow with the body and a live stream (server-sent events, a trickled chunked answer)
+reaches the client chunk by chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from addons.compress.negotiate import compressible
+
+EVENT_STREAM = "text/event-stream"
+# what mitmweb keeps of each WebSocket flow's messages under --web (the UI shows them); else none
+WEB_MESSAGES = 1000
+WEB_BYTES = 16 * 2**20
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def stream_response(length: int | None, content_type: str | None, limit: int, stored: bool = False) -> bool:
+    """`length`: the body's size from its framing, None when unknown (chunked, read until close).
+    No body (HEAD, 204, 304, Content-Length: 0) is never streamed. `stored`: the cache would
+    store it whole (its length within the cache's max_object): held, until streamed bodies are
+    teed into the store; a live stream is never held."""
+    if length == 0:
+        return False
+    if media_type(content_type) == EVENT_STREAM:
+        return True
+    return length is None or (length > limit and not stored)
+
+
+def compress_stream(status: int, content_type: str | None, content_encoding: str | None,
+                    cache_control: str | None, http10: bool) -> bool:
+    """A streamed response is compressed as the buffered path would be (compress addon): a
+    200 of a compressible type, not already encoded, without no-transform; never to an
+    HTTP/1.0 client (its body would have no framing but the close)."""
+    return (status == 200 and not content_encoding and compressible(content_type) and not http10
+            and "no-transform" not in (cache_control or "").lower())
+
+
+def request_stream_after(length: int | None, limit: int, inspected: bool) -> int | None:
+    """How many bytes of a request body are held before the rest streams: 0 streams it from
+    the head (a known length above the limit), `limit` for a body of unknown length (a small
+    chunked upload stays whole, and a client that stalls never reaches the origin), None
+    holds it whole. `inspected`: a WAF reads the body in the `request` hook, so it is held
+    (the request body cap bounds it)."""
+    if inspected or length == 0 or (length is not None and length <= limit):
+        return None
+    return limit if length is None else 0
+
+
+def messages_to_drop(sizes: Sequence[int], web: bool) -> int:
+    """How many of a WebSocket flow's oldest messages (`sizes`, oldest first) to forget once
+    one more arrived: all of them unless the flows are inspected (mitmweb), then all but the
+    newest WEB_MESSAGES that fit in WEB_BYTES (the newest is always kept)."""
+    if not web:
+        return len(sizes)
+    kept, total = 0, 0
+    for size in reversed(sizes[-WEB_MESSAGES:]):
+        if kept and total + size > WEB_BYTES:
+            break
+        kept, total = kept + 1, total + size
+    return len(sizes) - kept
