@@ -61,6 +61,8 @@ class Compress:
         if target is None:
             return None
         own = headers.get("content-encoding")
+        if target == "identity" and own is None:
+            return None                 # the origin's own bytes are what this client takes
         if target == "identity" or len(body) >= THREAD_MIN:
             return self._off_loop(flow, body, own, target)
         self._replace(flow, target, represent(body, own, target))
