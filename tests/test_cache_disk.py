@@ -180,7 +180,10 @@ def test_memory_in_front_of_disk(tmp_path):
     fresh = TieredStore(Store(2**20, 4096), 4096, store_at(tmp_path))  # another process, or a restart
     assert fresh.lookup("http://a/small", {})[0].body == SMALL
     assert fresh.memory.lookup("http://a/small", {})[0].body == SMALL   # promoted
-    assert fresh.lookup("http://a/large", {})[0].body == LARGE
+    large = fresh.lookup("http://a/large", {})[0]           # too large for memory: left in its file
+    assert large.body == b"" and large.length == len(LARGE) and large.file.read(0, 2 * len(LARGE)) == LARGE
+    large.file.close()
+    assert large.file.file.closed
     assert fresh.remove("http://a/small") and tiers.disk.lookup("http://a/small", {}) == (None, False)
     assert fresh.clear() == 1 and tiers.lookup("http://a/large", {}) == (None, False)
     assert set(fresh.tiers) == {"memory", "disk"}

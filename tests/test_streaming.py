@@ -48,12 +48,6 @@ def test_response_rule(length, content_type, streamed):
     assert rules.stream_response(length, content_type, MiB) is streamed
 
 
-def test_response_rule_holds_what_the_cache_stores():
-    assert rules.stream_response(2 * MiB, "image/png", MiB, stored=True) is False
-    assert rules.stream_response(None, "text/html", MiB, stored=True) is True       # unknown: never held
-    assert rules.stream_response(10, "text/event-stream", MiB, stored=True) is True
-
-
 @pytest.mark.parametrize("length, inspected, after", [
     (2 * MiB, False, 0),                            # known and above the limit: from the head
     (None, False, MiB),                             # unknown: held up to the limit, then streamed
@@ -157,7 +151,7 @@ def test_trickled_chunks_reach_the_client_one_by_one(edge, content_type):
 
 def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_stored(edge, tmp_path):
     """A cacheable response above the cache's max_object (8 MB) streams: Cache-Status leaves
-    with its head, it is not stored (no tee yet), the access log counts what was relayed."""
+    with its head, it is not stored (too large), the access log counts what was relayed."""
     body = bytes(range(256)) * (9 * MiB // 256 + 7)
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: max-age=60\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body)) + body
@@ -168,7 +162,7 @@ def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_store
         with httpx.Client() as c:
             first, second = (c.get(f"{e.url}/big.bin") for _ in range(2))
         assert first.content == body and second.content == body
-        assert first.headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="not stored: streamed"'
+        assert first.headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="not stored: too-large"'
         assert "hit" not in second.headers["cache-status"]
         assert len(o.requests) == 2
         records = log_lines(log, 2)
@@ -178,9 +172,9 @@ def test_streamed_response_keeps_the_log_bytes_and_cache_status_and_is_not_store
         o.stop()
 
 
-def test_cacheable_body_up_to_max_object_is_held_and_stored(edge):
-    """Above buffer_limit but one the cache stores (within max_object): held whole, so the
-    next request is a hit (until streamed bodies are teed into the store)."""
+def test_cacheable_streamed_body_is_stored_while_it_passes(edge):
+    """Above buffer_limit but one the cache stores (within max_object): streamed, and stored
+    as it passes, so the next request is a hit."""
     body = b"c" * (2 * MiB)
     o = RecordingOrigin(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                         b"Cache-Control: max-age=60\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -189,6 +183,7 @@ def test_cacheable_body_up_to_max_object_is_held_and_stored(edge):
         with httpx.Client() as c:
             first, second = (c.get(f"{e.url}/bundle.js.map") for _ in range(2))
         assert first.content == second.content == body
+        assert first.headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="storing while streamed"'
         assert second.headers["cache-status"].startswith("edge; hit") and len(o.requests) == 1
     finally:
         o.stop()

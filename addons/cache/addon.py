@@ -10,6 +10,12 @@ in place of the forwarded `identity` (the edge makes these, so the edge selects 
 base's values of every other Vary'd header. A variant carries the base's times, so one made from
 an older base is never served; a 304 refreshes the variants with the base, a purge drops them all.
 
+Streamed responses (addons/stream) are stored while they pass: the stream addon's relay hands
+each chunk to a Fill (serve.py), committed in `response` when the body is complete, discarded
+on `error` (truncated, failed). Requests for the object arriving meanwhile read the Fill as it
+grows. A body that is not in memory (a large disk entry, a Fill) is served through the
+StoreOrigin, so it streams like any origin's.
+
 Caching is not a security decision, so these hooks are not `fail_closed`: should one raise,
 mitmproxy logs it and the request simply goes to the origin, uncached."""
 
@@ -32,12 +38,14 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from addons.cache import policy
 from addons.cache.policy import CacheStatus, ResponseRules, Use
 from addons.cache.disk import make_store
-from addons.cache.store import Entry, Store
+from addons.cache.serve import FROM_STORE, TICKET, Fill, StoreOrigin, Ticket, response_head
+from addons.cache.store import Entry, FileBody, Store
 from addons.client import client_of, public_base, split_host
 from addons.compress.addon import ACCEPT, BASE, META as CODING
 from addons.compress.variants import THREAD_MIN, VARIANT, encoded_fields, plan, represent
 from addons.config import CacheConfig, ConfigError, EdgeConfig
 from addons.failsafe import edge_answer, made_by_edge
+from addons.protocol.rules import declared_length
 from addons.net import in_networks, parse_ip
 from addons.scrub.masking import OriginMask
 from addons.trace import decisions
@@ -74,6 +82,26 @@ class FlowState:
     answered: bool = False              # the cache produced flow.response
     bypass: bool = False                # neither served from nor stored in the cache
     base: Entry | None = None           # answered with it for a coding it has no variant of yet
+    fill: Fill | None = None            # the streamed response being stored
+    variant: tuple | None = None        # (coding, writer): its encoded representation being stored
+    ticket: str | None = None           # the StoreOrigin's ticket for this answer
+    files: list = field(default_factory=list)   # FileBody of entries looked up, closed at the end
+    header_sent: bool = False           # Cache-Status left with a streamed head
+
+
+class Tee:
+    """The stream addon's relay hands a streamed response's chunks here: the origin's bytes
+    to the Fill, the encoded ones (when the relay encodes) to the variant's writer."""
+
+    def __init__(self, fill: Fill, variant_writer=None) -> None:
+        self.fill, self.variant = fill, variant_writer
+
+    def base(self, chunk: bytes) -> None:
+        self.fill.write(chunk)
+
+    def coded(self, chunk: bytes) -> None:
+        if self.variant is not None and chunk and not self.variant.write(chunk):
+            self.variant = None
 
 
 class Cache:
@@ -85,11 +113,19 @@ class Cache:
         self.tiers: tuple = ()                  # what the store was made from
         self.trusted: tuple = ()
         self.mask = OriginMask([])          # origin URLs in Location name this site
-        self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome
+        self.pending: dict[str, asyncio.Future] = {}       # key -> the leader's outcome: its Fill or None
+        self.filling: dict[str, Fill] = {}                   # key -> the streamed response being stored
         self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
         self.refreshing: set[str] = set()                    # keys with a background refresh running
         self.uncacheable: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=UNCACHEABLE_TTL)
         self.tasks: set[asyncio.Task] = set()
+        self.origin = StoreOrigin()                          # serves bodies that are not in memory
+
+    async def running(self) -> None:
+        await self.origin.start()
+
+    async def done(self) -> None:
+        await self.origin.stop()
 
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
@@ -137,7 +173,7 @@ class Cache:
         if policy.has_content(request):
             self._bypass(flow, state)
             return None
-        entry, known = self.store.lookup(state.key, request)
+        entry, known = self._lookup(state, request)
         if flow.metadata.get(REFRESH):
             if entry is not None:
                 self._revalidate(flow, state, entry, request)
@@ -149,6 +185,9 @@ class Cache:
                 return None
             if state.key in self.uncacheable or self._forces_origin(request):
                 return None                 # nothing to wait for: waiting would only serialise
+            fill = self.filling.get(state.key)
+            if fill is not None and self._read_fill(flow, state, fill, request):
+                return None
             if state.key in self.pending:
                 return self._follow(flow, state, request)
             if method == "GET":
@@ -177,7 +216,9 @@ class Cache:
         if state is None:
             return
         try:
-            if not state.answered and made_by_edge(flow.response):     # a refusal or 503 of ours
+            if state.fill is not None:
+                self._commit_fill(flow, state)
+            elif not state.answered and made_by_edge(flow.response):     # a refusal or 503 of ours
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
             elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
@@ -188,34 +229,31 @@ class Cache:
                 state.status.fwd_status = flow.response.status_code
         finally:
             self._release(state)
-            flow.response.headers.add("Cache-Status", self._record(flow, state))
+            self._close(state)
+            member = self._record(flow, state)
+            if not state.header_sent:
+                flow.response.headers.add("Cache-Status", member)
 
-    def stores_whole(self, flow: http.HTTPFlow, length: int | None) -> bool:
-        """Would the cache store this response, of this known length, if it were held whole?
-        (Until streamed responses are teed into the store, those up to max_object are held.)"""
+    def streamed(self, flow: http.HTTPFlow, fields, coding: str | None) -> Tee | None:
+        """The response is relayed as it arrives (addons/stream), its head about to leave with
+        its Cache-Status. `fields`: the origin's head (before the relay's coding, if any:
+        `coding`). A storable one is stored as it passes: the returned Tee is fed each chunk,
+        and requests waiting for the object read it while it is written."""
         state: FlowState | None = flow.metadata.get(META)
-        if (state is None or state.bypass or state.answered or state.invalidate or length is None
-                or length > self.settings.max_object or flow.request.method != "GET"):
-            return False
-        resp, request = flow.response, self._client_request(flow.request, state)
-        headers, rules = resp.headers, ResponseRules.read(resp.headers)
-        if (policy.storable("GET", resp.status_code, request, headers, rules) or
-                policy.unsafe_to_store(request, headers, rules, flow.request.path)) is not None:
-            return False
-        lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, time.time(), self.settings.default_ttl)
-        return policy.reusable(lifetime, headers, rules)
-
-    def streamed(self, flow: http.HTTPFlow) -> None:
-        """The origin's response is relayed as it arrives (addons/stream): its head leaves now,
-        with its Cache-Status. It is not stored (yet), so requests waiting on it go on now."""
-        state: FlowState | None = flow.metadata.get(META)
-        if state is None or state.answered:
-            return
-        self._release(state)
-        if not state.bypass and not state.invalidate:
-            state.status.fwd_status = flow.response.status_code
-            state.status.detail = state.status.detail or "not stored: streamed"
+        if state is None:
+            return None
+        tee = None
+        if not state.answered:
+            if not state.bypass and not state.invalidate:
+                state.status.fwd_status = flow.response.status_code
+                if flow.request.method == "GET":
+                    tee = self._start_fill(flow, state, fields, coding)
+            self._release(state, state.fill)
+        elif FROM_STORE not in flow.metadata:
+            return None
         flow.response.headers.add("Cache-Status", self._record(flow, state))
+        state.header_sent = True
+        return tee
 
     def error(self, flow: http.HTTPFlow) -> None:
         """The origin could not be reached: a stale entry answers if the origin allows it."""
@@ -223,6 +261,10 @@ class Cache:
         if state is None:
             return
         self._release(state)
+        if state.fill is not None:          # truncated or failed: never stored
+            self._abort_fill(state)
+            state.status.detail = "not stored: incomplete"
+        self._close(state)
         entry = state.entry
         if entry is not None and flow.response is None:
             request = self._client_request(flow.request, state)
@@ -306,43 +348,116 @@ class Cache:
         if req.method == "GET":
             self._store(flow, state, request)
 
+    def _storable(self, flow: http.HTTPFlow, request: Mapping[str, str], fields, length: int | None,
+                  response_time: float) -> Entry | str:
+        """The entry (its body left empty) RFC 9111 and the safety rules let the cache store for
+        this response head, or why not. `length`: the body's, None while unknown."""
+        resp, req = flow.response, flow.request
+        headers = header_map(fields)            # read a dozen times below: one pass
+        rules = ResponseRules.read(headers)
+        why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
+            policy.unsafe_to_store(request, headers, rules, req.path)
+        if why_not is not None:
+            return why_not
+        lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time,
+                                             self.settings.default_ttl)
+        if not policy.reusable(lifetime, headers, rules):
+            return "no-freshness"
+        if length is not None and length > self.store.max_object:
+            return "too-large"
+        selected = policy.vary_key(headers.get("vary"), request)
+        omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
+        kept = tuple((k, v) for k, v in fields if k.lower() not in omit)
+        return Entry(resp.status_code, resp.data.reason, kept, headers, b"",
+                     req.timestamp_start, response_time, rules, lifetime, selected)
+
     def _store(self, flow: http.HTTPFlow, state: FlowState, request: Mapping[str, str]) -> None:
         """Store the origin's response if RFC 9111 and the safety rules allow; `request` is the
         forwarded request (without validators the cache added)."""
-        resp, req = flow.response, flow.request
+        resp = flow.response
         if resp.stream or resp.raw_content is None:
             return
         base = flow.metadata.get(BASE)          # compress made this client's coding of it: store the origin's
         fields, body = base if base is not None else (resp.headers.fields, resp.raw_content)
-        headers = header_map(fields)            # read a dozen times below: one pass
-        rules = ResponseRules.read(headers)
-        response_time = resp.timestamp_end or time.time()
-        why_not = policy.storable("GET", resp.status_code, request, headers, rules) or \
-            policy.unsafe_to_store(request, headers, rules, req.path)
-        lifetime = 0.0
-        if why_not is None:
-            lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time,
-                                                 self.settings.default_ttl)
-            if not policy.reusable(lifetime, headers, rules):
-                why_not = "no-freshness"
-        if why_not is None and len(body) > self.store.max_object:
-            why_not = "too-large"
-        if why_not is not None:
-            state.status.detail = state.status.detail or f"not stored: {why_not}"
+        entry = self._storable(flow, request, fields, len(body), resp.timestamp_end or time.time())
+        if isinstance(entry, str):
+            state.status.detail = state.status.detail or f"not stored: {entry}"
             self.uncacheable[state.key] = True
             return
-        selected = policy.vary_key(headers.get("vary"), request)
-        omit = NOT_STORED | {n.encode() for n in policy.unstorable_fields(headers, rules)}
-        kept = tuple((k, v) for k, v in fields if k.lower() not in omit)
-        entry = Entry(resp.status_code, resp.data.reason, kept, headers, body,
-                      req.timestamp_start, response_time, rules, lifetime, selected)
+        entry.body = body
         if self.store.put(state.key, entry):
-            self.uncacheable.pop(state.key, None)
-            state.status.stored = True
-            state.status.ttl = round(lifetime - self._age(entry))
+            self._stored(state, entry)
             if base is not None:
                 self._store_variant(state.key, entry, resp.headers.get("content-encoding", "identity"),
                                     resp.raw_content)
+
+    def _stored(self, state: FlowState, entry: Entry) -> None:
+        self.uncacheable.pop(state.key, None)
+        state.status.stored = True
+        state.status.ttl = round(entry.lifetime - self._age(entry))
+
+    # -- storing while streaming ----------------------------------------------------------------------
+
+    def _start_fill(self, flow: http.HTTPFlow, state: FlowState, fields, coding: str | None) -> Tee | None:
+        """A Fill for this streamed response if it may be stored; else the reason, in the status."""
+        resp = flow.response
+        length = declared_length(fields)
+        framed = length is not None or "chunked" in resp.headers.get("transfer-encoding", "").lower() \
+            or resp.is_http2 or resp.is_http3
+        entry = self._storable(flow, self._client_request(flow.request, state), fields, length, time.time())
+        if isinstance(entry, str) or not framed:
+            why = entry if isinstance(entry, str) else "no framing"     # a cut could not be told from the end
+            state.status.detail = f"not stored: {why}"
+            self.uncacheable[state.key] = True
+            return None
+        writer = self.store.writer(state.key)
+        if writer is None:
+            state.status.detail = "not stored: store unavailable"
+            return None
+        state.fill = Fill(writer, entry.status, entry.reason, entry.fields, length, entry.selected_by, entry.vary)
+        self.filling[state.key] = state.fill
+        state.status.detail = "storing while streamed"
+        variant = self.store.writer(state.key) if coding is not None else None
+        state.variant = (coding, variant) if variant is not None else None
+        return Tee(state.fill, variant)
+
+    def _commit_fill(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """The streamed body is complete: store it with the head it came with (its freshness
+        from now), and the encoded representation the relay made as its variant."""
+        fill = state.fill
+        entry = self._storable(flow, self._client_request(flow.request, state), fill.fields, fill.length,
+                               flow.response.timestamp_end or time.time())
+        complete = not fill.done and (fill.expected is None or fill.length == fill.expected)
+        if fill.expected is None and not isinstance(entry, str):    # it came chunked: stored with its length
+            entry.fields += ((b"Content-Length", str(fill.length).encode()),)
+            entry.headers["content-length"] = str(fill.length)
+        if isinstance(entry, str) or not complete or not fill.writer.commit(entry):
+            state.status.detail = f"not stored: {entry if isinstance(entry, str) else 'incomplete or too large'}"
+            self._abort_fill(state)
+            return
+        self._end_fill(state, True)
+        self._stored(state, entry)
+        state.status.detail = "stored while streamed"
+        if state.variant is not None:
+            coding, writer = state.variant
+            variant = self._variant_entry(entry, coding, writer.length)
+            if not writer.commit(variant):
+                writer.abort()
+            writer.release()
+            state.variant = None
+
+    def _abort_fill(self, state: FlowState) -> None:
+        if state.variant is not None:
+            state.variant[1].abort()
+            state.variant[1].release()
+            state.variant = None
+        self._end_fill(state, False)
+
+    def _end_fill(self, state: FlowState, ok: bool) -> None:
+        fill, state.fill = state.fill, None
+        fill.finish(ok)
+        if self.filling.get(state.key) is fill:
+            del self.filling[state.key]
 
     def _refresh(self, entry: Entry, flow: http.HTTPFlow, key: str) -> Entry:
         """RFC 9111 4.3.4: a 304 updates the stored headers (and freshness) of the entry; a
@@ -363,6 +478,13 @@ class Cache:
                                              guess)
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
+        refreshed.file = entry.file
+        if entry.file is not None:
+            # the body is a large file: copied into the refreshed entry in a thread; its
+            # variants are made again when next asked for (their times are the old base's)
+            if "no-store" not in rules.cc:
+                self._in_background(self._put_file(key, refreshed, entry.file.share()))
+            return refreshed
         if "no-store" not in rules.cc and self.store.put(key, refreshed):
             for coding in (*self.codings, "identity"):     # same bodies, the refreshed headers and times
                 variant = self._variant(key, entry, coding)
@@ -384,19 +506,19 @@ class Cache:
         coding = flow.metadata.get(CODING)
         if coding is None or "accept-encoding" not in base.vary:
             return base
-        varies, target = plan(base.status, base.headers, len(base.body), self.min_size, coding,
+        varies, target = plan(base.status, base.headers, base.length, self.min_size, coding,
                               flow.metadata.get(ACCEPT))
         own = base.headers.get("content-encoding")
         if not varies or target is None:
             return base
         if own is None and flow.request.method == "GET" and "range" in request and self._if_range_ok(request, base):
             return base
-        variant = self._variant(state.key, base, target)
+        variant = self._variant(state.key, base, target, state)
         if variant is not None:
             flow.metadata.pop(CODING, None)     # settled: the compress addon must not make another coding of it
             decisions(flow)["compress"] = f"{target} stored"
             return variant
-        if revalidated and target != "identity" and len(base.body) < THREAD_MIN:
+        if revalidated and target != "identity" and base.file is None and len(base.body) < THREAD_MIN:
             return self._store_variant(state.key, base, target, represent(base.body, own, target))
         state.base = base
         return base
@@ -405,22 +527,32 @@ class Cache:
     def _variant_selection(base: Entry, coding: str) -> tuple:
         return tuple((n, VARIANT + coding if n == "accept-encoding" else v) for n, v in base.selected_by)
 
-    def _variant(self, key: str, base: Entry, coding: str) -> Entry | None:
-        """The stored `coding` variant made from this very base (same times), if any."""
+    def _variant(self, key: str, base: Entry, coding: str, state: FlowState | None = None) -> Entry | None:
+        """The stored `coding` variant made from this very base (same times), if any; one in a
+        file only when there is a flow (`state`) to serve it to."""
         found, _ = self.store.lookup(key, dict(self._variant_selection(base, coding)))
+        if found is not None and found.file is not None:
+            if state is None:
+                found.file.close()
+                return None
+            state.files.append(found.file)
         if (found is None or found is base or found.headers.get("content-encoding", "identity") != coding
                 or (found.request_time, found.response_time) != (base.request_time, base.response_time)):
             return None
         return found
 
-    def _store_variant(self, key: str, base: Entry, coding: str, body: bytes) -> Entry:
-        fields = encoded_fields(base.fields, coding, len(body))
+    def _variant_entry(self, base: Entry, coding: str, length: int, body: bytes = b"") -> Entry:
+        fields = encoded_fields(base.fields, coding, length)
         replaced = ("etag", "content-encoding", "content-length")
         headers = {k: v for k, v in base.headers.items() if k not in replaced} | \
             header_map(f for f in fields if f[0].lower().decode() in replaced)
         variant = Entry(base.status, base.reason, fields, headers, body, base.request_time,
                         base.response_time, base.rules, base.lifetime, self._variant_selection(base, coding))
         variant.initial_age = base.initial_age      # a 304's Age the base kept
+        return variant
+
+    def _store_variant(self, key: str, base: Entry, coding: str, body: bytes) -> Entry:
+        variant = self._variant_entry(base, coding, len(body), body)
         self.store.put(key, variant)
         return variant
 
@@ -436,29 +568,48 @@ class Cache:
             state.status.fwd = None
         state.status.ttl = round(entry.lifetime - age)
         entry = self._representation(flow, state, entry, request, revalidated)
-        status, reason, body = entry.status, entry.reason, entry.body
+        status, reason, size = entry.status, entry.reason, entry.length
+        first, length = 0, size                 # the span of the stored body this answer carries
         fields = entry.fields + ((b"Age", str(int(age)).encode()),)
         method = flow.request.method
         if status == 200 and policy.not_modified(request, entry.headers):
-            status, reason, body = 304, b"Not Modified", b""
+            status, reason, length = 304, b"Not Modified", 0
             fields = tuple(f for f in fields if f[0].lower() not in NOT_IN_304)
         elif status == 200 and method == "GET" and "range" in request and self._if_range_ok(request, entry):
-            span = policy.byte_range(request["range"], len(body))
+            span = policy.byte_range(request["range"], size)
             if span is not None:
-                first, last = span
                 fields = tuple(f for f in fields if f[0].lower() != b"content-length")
-                if first >= len(body):
-                    status, reason, body = 416, b"Range Not Satisfiable", b""
-                    fields += ((b"Content-Range", f"bytes */{len(entry.body)}".encode()),)
+                if span[0] >= size:
+                    status, reason, length = 416, b"Range Not Satisfiable", 0
+                    fields += ((b"Content-Range", f"bytes */{size}".encode()),)
                 else:
+                    first, length = span[0], span[1] - span[0] + 1
                     status, reason = 206, b"Partial Content"
-                    fields += ((b"Content-Range", f"bytes {first}-{last}/{len(entry.body)}".encode()),)
-                    body = body[first:last + 1]
-                fields += ((b"Content-Length", str(len(body)).encode()),)
+                    fields += ((b"Content-Range", f"bytes {first}-{span[1]}/{size}".encode()),)
+                fields += ((b"Content-Length", str(length).encode()),)
         if method == "HEAD":
-            body = b""
+            length = 0
+        if entry.file is not None and length and self.origin.address is not None:
+            self._from_store(flow, state, response_head(status, reason, fields, length), entry.file.share(),
+                             first, length, entry.file.close)
+            return
+        if entry.file is not None:
+            body = entry.file.read(first, length)
+        else:
+            body = entry.body if (first, length) == (0, size) else entry.body[first:first + length]
         now = time.time()
         flow.response = http.Response(b"HTTP/1.1", status, reason, http.Headers(fields), body, None, now, now)
+
+    def _from_store(self, flow: http.HTTPFlow, state: FlowState, head: bytes, source, offset: int,
+                    length: int | None, close) -> None:
+        """Answer through the StoreOrigin (serve.py): the request goes there instead of to an
+        origin (routing leaves it alone), and its answer streams like an origin's."""
+        state.ticket = self.origin.issue(Ticket(head, source, offset, length, close))
+        host, port = self.origin.address
+        data = flow.request.data
+        data.scheme, data.host, data.port = b"http", host, port
+        flow.request.headers[TICKET.decode()] = state.ticket
+        flow.metadata[FROM_STORE] = True
 
     @staticmethod
     def _if_range_ok(request: Mapping[str, str], entry: Entry) -> bool:
@@ -514,9 +665,20 @@ class Cache:
         refresh = http.HTTPFlow(flow.client_conn, connection.Server(address=flow.server_conn.address))
         refresh.request = flow.request.copy()
         refresh.metadata[REFRESH] = True
-        task = asyncio.get_running_loop().create_task(self._replay(refresh, key))
+        self._in_background(self._replay(refresh, key))
+
+    def _in_background(self, job) -> None:
+        task = asyncio.get_running_loop().create_task(job)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _put_file(self, key: str, entry: Entry, body: FileBody) -> None:
+        try:
+            await self.store.put_in_thread(key, entry)
+        except Exception as e:          # the old entry stays (stale); the next request refreshes again
+            logger.warning("edge: refreshing the stored %s failed: %s", key, e)
+        finally:
+            body.close()
 
     async def _replay(self, refresh: http.HTTPFlow, key: str) -> None:
         try:
@@ -530,26 +692,62 @@ class Cache:
         """Another request for this URL is on its way to the origin: wait for it, then answer
         from the cache if it stored something usable, else go to the origin too."""
         self.waiting[state.key] += 1
+        fill = None
         try:
-            await asyncio.wait_for(asyncio.shield(self.pending[state.key]), COALESCE_WAIT)
+            fill = await asyncio.wait_for(asyncio.shield(self.pending[state.key]), COALESCE_WAIT)
+            if fill is not None and not self._read_fill(flow, state, fill, request):
+                await asyncio.wait_for(asyncio.shield(fill.finished), COALESCE_WAIT)
         except (asyncio.TimeoutError, KeyError):
             pass
         finally:
             self.waiting[state.key] -= 1
             if not self.waiting[state.key]:
                 del self.waiting[state.key]
-        entry, _ = self.store.lookup(state.key, request)
+        if state.answered:
+            return
+        entry, _ = self._lookup(state, request)
         if entry is not None:
             self._use(flow, state, entry, request)
             if state.answered:
                 state.status.detail = "coalesced"
 
-    def _release(self, state: FlowState) -> None:
+    def _read_fill(self, flow: http.HTTPFlow, state: FlowState, fill: Fill, request: Mapping[str, str]) -> bool:
+        """Answer from the object while it is being stored (read-while-writer): a plain GET
+        the stored response would be selected for. A range, or a fill that failed, waits for
+        the outcome instead."""
+        if (fill.done or flow.request.method != "GET" or "range" in request or fill.status != 200
+                or (fill.vary and policy.selection(fill.vary, request) != fill.selected_by)):
+            return False
+        state.answered, state.status = True, CacheStatus(hit=True, detail="read while stored")
+        fill.add_reader()
+        fields = fill.fields + ((b"Age", b"0"),)
+        self._from_store(flow, state, response_head(fill.status, fill.reason, fields, fill.expected), fill, 0,
+                         fill.expected, fill.drop_reader)
+        return True
+
+    def _release(self, state: FlowState, fill: Fill | None = None) -> None:
+        """Let the requests waiting for this one go on: with the Fill they may read."""
         if state.leader:
             state.leader = False
             fut = self.pending.pop(state.key, None)
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(fill)
+
+    def _lookup(self, state: FlowState, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
+        """The store's entry for this flow; a body left in its file is closed when the flow ends."""
+        entry, known = self.store.lookup(state.key, request)
+        if entry is not None and entry.file is not None:
+            state.files.append(entry.file)
+        return entry, known
+
+    def _close(self, state: FlowState) -> None:
+        """The flow is over: its unused ticket and the files of the entries it looked up."""
+        if state.ticket is not None:
+            self.origin.cancel(state.ticket)
+            state.ticket = None
+        for body in state.files:
+            body.close()
+        state.files.clear()
 
     # -- keys and ages ---------------------------------------------------------------------------------
 

@@ -17,12 +17,15 @@ is unpickled: rows this module did not write (pickle or text modes) are refused.
 The directory is the operator's: it must be writable by the edge's user only, as anything that
 can write it decides what the edge serves.
 
-Limits for now: a disk hit reads the body into memory (streaming from the file needs the
-streaming relay), and a put, including a 304's refresh, rewrites the body on the event loop.
-`BodyWriter` is the write path for a body that arrives in chunks (tee while streaming)."""
+A hit on a body larger than the memory tier takes is not read: the entry carries the open
+file (FileBody) and the cache serves it from there. `BodyWriter` is the write path for a body
+that arrives in chunks (stored while it streams past); readers may follow it as it grows. A
+put of a small body runs on the event loop; copying a file body (a 304's refresh of a large
+object) is for a thread (`put` is thread-safe: diskcache is)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -37,7 +40,7 @@ import diskcache
 import diskcache.core
 
 from addons.cache.policy import ResponseRules, selection
-from addons.cache.store import Entry, Store
+from addons.cache.store import Entry, FileBody, Store
 from addons.config import CacheConfig, DiskCacheConfig
 from addons.tasks import Throttle
 
@@ -52,10 +55,11 @@ LOCK_TIMEOUT = 1.0                       # seconds to wait for another process's
 INLINE = 2**15                           # smaller values live in the SQLite index itself
 # what a broken, locked or altered directory raises: each is a miss, never an error page
 FAILURES = (diskcache.Timeout, sqlite3.Error, OSError, ValueError, KeyError, TypeError, OverflowError)
-# the Entry fields the record keeps (initial_age and vary are recomputed from them): a new
+# the Entry fields the record keeps (initial_age and vary are recomputed from them, file is
+# where the body was read from): a new
 # Entry field must be added to encode_head and make_entry (a test compares the lists)
 ENTRY_FIELDS = ("status", "reason", "fields", "headers", "body", "request_time", "response_time", "rules",
-                "lifetime", "selected_by", "initial_age", "vary")
+                "lifetime", "selected_by", "initial_age", "vary", "file")
 
 
 # -- the stored record ----------------------------------------------------------------------------
@@ -90,16 +94,20 @@ def decode_head(tail: bytes) -> tuple[dict, int]:
     return head, length
 
 
-def make_entry(head: dict, body: bytes) -> Entry:
+def make_entry(head: dict, body: bytes | FileBody) -> Entry:
+    """The entry of a head record; `body` its bytes or its file."""
     cc = head["rules"]["cc"]
-    if not isinstance(cc, dict) or len(body) != head["body_length"]:
+    length = body.length if isinstance(body, FileBody) else len(body)
+    if not isinstance(cc, dict) or length != head["body_length"]:
         raise ValueError("inconsistent edge cache record")
-    return Entry(int(head["status"]), head["reason"].encode("latin-1"),
-                 tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in head["fields"]),
-                 {str(k): str(v) for k, v in head["headers"].items()}, body,
-                 float(head["request_time"]), float(head["response_time"]),
-                 ResponseRules(cc, bool(head["rules"]["targeted"])), float(head["lifetime"]),
-                 _tuple(head["selected_by"]))
+    entry = Entry(int(head["status"]), head["reason"].encode("latin-1"),
+                  tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in head["fields"]),
+                  {str(k): str(v) for k, v in head["headers"].items()}, b"" if isinstance(body, FileBody) else body,
+                  float(head["request_time"]), float(head["response_time"]),
+                  ResponseRules(cc, bool(head["rules"]["targeted"])), float(head["lifetime"]),
+                  _tuple(head["selected_by"]))
+    entry.file = body if isinstance(body, FileBody) else None
+    return entry
 
 
 def read_value(value: bytes | BinaryIO) -> tuple[dict, int, BinaryIO | bytes]:
@@ -207,7 +215,9 @@ class DiskStore:
     def close(self) -> None:
         self.index.close()
 
-    def lookup(self, key: str, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
+    def lookup(self, key: str, request: Mapping[str, str], whole_max: int | None = None) -> tuple[Entry | None, bool]:
+        """`whole_max`: a longer body stays in its file (the entry's FileBody, for the caller to
+        close); None reads every body."""
         try:
             with self.index.transact():     # one write (the access times) for both rows
                 names = self.index.get(_url_row(key))
@@ -220,9 +230,15 @@ class DiskStore:
             return None, False
         if value is None:
             return None, True
+        kept = None
         try:
             head, length, source = read_value(value)
-            body = source[:length] if isinstance(source, bytes) else source.read(length)
+            if isinstance(source, bytes):
+                body = source[:length]
+            elif whole_max is not None and length > whole_max:
+                body = kept = FileBody(source, length)
+            else:
+                body = source.read(length)
             entry = make_entry(head, body)
             if head["url"] != key or _entry_row(key, entry.selected_by) != row:
                 raise ValueError("a record stored under another key")
@@ -230,20 +246,29 @@ class DiskStore:
         except FAILURES as e:
             self._failed("read", key, e)
             self._drop(row)
+            kept = None
             return None, True
         finally:
-            if not isinstance(value, bytes):
+            if not isinstance(value, bytes) and kept is None:
                 value.close()
 
     def put(self, key: str, entry: Entry) -> bool:
-        if len(entry.body) > self.max_object:
+        """Store `entry`; one whose body is in a file (FileBody) has it copied, which takes
+        as long as the body: call that from a thread."""
+        if entry.length > self.max_object:
             return False
-        if len(entry.body) < INLINE:
+        if entry.file is None and len(entry.body) < INLINE:
             return self._commit(key, entry, entry.body + encode_head(key, entry, len(entry.body)))
         writer = self.writer(key)
         if writer is None:
             return False
-        return writer.write(entry.body) and writer.commit(entry)
+        try:
+            with writer:
+                if entry.file is None:
+                    return writer.write(entry.body) and writer.commit(entry)
+                return writer.copy(entry.file) and writer.commit(entry)
+        finally:
+            writer.release()
 
     def writer(self, key: str) -> BodyWriter | None:
         try:
@@ -314,13 +339,40 @@ class BodyWriter:
     """A body arriving in chunks on its way to the disk tier: written to a spool file in the
     cache directory, entered into the index by commit(entry) (the response's head, any body),
     thrown away by abort(), by a body past max_object, or by leaving its `with` block
-    uncommitted."""
+    uncommitted. read() lets readers follow the body while it is written and after commit
+    (through a descriptor of its own, valid after the file is renamed or evicted) until
+    release()."""
+
+    COPY_STEP = 2**22
 
     def __init__(self, disk: DiskStore, key: str) -> None:
         self.disk, self.key = disk, key
         fd, self.path = tempfile.mkstemp(dir=disk.spool, suffix=".part")
-        self.file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)    # readers see each write
         self.length = 0
+        self.reader: int | None = os.open(self.path, os.O_RDONLY)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.reader is None:
+            return b""
+        return os.pread(self.reader, max(0, min(size, self.length - offset)), offset)
+
+    def release(self) -> None:
+        if self.reader is not None:
+            os.close(self.reader)
+            self.reader = None
+
+    def copy(self, body: FileBody) -> bool:
+        """Write a body that is in another file, a few MiB at a time."""
+        offset = 0
+        while offset < body.length:
+            step = min(self.COPY_STEP, body.length - offset)
+            chunk = body.read(offset, step)
+            if not chunk or not self.write(chunk):
+                self.abort()
+                return False
+            offset += len(chunk)
+        return True
 
     def write(self, chunk: bytes) -> bool:
         """False once the body is too large or cannot be written: the writer is aborted."""
@@ -458,14 +510,25 @@ class TieredStore:
         entry, known = self.memory.lookup(key, request)
         if entry is not None:
             return entry, True
-        entry, on_disk = self.disk.lookup(key, request)
-        if entry is not None and len(entry.body) <= self.memory_max_object:
+        entry, on_disk = self.disk.lookup(key, request, self.memory_max_object)
+        if entry is not None and entry.file is None and len(entry.body) <= self.memory_max_object:
             self.memory.put(key, entry)
         return entry, known or on_disk
 
+    def writer(self, key: str) -> BodyWriter | None:
+        """A body streaming past goes to disk (a small one is promoted to memory when hit); an
+        older copy in memory must not shadow it."""
+        self.memory.remove(key)
+        return self.disk.writer(key)
+
+    def put_in_thread(self, key: str, entry: Entry):
+        """put() of an entry whose body is in a file (copied: it takes a while), as an awaitable."""
+        self.memory.remove(key)
+        return asyncio.to_thread(self.disk.put, key, entry)
+
     def put(self, key: str, entry: Entry) -> bool:
         in_memory = False
-        if len(entry.body) <= self.memory_max_object:
+        if entry.file is None and len(entry.body) <= self.memory_max_object:
             in_memory = self.memory.put(key, entry)
         else:
             self.memory.remove(key)     # an older, smaller copy must not shadow this one

@@ -1,7 +1,10 @@
-"""The cache's memory: stored responses by URL and Vary selection, bounded in bytes (LRU)."""
+"""The cache's memory: stored responses by URL and Vary selection, bounded in bytes (LRU);
+the body of a large disk entry left in its file (FileBody); and MemoryWriter, a body stored in
+memory while it streams past."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -11,6 +14,29 @@ from addons.cache.policy import ResponseRules, http_date, initial_age, selection
 
 Fields = tuple[tuple[bytes, bytes], ...]
 ENTRY_OVERHEAD = 512        # bytes of bookkeeping counted per stored response
+
+
+class FileBody:
+    """A stored body left in its file (a disk hit too large for memory): the open file, whose
+    first `length` bytes are the body. Shared by whoever serves or copies it (`share()`, then
+    one `close()` each); the file stays readable after the index evicts it."""
+
+    def __init__(self, file, length: int) -> None:
+        self.file, self.length = file, length
+        self.users = 1
+
+    def share(self) -> FileBody:
+        self.users += 1
+        return self
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Body bytes only: the record's head that follows them in the file is never read."""
+        return os.pread(self.file.fileno(), max(0, min(size, self.length - offset)), offset)
+
+    def close(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and not self.file.closed:
+            self.file.close()
 
 
 @dataclass
@@ -27,6 +53,7 @@ class Entry:
     selected_by: tuple          # the request's values of the Vary'd headers
     initial_age: float = 0.0    # RFC 9111 4.2.3 corrected_initial_age, fixed when stored
     vary: tuple[str, ...] = ()  # the request headers it varies on, parsed once
+    file: FileBody | None = None    # set (and body empty) when the body stayed on disk
 
     def __post_init__(self) -> None:
         self.initial_age = initial_age(http_date(self.headers.get("date")), self.headers.get("age"),
@@ -38,8 +65,13 @@ class Entry:
         return self.initial_age + (now - self.response_time)
 
     @property
+    def length(self) -> int:
+        """The body's size, in memory or in its file."""
+        return len(self.body) if self.file is None else self.file.length
+
+    @property
     def size(self) -> int:
-        return len(self.body) + sum(len(k) + len(v) + 4 for k, v in self.fields) + ENTRY_OVERHEAD
+        return self.length + sum(len(k) + len(v) + 4 for k, v in self.fields) + ENTRY_OVERHEAD
 
 
 def _size(variants: dict) -> int:
@@ -75,8 +107,12 @@ class Store:
                 return entry, True
         return None, True
 
+    def writer(self, key: str) -> MemoryWriter | None:
+        """Where a body streaming past is stored: memory, up to max_object."""
+        return MemoryWriter(self, key)
+
     def put(self, key: str, entry: Entry) -> bool:
-        if entry.size > self.lru.maxsize:
+        if entry.file is not None or entry.size > self.lru.maxsize:
             return False
         variants = dict(self.lru.get(key) or {})
         # a new Vary header makes the old selections meaningless
@@ -94,3 +130,44 @@ class Store:
         n = len(self.lru)
         self.lru.clear()
         return n
+
+
+class MemoryWriter:
+    """A body stored in memory while it streams past: grows up to the store's max_object (past
+    it the writer gives up and frees what it held), entered by commit(entry) with `entry`'s
+    head. read() lets readers follow it while it grows and after (read-while-writer)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+        self.buffer: bytearray | None = bytearray()
+        self.body = b""             # once committed: the stored bytes, which readers go on reading
+        self.length = 0
+
+    def write(self, chunk: bytes) -> bool:
+        if self.buffer is None:
+            return False
+        if self.length + len(chunk) > self.store.max_object:
+            self.abort()
+            return False
+        self.buffer += chunk
+        self.length += len(chunk)
+        return True
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.buffer is not None:
+            return bytes(self.buffer[offset:offset + size])
+        return self.body[offset:offset + size]
+
+    def commit(self, entry: Entry) -> bool:
+        """Stores the written body with `entry`'s head (its own body is replaced)."""
+        if self.buffer is None:
+            return False
+        entry.body = self.body = bytes(self.buffer)
+        self.buffer = None
+        return self.store.put(self.key, entry)
+
+    def abort(self) -> None:
+        self.buffer, self.body = None, b""
+
+    def release(self) -> None:
+        """Readers are done: nothing to release (the disk writer's counterpart)."""

@@ -20,6 +20,7 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from addons import internals
+from addons.cache.serve import FROM_STORE
 from addons.admin import format_status
 from addons.client import client_of
 from addons.config import EdgeConfig, HealthCheck, Origin, PassiveHealth, Pool
@@ -142,7 +143,7 @@ class Route:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow):
-        if flow.response or not self.balancers:
+        if flow.response or not self.balancers or FROM_STORE in flow.metadata:    # the cache serves it
             return None
         now = time.monotonic()
         wanted = self._steer(flow, now) if self.steering is not None else self.default_pool

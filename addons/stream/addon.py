@@ -48,34 +48,41 @@ def request_length(request: http.Request) -> int | None:
 
 
 class Relay:
-    """A streamed response's chunk function: encodes (if asked) and counts what passes (the
-    access log's bytes)."""
+    """A streamed response's chunk function: hands the origin's bytes to the cache (`tee`,
+    when it stores the response), encodes (if asked), hands the encoded bytes to the cache too,
+    and counts what passes (the access log's bytes)."""
 
-    def __init__(self, flow: http.HTTPFlow, encoder: StreamEncoder | None = None) -> None:
-        self.metadata, self.encoder = flow.metadata, encoder
+    def __init__(self, flow: http.HTTPFlow, encoder: StreamEncoder | None = None, tee=None) -> None:
+        self.metadata, self.encoder, self.tee = flow.metadata, encoder, tee
         self.metadata[SENT] = 0
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self.tee is not None:
+            self.tee.base(chunk)
         if self.encoder is not None:
             chunk = self.encoder(chunk)
+            if self.tee is not None:
+                self.tee.coded(chunk)
         self.metadata[SENT] += len(chunk)
         return chunk
 
 
-def encode_streamed(flow: http.HTTPFlow) -> StreamEncoder | None:
-    """The coder for a streamed response, its head changed to match; None to pass it as it is.
-    `Vary: Accept-Encoding` whenever the coding depends on it, as the compress addon does."""
+def encode_streamed(flow: http.HTTPFlow) -> tuple[StreamEncoder | None, tuple]:
+    """The coder for a streamed response, its head changed to match (None to pass it as it
+    is), and the head of the origin's representation: with `Vary: Accept-Encoding` whenever
+    the coding depends on it, as the compress addon does, but not yet encoded."""
     resp, coding = flow.response, flow.metadata.get(ENCODING)
     headers = resp.headers
     if coding is None or not rules.compress_stream(resp.status_code, headers.get("content-type"),
                                                    headers.get("content-encoding"), headers.get("cache-control"),
                                                    flow.request.http_version == "HTTP/1.0"):
-        return None
+        return None, headers.fields
     vary = headers.get("vary", "")
     if "accept-encoding" not in vary.lower() and "*" not in vary:
         headers["Vary"] = f"{vary}, Accept-Encoding" if vary else "Accept-Encoding"
+    base = headers.fields
     if coding == "identity":
-        return None
+        return None, base
     headers["Content-Encoding"] = coding
     headers.pop("Content-Length", None)
     if "chunked" not in headers.get("transfer-encoding", "").lower():
@@ -83,18 +90,18 @@ def encode_streamed(flow: http.HTTPFlow) -> StreamEncoder | None:
     if "etag" in headers:
         headers["ETag"] = weak_etag(headers["etag"])
     decisions(flow)["compress"] = f"{coding} streamed"
-    return StreamEncoder(coding)
+    return StreamEncoder(coding), base
 
 
 class Stream:
     def __init__(self, inspects_body: Callable[[http.HTTPFlow], bool] = lambda flow: False,
-                 on_streamed: Callable[[http.HTTPFlow], None] = lambda flow: None,
-                 stores_whole: Callable[[http.HTTPFlow, int], bool] = lambda flow, length: False) -> None:
+                 on_streamed: Callable = lambda flow, fields, coding: None) -> None:
         """`inspects_body(flow)`: a WAF will read this request's body in `request`;
-        `on_streamed(flow)`: told when a response head is about to leave ahead of its body;
-        `stores_whole(flow, length)`: the cache would store this response held whole."""
+        `on_streamed(flow, fields, coding)`: told when a response head is about to leave ahead
+        of its body (`fields`: the origin's representation's head, `coding`: what the relay
+        encodes it to, or None); it answers the cache's tee for the body, or None."""
         self.buffer_limit = 2**20
-        self.inspects_body, self.on_streamed, self.stores_whole = inspects_body, on_streamed, stores_whole
+        self.inspects_body, self.on_streamed = inspects_body, on_streamed
         self.web = False
 
     def apply(self, buffer_limit: int, web: bool) -> None:
@@ -119,11 +126,10 @@ class Stream:
         resp = flow.response
         if resp.raw_content is not None or resp.stream:    # made by an addon (a hit, an answer): whole already
             return
-        length = response_length(flow)
-        if rules.stream_response(length, resp.headers.get("content-type"), self.buffer_limit,
-                                 length is not None and self.stores_whole(flow, length)):
-            resp.stream = Relay(flow, encode_streamed(flow))
-            self.on_streamed(flow)
+        if rules.stream_response(response_length(flow), resp.headers.get("content-type"), self.buffer_limit):
+            encoder, base = encode_streamed(flow)
+            tee = self.on_streamed(flow, base, encoder.coding if encoder is not None else None)
+            resp.stream = Relay(flow, encoder, tee)
             rec = decisions(flow)
             rec["stream"] = f"{rec['stream']}, response" if "stream" in rec else "response"
 

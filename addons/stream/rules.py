@@ -20,16 +20,15 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def stream_response(length: int | None, content_type: str | None, limit: int, stored: bool = False) -> bool:
+def stream_response(length: int | None, content_type: str | None, limit: int) -> bool:
     """`length`: the body's size from its framing, None when unknown (chunked, read until close).
-    No body (HEAD, 204, 304, Content-Length: 0) is never streamed. `stored`: the cache would
-    store it whole (its length within the cache's max_object): held, until streamed bodies are
-    teed into the store; a live stream is never held."""
+    No body (HEAD, 204, 304, Content-Length: 0) is never streamed; a live stream always is (the
+    cache stores a streamed response as it passes)."""
     if length == 0:
         return False
     if media_type(content_type) == EVENT_STREAM:
         return True
-    return length is None or (length > limit and not stored)
+    return length is None or length > limit
 
 
 def compress_stream(status: int, content_type: str | None, content_encoding: str | None,

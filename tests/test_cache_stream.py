@@ -1,0 +1,309 @@
+"""The cache and streamed bodies: a streamed response is stored while it passes (committed when
+complete, never when cut), requests arriving during the fetch read it as it is written, and a
+disk entry too large for memory is served from its file with bounded memory, also after a
+restart. Through real edges, raw origins and real clients."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+
+import httpx
+import pytest
+
+from addons import internals
+from addons.cache.serve import response_head, ticket_of
+from tests.rawnet import RecordingOrigin
+from tests.test_cache_disk import EdgeProcess
+
+MiB = 2**20
+BOUND = MiB         # what the edge may hold for one streamed exchange: a few buffers
+HOST = {"Host": "shop.example"}
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def cacheable(length: int | None, content_type: bytes = b"application/octet-stream") -> bytes:
+    framing = b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked"
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nCache-Control: max-age=600\r\n"
+            + framing + b"\r\n\r\n")
+
+
+def pieces(size: int, piece: int = 65536) -> list[bytes]:
+    return [bytes([i % 251]) * min(piece, size - off) for i, off in enumerate(range(0, size, piece))]
+
+
+def held(e) -> int:
+    return internals.bytes_held(e.master) + e.master.addons.get("edge").cache.origin.bytes_held()
+
+
+class Gated:
+    """An origin script: the head and `before` pieces, then waits for `gate`, then the rest
+    (or a hang-up when `cut`). Counts the requests it answered."""
+
+    def __init__(self, head: bytes, parts: list[bytes], before: int, cut: bool = False, chunked: bool = False):
+        self.head, self.parts, self.before, self.cut, self.chunked = head, parts, before, cut, chunked
+        self.gate, self.sent_first = threading.Event(), threading.Event()
+
+    def __call__(self, _request: bytes):
+        def answer():
+            yield self.head
+            for i, part in enumerate(self.parts):
+                if i == self.before:
+                    self.sent_first.set()
+                    assert self.gate.wait(20)
+                    if self.cut:
+                        raise OSError("the origin hangs up mid-body")
+                yield chunk(part) if self.chunked else part
+            if self.chunked:
+                yield b"0\r\n\r\n"
+        return answer()
+
+
+def test_a_chunked_cacheable_response_is_stored_while_it_streams(edge):
+    body = pieces(3 * MiB)
+    o = RecordingOrigin(cacheable(None) + b"".join(chunk(p) for p in body) + b"0\r\n\r\n")
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            first, second = c.get("/live.bin"), c.get("/live.bin")
+        assert first.content == second.content == b"".join(body)
+        assert first.headers["cache-status"] == 'edge; fwd=uri-miss; fwd-status=200; detail="storing while streamed"'
+        assert second.headers["cache-status"].startswith("edge; hit") and len(o.requests) == 1
+        assert second.headers["content-length"] == str(3 * MiB)
+    finally:
+        o.stop()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_cut_streamed_response_is_not_stored(edge, chunked):
+    """The origin hangs up mid-body (Content-Length short, or no last chunk): the client's answer
+    is cut, nothing is stored, and the next request goes to the origin and gets it whole."""
+    body = pieces(4 * MiB)
+    script = Gated(cacheable(None if chunked else 4 * MiB), body, before=20, cut=True, chunked=chunked)
+    o = RecordingOrigin(script)
+    script.gate.set()
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            with pytest.raises(httpx.RemoteProtocolError):
+                c.get("/cut.bin")
+            script.cut = False
+            again = c.get("/cut.bin")
+        assert again.content == b"".join(body) and "hit" not in again.headers["cache-status"]
+        assert len(o.requests) == 2
+    finally:
+        o.stop()
+
+
+def test_a_response_delimited_by_the_close_is_not_stored(edge):
+    """Without Content-Length or chunked, a cut looks like the end: such a body is never stored."""
+    body = b"q" * (2 * MiB)
+
+    def until_close(_request: bytes):
+        yield b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nConnection: close\r\n\r\n" + body
+        raise OSError("the end of the body is the close")
+    o = RecordingOrigin(lambda request: until_close(request))
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            first = c.get("/eof.bin")
+            second = c.get("/eof.bin")
+        assert first.content == second.content == body
+        assert first.headers["cache-status"].endswith('detail="not stored: no framing"')
+        assert len(o.requests) == 2
+    finally:
+        o.stop()
+
+
+def test_requests_during_a_fetch_read_the_object_as_it_is_written(edge):
+    """A second and third client ask while the origin is still sending: they get the head and
+    the bytes so far before the origin sends the rest (read-while-writer), then all of it;
+    the origin is asked once. (The fill goes at the pace of the client that fetches it: its
+    relay's backpressure pauses the origin read, so that client reads too.)"""
+    body = pieces(6 * MiB)
+    script = Gated(cacheable(6 * MiB), body, before=16)
+    o = RecordingOrigin(script)
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as a, httpx.Client(base_url=e.url, headers=HOST) as b, \
+                httpx.Client(base_url=e.url, headers=HOST) as d:
+            with a.stream("GET", "/popular.bin") as first:
+                first_rest = first.iter_bytes()
+                got_a = [next(first_rest)]
+                assert script.sent_first.wait(10)
+                with b.stream("GET", "/popular.bin") as second, d.stream("GET", "/popular.bin") as third:
+                    assert second.headers["cache-status"] == 'edge; hit; detail="read while stored"'
+                    assert second.headers["content-length"] == str(6 * MiB)
+                    rest = second.iter_bytes()
+                    early = next(rest)                      # before the origin sent the rest
+                    assert early and not script.gate.is_set()
+                    script.gate.set()
+                    reader = threading.Thread(target=lambda: got_a.extend(first_rest))
+                    reader.start()
+                    got_b = early + b"".join(rest)
+                    got_d = third.read()
+                    reader.join(20)
+        whole = b"".join(body)
+        assert b"".join(got_a) == got_b == got_d == whole
+        assert len(o.requests) == 1
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            assert c.get("/popular.bin").headers["cache-status"].startswith("edge; hit")
+    finally:
+        script.gate.set()
+        o.stop()
+
+
+def test_a_failed_fetch_cuts_its_readers_and_stores_nothing(edge):
+    body = pieces(4 * MiB)
+    script = Gated(cacheable(4 * MiB), body, before=8, cut=True)
+    o = RecordingOrigin(script)
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as a, httpx.Client(base_url=e.url, headers=HOST) as b:
+            with a.stream("GET", "/fragile.bin") as first:
+                first_rest = first.iter_bytes()
+                next(first_rest)
+                assert script.sent_first.wait(10)
+                with b.stream("GET", "/fragile.bin") as second:
+                    assert "read while stored" in second.headers["cache-status"]
+                    script.gate.set()
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        b"".join(second.iter_bytes())   # cut, never completed with bytes missing
+                with pytest.raises(httpx.RemoteProtocolError):
+                    b"".join(first_rest)
+        script.cut = False
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            again = c.get("/fragile.bin")
+        assert again.content == b"".join(body) and "hit" not in again.headers["cache-status"]
+        assert len(o.requests) == 2
+    finally:
+        script.gate.set()
+        o.stop()
+
+
+def disk_config(o, folder) -> str:
+    return (f"pools: {{eu: {{origins: [{o.url}]}}}}\n"
+            f"cache: {{max_size: 4MB, max_object: 1MB, disk: {{path: {folder}, max_size: 200MB}}}}\n")
+
+
+def test_a_large_disk_hit_streams_from_its_file_with_bounded_memory(edge, tmp_path):
+    size = 24 * MiB
+    body = b"".join(pieces(size))
+    o = RecordingOrigin(cacheable(size) + body)
+    try:
+        e = edge(disk_config(o, tmp_path / "cache"))
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            assert c.get("/video.mp4").content == body
+            ranged = c.get("/video.mp4", headers={"Range": "bytes=5000000-5999999"})
+            head = c.head("/video.mp4")
+        assert ranged.status_code == 206 and ranged.content == body[5_000_000:6_000_000]
+        assert ranged.headers["content-range"] == f"bytes 5000000-5999999/{size}"
+        assert head.headers["content-length"] == str(size) and head.content == b""
+        with socket.socket() as s:              # a slow reader of the disk hit
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.settimeout(10)
+            s.connect((e.host, e.port))
+            s.sendall(b"GET /video.mp4 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            got, most, digest = b"", 0, hashlib.sha256()
+            while b"\r\n\r\n" not in got:
+                got += s.recv(16384)
+            head_bytes, rest = got.split(b"\r\n\r\n", 1)
+            assert b"cache-status: edge; hit" in head_bytes.lower()
+            digest.update(rest)
+            received = len(rest)
+            while received < size:
+                data = s.recv(16384)
+                assert data, "closed early"
+                digest.update(data)
+                received += len(data)
+                most = max(most, held(e))
+        assert most < BOUND, most
+        assert digest.digest() == hashlib.sha256(body).digest()
+        assert len(o.requests) == 1
+    finally:
+        o.stop()
+
+
+def test_a_disk_entry_filled_while_streaming_survives_a_restart(tmp_path):
+    size = 12 * MiB
+    body = b"".join(pieces(size))
+    o = RecordingOrigin(cacheable(None) + b"".join(chunk(p) for p in pieces(size)) + b"0\r\n\r\n")
+    try:
+        config = disk_config(o, tmp_path / "cache")
+        first = EdgeProcess(tmp_path, config)
+        try:
+            with httpx.Client(base_url=first.url, headers=HOST) as c:
+                assert c.get("/big.iso").content == body
+        finally:
+            first.stop()
+        second = EdgeProcess(tmp_path, config)
+        try:
+            with httpx.Client(base_url=second.url, headers=HOST) as c:
+                hit = c.get("/big.iso")
+        finally:
+            second.stop()
+        assert hit.content == body and hit.headers["cache-status"].startswith("edge; hit")
+        assert len(o.requests) == 1
+    finally:
+        o.stop()
+
+
+def test_a_streamed_compressible_response_stores_the_origin_bytes_and_the_coding(edge):
+    """br streamed to the first client: the origin's identity body and the br made on the way are
+    both stored, so br, gzip and identity clients after it cost no origin fetch."""
+    text = b"".join(b"line %d of a large text document that compresses\n" % i for i in range(80_000))
+    o = RecordingOrigin(cacheable(None, b"text/plain") + chunk(text[:MiB]) + chunk(text[MiB:]) + b"0\r\n\r\n")
+    try:
+        e = edge([o.url])
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            def get(coding):
+                return c.get("/doc.txt", headers={"Accept-Encoding": coding})
+            first, br, gz, plain = get("br"), get("br"), get("gzip"), get("identity")
+        # (httpx undoes the coding: .content is the text when the br was right)
+        assert first.headers["content-encoding"] == "br" and first.content == text
+        assert br.headers["cache-status"].startswith("edge; hit") and br.headers["content-encoding"] == "br"
+        assert br.content == text
+        assert int(br.headers["content-length"]) < len(text) // 4             # the stored coding, framed
+        assert gz.headers["content-encoding"] == "gzip" and gz.content == text       # made from the base
+        assert plain.content == text and "content-encoding" not in plain.headers
+        assert all(r.headers["cache-status"].startswith("edge; hit") for r in (br, gz, plain))
+        assert len(o.requests) == 1
+    finally:
+        o.stop()
+
+
+def test_the_store_origin_answers_only_a_ticket_once(edge):
+    """The in-process server that streams stored bodies sends nothing without a ticket the
+    cache issued, and a ticket serves once."""
+    body = b"".join(pieces(2 * MiB))
+    o = RecordingOrigin(cacheable(len(body)) + body)
+    try:
+        e = edge([o.url])
+        store_origin = e.master.addons.get("edge").cache.origin
+        host, port = store_origin.address
+        assert host == "127.0.0.1"
+        for request in (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+                        b"GET /x HTTP/1.1\r\nHost: a\r\nEdge-Cache-Ticket: guessed\r\n\r\n"):
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(request)
+                assert s.recv(100) == b""           # closed, nothing sent
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            assert c.get("/a.bin").content == body
+        assert store_origin.tickets == {}
+    finally:
+        o.stop()
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+
+def test_response_head_frames_the_answer_itself():
+    fields = ((b"Content-Length", b"99"), (b"Transfer-Encoding", b"chunked"), (b"ETag", b'"a"'))
+    assert response_head(206, b"Partial Content", fields, 10) == \
+        b'HTTP/1.1 206 Partial Content\r\nETag: "a"\r\ncontent-length: 10\r\n\r\n'
+    assert response_head(200, b"OK", fields, None).endswith(b"transfer-encoding: chunked\r\n\r\n")
+    assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\nedge-cache-TICKET:  t0k \r\n\r\n") == "t0k"
+    assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
