@@ -1,6 +1,6 @@
 """Issue 10's streaming figures, side by side with the same origin reached directly, in one run:
 
-    .venv/bin/python bench/streaming.py                  # everything: about 3 minutes
+    .venv/bin/python bench/streaming.py                  # everything: about a minute
     .venv/bin/python bench/streaming.py --size 200       # a smaller download/upload (MB)
     .venv/bin/python bench/streaming.py --only large     # one scenario (or several, comma-separated)
 
@@ -393,6 +393,24 @@ def cache_status(head: bytes) -> str:
     return m[1].decode() if m else "(no Cache-Status)"
 
 
+def settled_size(folder: Path, limit: float = 30.0) -> int:
+    """The bytes under `folder` once they stop growing (two readings 0.5 s apart agree, within
+    `limit` s): a store that finishes writing after the client's last byte is counted whole."""
+    def size() -> int:
+        total = 0
+        for f in folder.rglob("*"):
+            try:
+                total += f.stat().st_size if f.is_file() else 0
+            except OSError:             # renamed or evicted meanwhile
+                pass
+        return total
+    deadline, last = time.monotonic() + limit, -1
+    while (now := size()) != last and time.monotonic() < deadline:
+        last = now
+        time.sleep(0.5)
+    return now
+
+
 def large_object(origin: Origin, work: Path, config: str, size: int) -> None:
     """A cacheable object (max-age=3600, Content-Length) through an edge with a disk tier: a miss,
     a hit, then the same after the edge restarts on the same directory."""
@@ -401,7 +419,7 @@ def large_object(origin: Origin, work: Path, config: str, size: int) -> None:
     target = f"/big?size={size}&maxage=3600&id=large"
     fetched, edge = 0, None
     try:
-        for label in ("1st request", "2nd request", "3rd, edge restarted"):
+        for label in ("1st request", "2nd request", "3rd after restart"):
             if label != "2nd request":
                 if edge:
                     edge.stop()
@@ -412,12 +430,12 @@ def large_object(origin: Origin, work: Path, config: str, size: int) -> None:
             peak = edge.memory().get("VmHWM", 0)
             with urllib.request.urlopen(f"http://127.0.0.1:{origin.port}/fetches?id=large", timeout=10) as r:
                 fetches = int(r.read())
-            stored = sum(f.stat().st_size for f in disk.rglob("*") if f.is_file())
+            stored = settled_size(disk)
             row(f"{size / MB:.0f} MB cacheable, disk tier: {label}",
                 f"Cache-Status: {cache_status(heads[0])}",
                 f"| origin fetches +{fetches - fetched} | TTFB {ttfb * 1000:.1f} ms total {total:.2f} s "
                 f"({got / total / MB:.0f} MB/s)", f"| edge peak RSS +{peak - base} MiB",
-                f"| disk tier {stored / MB:.0f} MB" + ("" if got == size else f" | GOT {got} of {size} bytes"))
+                f"| disk tier {stored / MB:.1f} MB" + ("" if got == size else f" | GOT {got} of {size} bytes"))
             fetched = fetches
     finally:
         if edge:
@@ -462,9 +480,8 @@ def main() -> None:
             medians = compare(systems, edge, f"download {args.size} MB", size, f"/big?size={size}")
             for rival in rivals:
                 rival.stop()
-            print(f"{'':44} edge/nginx throughput {medians['nginx proxy'][1] / medians['edge'][1]:.2f}x "
-                  f"(goal >= 0.5x); nginx: one worker, proxy_http_version 1.1 with upstream keepalive, "
-                  f"proxy_buffering on (defaults)")
+            row("", f"edge/nginx throughput {medians['nginx proxy'][1] / medians['edge'][1]:.2f}x (goal >= 0.5x); "
+                "nginx: one worker, proxy_http_version 1.1 with upstream keepalive, proxy_buffering on (defaults)")
         if "compressed" in only:
             compare({"direct": origin.port, "edge": edge.port}, edge,
                     f"download {args.size} MB text/plain, gzip/br asked", size,
