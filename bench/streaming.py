@@ -371,7 +371,7 @@ def compare(systems: dict[str, int], edge: EdgeProc, name: str, size: int, path:
 
 def concurrent_uploads(port: int, count: int, size: int, limit: float) -> tuple[float, list]:
     """`count` POSTs of `size` bytes at once, each in its own thread: (seconds until the last
-    answer or `limit`, their statuses: None for a failed or unfinished one)."""
+    answer or `limit`, their statuses: None if unanswered, the error's name if one failed)."""
     statuses: list = [None] * count
 
     def one(i: int) -> None:
