@@ -9,7 +9,8 @@ the edges to CPU 1; rounds alternate between the two and the medians are printed
 reads the body whole today (the streaming relay will send it from the file), so the figure is
 the index lookup plus a 1 MiB read. The directory is on the machine's temporary filesystem,
 and the page cache keeps the file hot after the first read: this measures the edge's overhead,
-not the disk.
+not the disk. About a minute with the defaults; `make bench` (bench/bench.py) runs it too, with
+3-second measurements.
 """
 
 from __future__ import annotations
@@ -33,12 +34,8 @@ EDGES = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--connections", type=int, default=4)
-    args = ap.parse_args()
+def disk_vs_memory(seconds: int, rounds: int, connections: int) -> list[str]:
+    """Measure both edges (alternating rounds, medians); the report's lines."""
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             raise SystemExit(f"bench: needs {tool} (apt-get install wrk nginx-light)")
@@ -69,25 +66,35 @@ def main() -> None:
                 raise SystemExit(f"bench: {name} edge did not hit: {status}")
         stored = sum(p.stat().st_size for p in (work / "disk").rglob("*.val"))
         runs: dict[str, list] = {name: [] for name in EDGES}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, url in urls.items():
-                wrk(url, args.connections, 1)               # warm-up
-                runs[name].append((wrk(url, args.connections, args.seconds), wrk(url, 1, args.seconds)))
-        print(f"1 MiB object, loopback, wrk -c{args.connections} and -c1 for {args.seconds}s x {args.rounds} rounds "
-              f"(medians); disk tier file {stored} bytes")
-        res = {}
-        for name, pairs in runs.items():
-            loaded, single = median_result([p[0] for p in pairs]), median_result([p[1] for p in pairs])
-            res[name] = loaded
-            print(f"  {name:6s} hit: {loaded.rps:8.1f} req/s ({loaded.rps * SIZE / 2**20:7.1f} MiB/s), "
-                  f"p50 {loaded.p50:6.2f} ms, p99 {loaded.p99:6.2f} ms; one client p50 {single.p50:6.2f} ms; "
-                  f"errors {loaded.errors + single.errors}")
-        print(f"  disk/memory throughput: {res['disk'].rps / res['memory'].rps:.2f}x")
+                wrk(url, connections, 1)                    # warm-up
+                runs[name].append((wrk(url, connections, seconds), wrk(url, 1, seconds)))
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGQUIT if proc is procs[0] else signal.SIGINT)
             proc.wait(15)
         shutil.rmtree(work, ignore_errors=True)
+    lines = [f"1 MiB object, loopback, wrk -c{connections} and -c1 for {seconds}s x {rounds} rounds "
+             f"(medians); disk tier file {stored} bytes"]
+    res = {}
+    for name, pairs in runs.items():
+        loaded, single = median_result([p[0] for p in pairs]), median_result([p[1] for p in pairs])
+        res[name] = loaded
+        lines.append(f"  {name:6s} hit: {loaded.rps:8.1f} req/s ({loaded.rps * SIZE / 2**20:7.1f} MiB/s), "
+                     f"p50 {loaded.p50:6.2f} ms, p99 {loaded.p99:6.2f} ms; one client p50 {single.p50:6.2f} ms; "
+                     f"errors {loaded.errors + single.errors}")
+    lines.append(f"  disk/memory throughput: {res['disk'].rps / res['memory'].rps:.2f}x")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    args = ap.parse_args()
+    print("\n".join(disk_vs_memory(args.seconds, args.rounds, args.connections)))
 
 
 if __name__ == "__main__":
