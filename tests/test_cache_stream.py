@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from addons import internals
+from addons.cache.policy import ResponseRules
 from addons.cache.serve import response_head, ticket_of
+from addons.cache.store import Entry, Store
 from tests.rawnet import RecordingOrigin
 from tests.test_cache_disk import EdgeProcess
 
@@ -307,3 +309,53 @@ def test_response_head_frames_the_answer_itself():
     assert response_head(200, b"OK", fields, None).endswith(b"transfer-encoding: chunked\r\n\r\n")
     assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\nedge-cache-TICKET:  t0k \r\n\r\n") == "t0k"
     assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
+
+
+def test_bodies_stored_while_streamed_share_a_memory_budget(edge):
+    """Many slow downloads of large cacheable objects at once cannot fill memory: what memory
+    fills hold together is capped (a quarter of cache.max_size, at least max_object). Past it,
+    a response streams unstored, whole for its client."""
+    first_body, second_body = pieces(3 * MiB), [b"s" * 65536] * 48
+    gated = Gated(cacheable(3 * MiB), first_body, before=4)
+
+    def script(request: bytes):
+        if b"/one.bin" in request:
+            return gated(request)
+        return cacheable(3 * MiB) + b"".join(second_body)
+    o = RecordingOrigin(script)
+    try:
+        e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 8MB, max_object: 4MB}}\n")
+        with httpx.Client(base_url=e.url, headers=HOST) as a, httpx.Client(base_url=e.url, headers=HOST) as b:
+            with a.stream("GET", "/one.bin") as first:
+                rest = first.iter_bytes()
+                got = [next(rest)]
+                assert gated.sent_first.wait(10)
+                second = b.get("/two.bin")              # while /one.bin holds 3 of the 4 MiB budget
+                gated.gate.set()
+                got.extend(rest)
+            assert second.content == b"".join(second_body)
+            assert second.headers["cache-status"].endswith('detail="not stored: no room to store it while streamed"')
+            assert b"".join(got) == b"".join(first_body)
+            assert a.get("/one.bin").headers["cache-status"].startswith("edge; hit")
+            assert e.master.addons.get("edge").cache.store.filling == 0
+    finally:
+        gated.gate.set()
+        o.stop()
+
+
+def test_memory_fills_reserve_their_length_and_release_it():
+    store = Store(8 * MiB, 4 * MiB)                       # fill budget: 4 MiB
+    known = store.writer("http://a/known", 3 * MiB)
+    assert store.filling == 3 * MiB and store.writer("http://a/more", 2 * MiB) is None
+    assert store.writer("http://a/huge", 5 * MiB) is None     # past max_object
+    unknown = store.writer("http://a/chunked")
+    assert unknown.write(b"x" * MiB) and store.filling == 4 * MiB
+    assert not unknown.write(b"x") and store.filling == 3 * MiB     # past the budget: given up, released
+    assert known.write(b"k" * (3 * MiB)) and store.filling == 3 * MiB  # within what it reserved
+    assert known.commit(entry_for(store)) and store.filling == 0
+    assert store.lookup("http://a/known", {})[0].body == b"k" * (3 * MiB)
+
+
+def entry_for(store: Store) -> Entry:
+    return Entry(200, b"OK", ((b"Content-Type", b"x/y"),), {"content-type": "x/y"}, b"", 1.0, 1.0,
+                 ResponseRules({}, False), 60.0, ())

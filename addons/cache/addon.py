@@ -410,14 +410,14 @@ class Cache:
             state.status.detail = f"not stored: {why}"
             self.uncacheable[state.key] = True
             return None
-        writer = self.store.writer(state.key)
+        writer = self.store.writer(state.key, length)
         if writer is None:
-            state.status.detail = "not stored: store unavailable"
+            state.status.detail = "not stored: no room to store it while streamed"
             return None
         state.fill = Fill(writer, entry.status, entry.reason, entry.fields, length, entry.selected_by, entry.vary)
         self.filling[state.key] = state.fill
         state.status.detail = "storing while streamed"
-        variant = self.store.writer(state.key) if coding is not None else None
+        variant = self.store.writer(state.key) if coding is not None else None     # its size is unknown
         state.variant = (coding, variant) if variant is not None else None
         return Tee(state.fill, variant)
 
