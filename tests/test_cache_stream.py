@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from addons import internals
+from addons.cache.policy import ResponseRules
 from addons.cache.serve import response_head, ticket_of
+from addons.cache.store import Entry, Store
 from tests.rawnet import RecordingOrigin
 from tests.test_cache_disk import EdgeProcess
 
@@ -122,8 +124,8 @@ def test_a_response_delimited_by_the_close_is_not_stored(edge):
 def test_requests_during_a_fetch_read_the_object_as_it_is_written(edge):
     """A second and third client ask while the origin is still sending: they get the head and
     the bytes so far before the origin sends the rest (read-while-writer), then all of it;
-    the origin is asked once. (The fill goes at the pace of the client that fetches it: its
-    relay's backpressure pauses the origin read, so that client reads too.)"""
+    the origin is asked once. (This origin offers no byte ranges, so the cache cannot take
+    the fetch over: the fill goes at the pace of the client that fetches it, which reads too.)"""
     body = pieces(6 * MiB)
     script = Gated(cacheable(6 * MiB), body, before=16)
     o = RecordingOrigin(script)
@@ -307,3 +309,154 @@ def test_response_head_frames_the_answer_itself():
     assert response_head(200, b"OK", fields, None).endswith(b"transfer-encoding: chunked\r\n\r\n")
     assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\nedge-cache-TICKET:  t0k \r\n\r\n") == "t0k"
     assert ticket_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
+
+
+def test_bodies_stored_while_streamed_share_a_memory_budget(edge):
+    """Many slow downloads of large cacheable objects at once cannot fill memory: what memory
+    fills hold together is capped (a quarter of cache.max_size, at least max_object). Past it,
+    a response streams unstored, whole for its client."""
+    first_body, second_body = pieces(3 * MiB), [b"s" * 65536] * 48
+    gated = Gated(cacheable(3 * MiB), first_body, before=4)
+
+    def script(request: bytes):
+        if b"/one.bin" in request:
+            return gated(request)
+        return cacheable(3 * MiB) + b"".join(second_body)
+    o = RecordingOrigin(script)
+    try:
+        e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 8MB, max_object: 4MB}}\n")
+        with httpx.Client(base_url=e.url, headers=HOST) as a, httpx.Client(base_url=e.url, headers=HOST) as b:
+            with a.stream("GET", "/one.bin") as first:
+                rest = first.iter_bytes()
+                got = [next(rest)]
+                assert gated.sent_first.wait(10)
+                second = b.get("/two.bin")              # while /one.bin holds 3 of the 4 MiB budget
+                gated.gate.set()
+                got.extend(rest)
+            assert second.content == b"".join(second_body)
+            assert second.headers["cache-status"].endswith('detail="not stored: no room to store it while streamed"')
+            assert b"".join(got) == b"".join(first_body)
+            assert a.get("/one.bin").headers["cache-status"].startswith("edge; hit")
+            assert e.master.addons.get("edge").cache.store.filling == 0
+    finally:
+        gated.gate.set()
+        o.stop()
+
+
+def test_memory_fills_reserve_their_length_and_release_it():
+    store = Store(8 * MiB, 4 * MiB)                       # fill budget: 4 MiB
+    known = store.writer("http://a/known", 3 * MiB)
+    assert store.filling == 3 * MiB and store.writer("http://a/more", 2 * MiB) is None
+    assert store.writer("http://a/huge", 5 * MiB) is None     # past max_object
+    unknown = store.writer("http://a/chunked")
+    assert unknown.write(b"x" * MiB) and store.filling == 4 * MiB
+    assert not unknown.write(b"x") and store.filling == 3 * MiB     # past the budget: given up, released
+    assert known.write(b"k" * (3 * MiB)) and store.filling == 3 * MiB  # within what it reserved
+    assert known.commit(entry_for(store)) and store.filling == 0
+    assert store.lookup("http://a/known", {})[0].body == b"k" * (3 * MiB)
+
+
+def entry_for(store: Store) -> Entry:
+    return Entry(200, b"OK", ((b"Content-Type", b"x/y"),), {"content-type": "x/y"}, b"", 1.0, 1.0,
+                 ResponseRules({}, False), 60.0, ())
+
+
+# -- a fill whose fetcher stops feeding it ---------------------------------------------------------
+
+class Ranged:
+    """An origin of one object with byte ranges and a strong ETag: the first answer is sent up to
+    `before` pieces, then waits for `gate` (when set); a Range request gets the rest as a 206."""
+
+    def __init__(self, parts: list[bytes], before: int | None = None) -> None:
+        self.body = b"".join(parts)
+        self.parts, self.before = parts, before
+        self.gate, self.sent_first = threading.Event(), threading.Event()
+        self.ranges: list[bytes] = []
+
+    def __call__(self, request: bytes):
+        head = request.split(b"\r\n\r\n", 1)[0].lower()
+        fields = (b"Content-Type: application/octet-stream\r\nCache-Control: max-age=600\r\n"
+                  b"Accept-Ranges: bytes\r\nETag: \"v1\"\r\n")
+        if b"\r\nrange: bytes=" in head:
+            first = int(head.split(b"\r\nrange: bytes=", 1)[1].split(b"-", 1)[0])
+            self.ranges.append(head)
+            rest = self.body[first:]
+            return (b"HTTP/1.1 206 Partial Content\r\n" + fields +
+                    b"Content-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n"
+                    % (first, len(self.body) - 1, len(self.body), len(rest)) + rest)
+
+        def answer():
+            yield b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: %d\r\n\r\n" % len(self.body)
+            for i, part in enumerate(self.parts):
+                if i == self.before:
+                    self.sent_first.set()
+                    self.gate.wait(20)
+                yield part
+        return answer()
+
+
+def test_readers_get_the_whole_object_when_its_fetcher_hangs_up(edge):
+    """The client whose request fetches the object leaves mid-body while another reads it: the
+    cache fetches the rest itself (Range from where the fill stopped, If-Range its ETag), so the
+    reader gets every byte and the object is stored."""
+    parts = pieces(6 * MiB)
+    script = Ranged(parts, before=12)
+    o = RecordingOrigin(script)
+    try:
+        e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 64MB, max_object: 16MB}}\n")
+        leaver = socket.create_connection((e.host, e.port), timeout=10)
+        leaver.sendall(b"GET /movie.mp4 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+        assert leaver.recv(65536).startswith(b"HTTP/1.1 200")
+        assert script.sent_first.wait(10)
+        with httpx.Client(base_url=e.url, headers=HOST) as b:
+            with b.stream("GET", "/movie.mp4") as reader:
+                assert "read while stored" in reader.headers["cache-status"]
+                rest = reader.iter_bytes()
+                got = next(rest)
+                leaver.close()                          # the fetcher's client hangs up
+                got += b"".join(rest)
+            assert got == script.body
+            assert b.get("/movie.mp4").headers["cache-status"].startswith("edge; hit")
+        assert len(script.ranges) == 1 and b'if-range: "v1"' in script.ranges[0]
+        assert len(o.requests) == 2
+    finally:
+        script.gate.set()
+        o.stop()
+
+
+def test_a_slow_fetcher_does_not_hold_back_the_readers(edge):
+    """The fetching client stops reading (its relay pauses the origin read): a reader that
+    waits on the fill for a second gets the rest fetched by the cache, at the origin's pace,
+    while the slow client goes on at its own."""
+    parts = pieces(8 * MiB)
+    script = Ranged(parts)
+    o = RecordingOrigin(script)
+    try:
+        e = edge(f"pools: {{eu: {{origins: [{o.url}]}}}}\ncache: {{max_size: 64MB, max_object: 16MB}}\n")
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            slow.settimeout(20)
+            slow.connect((e.host, e.port))
+            slow.sendall(b"GET /iso HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+            first = slow.recv(16384)                # then it reads nothing for a while
+            assert first.startswith(b"HTTP/1.1 200")
+            with httpx.Client(base_url=e.url, headers=HOST, timeout=20) as b:
+                fast = b.get("/iso")
+            assert fast.content == script.body and "read while stored" in fast.headers["cache-status"]
+            assert len(script.ranges) == 1
+            got = bytearray(first.split(b"\r\n\r\n", 1)[1])
+            while len(got) < len(script.body):              # the slow client still gets its own, whole
+                data = slow.recv(1 << 20)
+                assert data
+                got += data
+            assert bytes(got) == script.body
+    finally:
+        o.stop()
+
+
+def test_content_range_parsing():
+    from addons.cache.policy import content_range
+    assert content_range("bytes 100-199/1000") == (100, 199, 1000)
+    assert content_range("bytes 0-0/*") == (0, 0, None)
+    for bad in ("bytes */1000", "items 0-1/2", "bytes 5-4/10", "bytes 0-10/10", "bytes -1-2/3", "", "bytes 1-2"):
+        assert content_range(bad) is None, bad

@@ -53,6 +53,7 @@ from addons.trace import decisions
 logger = logging.getLogger("edge")
 META = "edge.cache"
 REFRESH = "edge.cache.refresh"  # marks the cache's own background revalidation flows
+CONTINUES = "edge.cache.continues"  # the cache's own range request finishing a Fill its fetcher left
 COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
 UNCACHEABLE_TTL = 120.0         # a URL found uncacheable is not coalesced for this long (Varnish: hit-for-miss)
 REFRESH_TIMEOUT = 30.0
@@ -87,6 +88,8 @@ class FlowState:
     ticket: str | None = None           # the StoreOrigin's ticket for this answer
     files: list = field(default_factory=list)   # FileBody of entries looked up, closed at the end
     header_sent: bool = False           # Cache-Status left with a streamed head
+    tee: Tee | None = None              # what the relay feeds the fill through
+    continues: Fill | None = None       # this flow is the cache's own, fetching the rest of this fill
 
 
 class Tee:
@@ -97,11 +100,16 @@ class Tee:
         self.fill, self.variant = fill, variant_writer
 
     def base(self, chunk: bytes) -> None:
-        self.fill.write(chunk)
+        if self.fill is not None:
+            self.fill.write(chunk)
 
     def coded(self, chunk: bytes) -> None:
         if self.variant is not None and chunk and not self.variant.write(chunk):
             self.variant = None
+
+    def detach(self) -> None:
+        """The fill is fed from elsewhere now: this relay only serves its own client."""
+        self.fill = self.variant = None
 
 
 class Cache:
@@ -158,6 +166,10 @@ class Cache:
         req = flow.request
         state = FlowState(self._key(flow))
         flow.metadata[META] = state
+        if CONTINUES in flow.metadata:
+            state.continues, state.bypass = flow.metadata[CONTINUES], True
+            state.status = CacheStatus(detail="fetching the rest of an object being stored")
+            return None
         method = req.data.method.decode("latin-1")      # as sent: Request.method upper-cases ("purge")
         if method == "PURGE":
             self._purge_request(flow, state)
@@ -216,7 +228,9 @@ class Cache:
         if state is None:
             return
         try:
-            if state.fill is not None:
+            if state.continues is not None:
+                self._continued(flow, state, flow.response.raw_content)
+            elif state.fill is not None:
                 self._commit_fill(flow, state)
             elif not state.answered and made_by_edge(flow.response):     # a refusal or 503 of ours
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
@@ -243,6 +257,8 @@ class Cache:
         if state is None:
             return None
         tee = None
+        if state.continues is not None:
+            return self._continuing(flow, state)
         if not state.answered:
             if not state.bypass and not state.invalidate:
                 state.status.fwd_status = flow.response.status_code
@@ -261,7 +277,9 @@ class Cache:
         if state is None:
             return
         self._release(state)
-        if state.fill is not None:          # truncated or failed: never stored
+        if state.continues is not None:
+            self._end_continuation(state.continues, False)
+        if state.fill is not None and not self._take_over(state):      # truncated or failed: never stored
             self._abort_fill(state)
             state.status.detail = "not stored: incomplete"
         self._close(state)
@@ -410,29 +428,27 @@ class Cache:
             state.status.detail = f"not stored: {why}"
             self.uncacheable[state.key] = True
             return None
-        writer = self.store.writer(state.key)
+        writer = self.store.writer(state.key, length)
         if writer is None:
-            state.status.detail = "not stored: store unavailable"
+            state.status.detail = "not stored: no room to store it while streamed"
             return None
-        state.fill = Fill(writer, entry.status, entry.reason, entry.fields, length, entry.selected_by, entry.vary)
-        self.filling[state.key] = state.fill
+        fill = state.fill = Fill(writer, entry, length)
+        fill.resume = self._resumable(flow, entry, length)
+        fill.on_stall = lambda: self._take_over(state)
+        self.filling[state.key] = fill
         state.status.detail = "storing while streamed"
-        variant = self.store.writer(state.key) if coding is not None else None
+        variant = self.store.writer(state.key) if coding is not None else None     # its size is unknown
         state.variant = (coding, variant) if variant is not None else None
-        return Tee(state.fill, variant)
+        state.tee = Tee(fill, variant)
+        return state.tee
 
     def _commit_fill(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """The streamed body is complete: store it with the head it came with (its freshness
         from now), and the encoded representation the relay made as its variant."""
         fill = state.fill
-        entry = self._storable(flow, self._client_request(flow.request, state), fill.fields, fill.length,
-                               flow.response.timestamp_end or time.time())
-        complete = not fill.done and (fill.expected is None or fill.length == fill.expected)
-        if fill.expected is None and not isinstance(entry, str):    # it came chunked: stored with its length
-            entry.fields += ((b"Content-Length", str(fill.length).encode()),)
-            entry.headers["content-length"] = str(fill.length)
-        if isinstance(entry, str) or not complete or not fill.writer.commit(entry):
-            state.status.detail = f"not stored: {entry if isinstance(entry, str) else 'incomplete or too large'}"
+        entry = self._finished_entry(fill, flow.response.timestamp_end or time.time())
+        if entry is None or not fill.writer.commit(entry):
+            state.status.detail = "not stored: incomplete or too large"
             self._abort_fill(state)
             return
         self._end_fill(state, True)
@@ -445,6 +461,103 @@ class Cache:
                 writer.abort()
             writer.release()
             state.variant = None
+
+    def _finished_entry(self, fill: Fill, response_time: float) -> Entry | None:
+        """The entry a complete fill is stored as (its freshness counted from its end), or None
+        when the body is not the whole of it."""
+        if fill.done or (fill.expected is not None and fill.length != fill.expected):
+            return None
+        t = fill.entry
+        fields, headers = t.fields, t.headers
+        if fill.expected is None:               # it came chunked: stored with its length
+            fields = fields + ((b"Content-Length", str(fill.length).encode()),)
+            headers = headers | {"content-length": str(fill.length)}
+        lifetime = policy.freshness_lifetime(t.status, headers, t.rules, response_time, self.settings.default_ttl)
+        return Entry(t.status, t.reason, fields, headers, b"", t.request_time, response_time, t.rules, lifetime,
+                     t.selected_by)
+
+    # -- a fill whose fetcher stopped feeding it ----------------------------------------------------
+
+    @staticmethod
+    def _resumable(flow: http.HTTPFlow, entry: Entry, length: int | None) -> tuple | None:
+        """(the request, the If-Range validator) to fetch the rest of this body with a range
+        request, when the origin allows it: byte ranges, a known length and a strong validator
+        (If-Range: a changed object is sent whole, and is then not spliced)."""
+        etag = entry.headers.get("etag", "")
+        validator = etag if etag.startswith('"') else entry.headers.get("last-modified")
+        if length is None or not validator or "bytes" not in entry.headers.get("accept-ranges", "").lower():
+            return None
+        return flow.request.copy(), validator, flow.client_conn
+
+    def _take_over(self, state: FlowState) -> bool:
+        """The request feeding this fill cannot go on at the readers' pace (its client left,
+        or readers waited STALL): the cache fetches the rest itself and that request goes on
+        for its own client only. True when the fill is now the continuation's."""
+        fill = state.fill
+        if fill is None or fill.done or fill.readers <= 0 or fill.resume is None:
+            return False
+        request, validator, client = fill.resume
+        fill.resume = None                      # once per fill
+        if state.tee is not None:
+            state.tee.detach()
+        if state.variant is not None:
+            state.variant[1].abort()
+            state.variant[1].release()
+            state.variant = None
+        state.fill = None
+        state.status.detail = "stored while streamed, finished by the cache"
+        for name in ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "range", "if-range"):
+            request.headers.pop(name, None)
+        request.headers["Range"] = f"bytes={fill.length}-"
+        request.headers["If-Range"] = validator
+        request.timestamp_start = time.time()
+        rest = http.HTTPFlow(client, connection.Server(address=(request.host, request.port)))
+        rest.request, rest.is_replay = request, "request"
+        rest.metadata[CONTINUES] = fill
+        self._in_background(self._continue(rest, state.key, fill))
+        return True
+
+    async def _continue(self, rest: http.HTTPFlow, key: str, fill: Fill) -> None:
+        try:
+            await ReplayHandler(rest, ctx.options).replay()
+        except Exception as e:
+            logger.warning("edge: fetching the rest of %s failed: %s", key, e)
+        finally:
+            if not fill.done:
+                self._end_continuation(fill, False)
+            if self.filling.get(key) is fill:
+                del self.filling[key]
+
+    def _continuing(self, flow: http.HTTPFlow, state: FlowState) -> Tee | None:
+        """The continuation's response head: the rest of this very body (206 from where the
+        fill stopped, of the same total), fed to the fill as it arrives; anything else ends it."""
+        fill = state.continues
+        if not self._continues_fill(flow.response, fill):
+            self._end_continuation(fill, False)
+            return None
+        return Tee(fill)
+
+    def _continued(self, flow: http.HTTPFlow, state: FlowState, body: bytes | None) -> None:
+        """The continuation is complete (its body here when it was small enough to be held)."""
+        fill = state.continues
+        if body is not None and not fill.done:
+            if not self._continues_fill(flow.response, fill):
+                self._end_continuation(fill, False)
+                return
+            fill.write(body)
+        entry = self._finished_entry(fill, flow.response.timestamp_end or time.time())
+        self._end_continuation(fill, entry is not None and fill.writer.commit(entry))
+
+    @staticmethod
+    def _continues_fill(resp: http.Response, fill: Fill) -> bool:
+        span = policy.content_range(resp.headers.get("content-range", ""))
+        return resp.status_code == 206 and span is not None and span[0] == fill.length and span[2] == fill.expected
+
+    def _end_continuation(self, fill: Fill, ok: bool) -> None:
+        fill.finish(ok)
+        for key, filling in list(self.filling.items()):
+            if filling is fill:
+                del self.filling[key]
 
     def _abort_fill(self, state: FlowState) -> None:
         if state.variant is not None:
@@ -715,13 +828,14 @@ class Cache:
         """Answer from the object while it is being stored (read-while-writer): a plain GET
         the stored response would be selected for. A range, or a fill that failed, waits for
         the outcome instead."""
-        if (fill.done or flow.request.method != "GET" or "range" in request or fill.status != 200
-                or (fill.vary and policy.selection(fill.vary, request) != fill.selected_by)):
+        stored = fill.entry
+        if (fill.done or flow.request.method != "GET" or "range" in request or stored.status != 200
+                or (stored.vary and policy.selection(stored.vary, request) != stored.selected_by)):
             return False
         state.answered, state.status = True, CacheStatus(hit=True, detail="read while stored")
         fill.add_reader()
-        fields = fill.fields + ((b"Age", b"0"),)
-        self._from_store(flow, state, response_head(fill.status, fill.reason, fields, fill.expected), fill, 0,
+        fields = stored.fields + ((b"Age", b"0"),)
+        self._from_store(flow, state, response_head(stored.status, stored.reason, fields, fill.expected), fill, 0,
                          fill.expected, fill.drop_reader)
         return True
 

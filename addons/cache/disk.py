@@ -515,9 +515,11 @@ class TieredStore:
             self.memory.put(key, entry)
         return entry, known or on_disk
 
-    def writer(self, key: str) -> BodyWriter | None:
+    def writer(self, key: str, expected: int | None = None) -> BodyWriter | None:
         """A body streaming past goes to disk (a small one is promoted to memory when hit); an
         older copy in memory must not shadow it."""
+        if expected is not None and expected > self.disk.max_object:
+            return None
         self.memory.remove(key)
         return self.disk.writer(key)
 

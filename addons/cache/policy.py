@@ -403,6 +403,19 @@ def not_modified(request: Headers, stored: Headers) -> bool:
     return ims is not None and last_modified is not None and last_modified <= ims
 
 
+def content_range(value: str) -> tuple[int, int, int | None] | None:
+    """RFC 9110 14.4 `bytes FIRST-LAST/COMPLETE` (COMPLETE may be `*`): (first, last, complete
+    or None), or None for anything else (an unsatisfied range, another unit, a malformed one)."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, complete = rest.strip().partition("/")
+    first, _, last = span.partition("-")
+    if unit.lower() != "bytes" or not (first.isdigit() and last.isdigit()) or not (complete.isdigit() or complete == "*"):
+        return None
+    if int(first) > int(last) or (complete.isdigit() and int(last) >= int(complete)):
+        return None
+    return int(first), int(last), int(complete) if complete.isdigit() else None
+
+
 def byte_range(range_header: str, size: int) -> tuple[int, int] | None:
     """One satisfiable `bytes=` range as (first, last) inclusive; None to serve the whole
     representation (multiple ranges, a bad header, or an unsatisfiable one handled by caller)."""

@@ -13,7 +13,10 @@ on the machine reaching the port gets nothing without guessing one.
 
 Fill is a body being stored while it streams past from the origin; requests for the object
 arriving meanwhile read it as it grows (ATS's read-while-writer, Varnish's streaming miss), so
-a cold popular object costs the origin one fetch."""
+a cold popular object costs the origin one fetch. The fill is fed by the request that fetched
+it, whose relay goes at its own client's pace: when that client leaves, or readers wait on it
+for STALL, the cache fetches the rest itself (a range request, see the cache addon), so one
+slow or vanishing client neither slows nor cuts the others."""
 
 from __future__ import annotations
 
@@ -27,21 +30,23 @@ TICKET = b"edge-cache-ticket"
 FROM_STORE = "edge.cache.from_store"    # flow metadata: the cache serves it through the StoreOrigin
 STEP = 2**18                            # bytes read from the store per write to the relay
 MAX_HEAD = 2**17                        # a request head the StoreOrigin reads (mitmproxy's are capped lower)
+STALL = 1.0                             # seconds a reader waits on a fill that does not grow before it is taken over
 
 
 class Fill:
     """A body being stored as it streams past (`writer`: the store's MemoryWriter or disk
-    BodyWriter), with the response head it will be stored with. Readers wait for bytes with
-    `wait(offset)`; `finish(ok)` ends it either way."""
+    BodyWriter), with the entry it will be stored as (`entry`: head, rules, selection; its body
+    and times are set at commit). Readers wait for bytes with `wait(offset)`; `finish(ok)` ends
+    it either way; `on_stall` is called once when a reader has waited STALL in vain."""
 
-    def __init__(self, writer, status: int, reason: bytes, fields, expected: int | None, selected_by: tuple,
-                 vary: tuple[str, ...]) -> None:
-        self.writer, self.status, self.reason, self.fields = writer, status, reason, fields
-        self.expected, self.selected_by, self.vary = expected, selected_by, vary
+    def __init__(self, writer, entry, expected: int | None) -> None:
+        self.writer, self.entry, self.expected = writer, entry, expected
         self.done = False
         self.ok = False
         self.readers = 0
         self.finished = asyncio.get_running_loop().create_future()     # True: stored, False: not
+        self.on_stall = None
+        self.resume = None          # how the cache would fetch the rest itself, if it can (once)
         self._grew = asyncio.Event()
 
     @property
@@ -77,7 +82,12 @@ class Fill:
                     raise ConnectionError("the origin's response was not stored")
                 return False
             self._grew.clear()
-            await self._grew.wait()
+            try:
+                await asyncio.wait_for(self._grew.wait(), STALL)
+            except TimeoutError:
+                stalled, self.on_stall = self.on_stall, None
+                if stalled is not None:
+                    stalled()
         return True
 
     def read(self, offset: int, size: int) -> bytes:

@@ -85,6 +85,10 @@ class Store:
     def __init__(self, max_bytes: int, max_object: int | None = None) -> None:
         self.lru: cachetools.LRUCache = cachetools.LRUCache(maxsize=max_bytes, getsizeof=_size)
         self.max_object = max_bytes if max_object is None else max_object   # the largest body stored
+        # bodies being written while they stream (MemoryWriter) count against a budget of their
+        # own: many slow downloads of large objects at once cannot hold more than this
+        self.filling = 0
+        self.fill_budget = max(self.max_object, max_bytes // 4)
 
     @property
     def bytes(self) -> int:
@@ -107,9 +111,12 @@ class Store:
                 return entry, True
         return None, True
 
-    def writer(self, key: str) -> MemoryWriter | None:
-        """Where a body streaming past is stored: memory, up to max_object."""
-        return MemoryWriter(self, key)
+    def writer(self, key: str, expected: int | None = None) -> MemoryWriter | None:
+        """Where a body streaming past is stored: memory, up to max_object; `expected` (its
+        Content-Length) is reserved in the fill budget at once, None when there is no room."""
+        if expected is not None and (expected > self.max_object or self.filling + expected > self.fill_budget):
+            return None
+        return MemoryWriter(self, key, expected or 0)
 
     def put(self, key: str, entry: Entry) -> bool:
         if entry.file is not None or entry.size > self.lru.maxsize:
@@ -137,20 +144,26 @@ class MemoryWriter:
     it the writer gives up and frees what it held), entered by commit(entry) with `entry`'s
     head. read() lets readers follow it while it grows and after (read-while-writer)."""
 
-    def __init__(self, store: Store, key: str) -> None:
+    def __init__(self, store: Store, key: str, reserve: int = 0) -> None:
         self.store, self.key = store, key
         self.buffer: bytearray | None = bytearray()
         self.body = b""             # once committed: the stored bytes, which readers go on reading
         self.length = 0
+        self.reserved = reserve     # counted in the store's fill budget: max(reserve, length)
+        store.filling += reserve
 
     def write(self, chunk: bytes) -> bool:
+        """False once the body is past max_object or the store's fill budget: given up."""
         if self.buffer is None:
             return False
-        if self.length + len(chunk) > self.store.max_object:
+        store, grow = self.store, max(0, self.length + len(chunk) - self.reserved)
+        if self.length + len(chunk) > store.max_object or store.filling + grow > store.fill_budget:
             self.abort()
             return False
         self.buffer += chunk
         self.length += len(chunk)
+        self.reserved += grow
+        store.filling += grow
         return True
 
     def read(self, offset: int, size: int) -> bytes:
@@ -163,11 +176,17 @@ class MemoryWriter:
         if self.buffer is None:
             return False
         entry.body = self.body = bytes(self.buffer)
-        self.buffer = None
+        self._unbudget()
         return self.store.put(self.key, entry)
 
     def abort(self) -> None:
-        self.buffer, self.body = None, b""
+        if self.buffer is not None:
+            self._unbudget()
+        self.body = b""
+
+    def _unbudget(self) -> None:
+        self.store.filling -= self.reserved
+        self.reserved, self.buffer = 0, None
 
     def release(self) -> None:
         """Readers are done: nothing to release (the disk writer's counterpart)."""
