@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -460,3 +461,71 @@ def test_content_range_parsing():
     assert content_range("bytes 0-0/*") == (0, 0, None)
     for bad in ("bytes */1000", "items 0-1/2", "bytes 5-4/10", "bytes 0-10/10", "bytes -1-2/3", "", "bytes 1-2"):
         assert content_range(bad) is None, bad
+
+
+def test_a_coding_made_from_a_disk_base_is_kept_as_its_variant(edge, tmp_path):
+    """An identity client stores the base; a br client's hit is encoded as it streams from the
+    file and that br is stored; the next br client gets the stored br (framed by its length)."""
+    text = b"".join(b"row %d of a large text file kept on disk\n" % i for i in range(100_000))
+    o = RecordingOrigin(cacheable(len(text), b"text/plain") + text)
+    try:
+        e = edge(disk_config(o, tmp_path / "cache"))
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            def get(coding):
+                return c.get("/big.txt", headers={"Accept-Encoding": coding})
+            plain, made, kept = get("identity"), get("br"), get("br")
+        assert plain.content == made.content == kept.content == text       # httpx undoes the br
+        assert made.headers["content-encoding"] == kept.headers["content-encoding"] == "br"
+        assert "content-length" not in made.headers                           # encoded on the way
+        assert int(kept.headers["content-length"]) < len(text) // 4          # the stored variant
+        assert all(r.headers["cache-status"].startswith("edge; hit") for r in (made, kept))
+        assert len(o.requests) == 1
+    finally:
+        o.stop()
+
+
+def test_a_large_disk_entry_is_refreshed_by_a_304(edge, tmp_path):
+    """A stale disk entry too large for memory is revalidated: the 304 answers from the file,
+    and the refreshed head (copied with the body in a thread) is what the next hit carries."""
+    body = b"".join(pieces(3 * MiB))
+    answers = iter([
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=0\r\nETag: \"e1\"\r\nX-Version: 1\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body,
+        b"HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=600\r\nETag: \"e1\"\r\nX-Version: 2\r\n\r\n",
+    ])
+    o = RecordingOrigin(lambda request: next(answers))
+    try:
+        e = edge(disk_config(o, tmp_path / "cache"))
+        cache = e.master.addons.get("edge").cache
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            first = c.get("/report.bin")
+            revalidated = c.get("/report.bin")
+            assert revalidated.content == body and revalidated.headers["x-version"] == "2"
+            assert b'if-none-match: "e1"' in o.requests[1].lower()
+            deadline = time.monotonic() + 10
+            while cache.tasks and time.monotonic() < deadline:       # the copy in its thread
+                time.sleep(0.05)
+            hit = c.get("/report.bin")
+        assert first.content == body
+        assert hit.headers["cache-status"].startswith("edge; hit") and hit.headers["x-version"] == "2"
+        assert hit.content == body and len(o.requests) == 2
+    finally:
+        o.stop()
+
+
+def test_a_large_disk_entry_that_changed_is_read_while_the_new_one_is_stored(edge, tmp_path):
+    old, new = b"".join(pieces(3 * MiB)), b"N" * (3 * MiB)
+    answers = iter([
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=0\r\nETag: \"e1\"\r\nContent-Length: %d\r\n\r\n" % len(old) + old,
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nETag: \"e2\"\r\nContent-Length: %d\r\n\r\n" % len(new) + new,
+    ])
+    o = RecordingOrigin(lambda request: next(answers))
+    try:
+        e = edge(disk_config(o, tmp_path / "cache"))
+        with httpx.Client(base_url=e.url, headers=HOST) as c:
+            first, changed, hit = c.get("/data.bin"), c.get("/data.bin"), c.get("/data.bin")
+        assert first.content == old and changed.content == new and hit.content == new
+        assert changed.headers["etag"] == '"e2"' and "read while stored" in changed.headers["cache-status"]
+        assert hit.headers["cache-status"].startswith("edge; hit") and len(o.requests) == 2
+    finally:
+        o.stop()

@@ -22,6 +22,7 @@ mitmproxy logs it and the request simply goes to the origin, uncached."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -53,6 +54,7 @@ from addons.trace import decisions
 logger = logging.getLogger("edge")
 META = "edge.cache"
 REFRESH = "edge.cache.refresh"  # marks the cache's own background revalidation flows
+REVALIDATES = "edge.cache.revalidates"  # ... whose outcome a request waits for (the entry, a Fill, False: failed)
 CONTINUES = "edge.cache.continues"  # the cache's own range request finishing a Fill its fetcher left
 COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
 UNCACHEABLE_TTL = 120.0         # a URL found uncacheable is not coalesced for this long (Varnish: hit-for-miss)
@@ -96,7 +98,7 @@ class Tee:
     """The stream addon's relay hands a streamed response's chunks here: the origin's bytes
     to the Fill, the encoded ones (when the relay encodes) to the variant's writer."""
 
-    def __init__(self, fill: Fill, variant_writer=None) -> None:
+    def __init__(self, fill: Fill | None, variant_writer=None) -> None:
         self.fill, self.variant = fill, variant_writer
 
     def base(self, chunk: bytes) -> None:
@@ -125,6 +127,7 @@ class Cache:
         self.filling: dict[str, Fill] = {}                   # key -> the streamed response being stored
         self.waiting: Counter[str] = Counter()               # key -> followers waiting on it
         self.refreshing: set[str] = set()                    # keys with a background refresh running
+        self.revalidations: dict[str, asyncio.Future] = {}  # key -> the outcome of the cache's own conditional
         self.uncacheable: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=UNCACHEABLE_TTL)
         self.tasks: set[asyncio.Task] = set()
         self.origin = StoreOrigin()                          # serves bodies that are not in memory
@@ -206,8 +209,7 @@ class Cache:
                 self.pending[state.key] = asyncio.get_running_loop().create_future()
                 state.leader = True
             return None
-        self._use(flow, state, entry, request)
-        return None
+        return self._use(flow, state, entry, request)
 
     def request(self, flow: http.HTTPFlow) -> None:
         """A GET/HEAD whose content showed up without framing that announced it (HTTP/2 and 3
@@ -236,6 +238,12 @@ class Cache:
                 state.status = CacheStatus(detail="edge answer")        # nothing forwarded, nothing stored
             elif not state.answered and not state.bypass:
                 self._from_origin(flow, state)
+            elif state.variant is not None and state.base is not None:     # the relay made a coding of our base
+                coding, writer = state.variant
+                if not writer.commit(self._variant_entry(state.base, coding, writer.length)):
+                    writer.abort()
+                writer.release()
+                state.variant = None
             elif state.base is not None and BASE in flow.metadata:    # compress made a coding of our base
                 self._store_variant(state.key, state.base, flow.response.headers.get("content-encoding", "identity"),
                                     flow.response.raw_content)
@@ -264,9 +272,15 @@ class Cache:
                 state.status.fwd_status = flow.response.status_code
                 if flow.request.method == "GET":
                     tee = self._start_fill(flow, state, fields, coding)
+                    self._tell_revalidation(flow, state.fill)
             self._release(state, state.fill)
         elif FROM_STORE not in flow.metadata:
             return None
+        elif coding is not None and state.base is not None and flow.response.status_code == 200:
+            writer = self.store.writer(state.key)       # a coding made from a stored base: kept as its variant
+            if writer is not None:
+                state.variant = (coding, writer)
+                tee = Tee(None, writer)
         flow.response.headers.add("Cache-Status", self._record(flow, state))
         state.header_sent = True
         return tee
@@ -302,7 +316,9 @@ class Cache:
 
     # -- decisions on a stored entry ------------------------------------------------------------------
 
-    def _use(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]) -> None:
+    def _use(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]):
+        """Answer from the entry, or revalidate it; an entry served from its file is
+        revalidated before the answer (returns the coroutine that does it)."""
         age = self._age(entry)
         use = policy.usable(entry.rules, entry.lifetime, age, request)
         if use is not Use.REVALIDATE:
@@ -310,10 +326,55 @@ class Cache:
                 state.status.detail = "stale-while-revalidate"
                 self._refresh_in_background(flow, state.key)
             self._answer(flow, state, entry, age, request)
-            return
+            return None
         state.status.fwd = "stale" if age >= entry.lifetime else "request"
-        if not self._only_if_cached(flow, state, request):
-            self._revalidate(flow, state, entry, request)
+        if self._only_if_cached(flow, state, request):
+            return None
+        if entry.file is not None and self.origin.address is not None:
+            return self._revalidate_first(flow, state, entry, request)
+        self._revalidate(flow, state, entry, request)
+        return None
+
+    async def _revalidate_first(self, flow: http.HTTPFlow, state: FlowState, entry: Entry,
+                                request: Mapping[str, str]) -> None:
+        """A stale entry whose body is in its file: its answer must be set up in
+        `requestheaders` (through the StoreOrigin), so the conditional request is the cache's
+        own (one per URL at a time) and this request waits for its outcome: a 304 answers from
+        the file with the refreshed head; a new body is read while it is stored; an error may
+        answer stale (stale-if-error); else this request goes on to the origin as a miss."""
+        key = state.key
+        outcome = self.revalidations.get(key)
+        if outcome is None:
+            outcome = self.revalidations[key] = asyncio.get_running_loop().create_future()
+            probe = http.HTTPFlow(flow.client_conn, connection.Server(address=flow.server_conn.address))
+            probe.request = flow.request.copy()
+            probe.metadata[REFRESH] = probe.metadata[REVALIDATES] = outcome
+            self._in_background(self._probe(probe, key, outcome))
+        try:
+            found = await asyncio.wait_for(asyncio.shield(outcome), REFRESH_TIMEOUT)
+        except asyncio.TimeoutError:
+            found = None
+        if isinstance(found, Entry):
+            state.status.detail = "revalidated"
+            answer = dataclasses.replace(found, file=entry.file)    # the same body, in this flow's own file
+            self._answer(flow, state, answer, self._age(answer), request, revalidated=True)
+        elif isinstance(found, Fill) and self._read_fill(flow, state, found, request):
+            state.status.detail = "changed: read while stored"
+        elif found is False and policy.stale_on_error(entry.rules, entry.lifetime, self._age(entry), request):
+            state.status.detail = "origin unreachable"
+            self._answer(flow, state, entry, self._age(entry), request, revalidated=True)
+
+    async def _probe(self, probe: http.HTTPFlow, key: str, outcome: asyncio.Future) -> None:
+        try:
+            await asyncio.wait_for(ReplayHandler(probe, ctx.options).replay(), REFRESH_TIMEOUT)
+        except Exception as e:
+            logger.warning("edge: revalidating %s failed: %s", key, e)
+        finally:
+            if not outcome.done():
+                outcome.set_result(False if probe.error is not None or probe.response is None
+                                   or probe.response.status_code >= 500 else None)
+            if self.revalidations.get(key) is outcome:
+                del self.revalidations[key]
 
     def _revalidate(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, request: Mapping[str, str]) -> None:
         """Send the request on to the origin, made conditional on the stored validators."""
@@ -350,6 +411,7 @@ class Cache:
             if status == 304 and state.added_validators:
                 cookies = resp.headers.get_all("set-cookie")
                 entry = self._refresh(entry, flow, state.key)
+                self._tell_revalidation(flow, entry)
                 self._answer(flow, state, entry, self._age(entry), request, revalidated=True)
                 for cookie in cookies:          # this client's own: never merged into the entry
                     flow.response.headers.add("Set-Cookie", cookie)
@@ -500,10 +562,7 @@ class Cache:
         fill.resume = None                      # once per fill
         if state.tee is not None:
             state.tee.detach()
-        if state.variant is not None:
-            state.variant[1].abort()
-            state.variant[1].release()
-            state.variant = None
+        self._drop_variant(state)
         state.fill = None
         state.status.detail = "stored while streamed, finished by the cache"
         for name in ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "range", "if-range"):
@@ -560,10 +619,7 @@ class Cache:
                 del self.filling[key]
 
     def _abort_fill(self, state: FlowState) -> None:
-        if state.variant is not None:
-            state.variant[1].abort()
-            state.variant[1].release()
-            state.variant = None
+        self._drop_variant(state)
         self._end_fill(state, False)
 
     def _end_fill(self, state: FlowState, ok: bool) -> None:
@@ -769,6 +825,12 @@ class Cache:
         state.answered = True
         state.status.detail = "purge"
 
+    @staticmethod
+    def _tell_revalidation(flow: http.HTTPFlow, outcome) -> None:
+        waiting = flow.metadata.get(REVALIDATES)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(outcome)
+
     def _refresh_in_background(self, flow: http.HTTPFlow, key: str) -> None:
         """stale-while-revalidate: once per URL at a time, a copy of this request goes through
         the whole chain to the origin (routing, compression, storing), answering nobody."""
@@ -820,7 +882,9 @@ class Cache:
             return
         entry, _ = self._lookup(state, request)
         if entry is not None:
-            self._use(flow, state, entry, request)
+            revalidating = self._use(flow, state, entry, request)
+            if revalidating is not None:
+                await revalidating
             if state.answered:
                 state.status.detail = "coalesced"
 
@@ -854,8 +918,17 @@ class Cache:
             state.files.append(entry.file)
         return entry, known
 
+    @staticmethod
+    def _drop_variant(state: FlowState) -> None:
+        if state.variant is not None:
+            state.variant[1].abort()
+            state.variant[1].release()
+            state.variant = None
+
     def _close(self, state: FlowState) -> None:
-        """The flow is over: its unused ticket and the files of the entries it looked up."""
+        """The flow is over: its unused ticket, a coding it did not finish storing, and the
+        files of the entries it looked up."""
+        self._drop_variant(state)
         if state.ticket is not None:
             self.origin.cancel(state.ticket)
             state.ticket = None
