@@ -87,14 +87,14 @@ def encode_streamed(flow: http.HTTPFlow) -> StreamEncoder | None:
 
 
 class Stream:
-    def __init__(self, inspects_body: Callable[[http.HTTPFlow], bool] = lambda flow: False,
+    def __init__(self, inspected_body: Callable[[http.HTTPFlow], int | None] = lambda flow: None,
                  on_streamed: Callable[[http.HTTPFlow], None] = lambda flow: None,
                  stores_whole: Callable[[http.HTTPFlow, int], bool] = lambda flow, length: False) -> None:
-        """`inspects_body(flow)`: a WAF will read this request's body in `request`;
+        """`inspected_body(flow)`: how many bytes of this request's body a WAF reads, or None;
         `on_streamed(flow)`: told when a response head is about to leave ahead of its body;
         `stores_whole(flow, length)`: the cache would store this response held whole."""
         self.buffer_limit = 2**20
-        self.inspects_body, self.on_streamed, self.stores_whole = inspects_body, on_streamed, stores_whole
+        self.inspected_body, self.on_streamed, self.stores_whole = inspected_body, on_streamed, stores_whole
         self.web = False
 
     def apply(self, buffer_limit: int, web: bool) -> None:
@@ -104,7 +104,8 @@ class Stream:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        after = rules.request_stream_after(request_length(flow.request), self.buffer_limit, self.inspects_body(flow))
+        after = rules.request_stream_after(request_length(flow.request), self.buffer_limit,
+                                            self.inspected_body(flow))
         if after == 0:
             flow.request.stream = True
         elif after is not None:
