@@ -15,6 +15,7 @@ import pytest
 
 from addons import internals
 from addons.config import ConfigError, parse_config
+from addons.shield.waf import close_multipart, multipart_boundary
 from addons.stream import rules
 from tests.rawnet import RecordingOrigin, exchange, status_of
 from tests.test_h2_abuse import wait_for
@@ -27,8 +28,9 @@ LIMIT = 128 * KiB                   # the default shield.waf.body_limit
 READ = 64 * KiB                     # at most one read past the limit is held when the prefix is judged
 BOUND = 4 * MiB                     # what the edge may hold while a 20 MB upload passes
 SQLI = b"id=1%27%20OR%20%271%27%3D%271"
-FORM = {"Host": "shop.example", "Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)",
-        "Accept": "*/*"}
+FORM = {"Host": "shop.example", "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)", "Accept": "*/*"}
+PARTIAL = f"partial: first {LIMIT} bytes"        # what the trace's waf says of a prefix judged
 
 
 # -- the decision rule --------------------------------------------------------------------------
@@ -44,6 +46,32 @@ FORM = {"Host": "shop.example", "Content-Type": "application/x-www-form-urlencod
 ])
 def test_request_rule_with_a_waf(length, inspected, after):
     assert rules.request_stream_after(length, MiB, inspected) == after
+
+
+@pytest.mark.parametrize("content_type, boundary", [
+    ("multipart/form-data; boundary=BB", b"BB"),
+    ('Multipart/Form-Data; charset=utf-8; boundary="a b:c"', b"a b:c"),
+    ("multipart/mixed;boundary=x-1;foo=bar", b"x-1"),
+    ("application/x-www-form-urlencoded", None), ("multipart/form-data", None), (None, None),
+])
+def test_multipart_boundary(content_type, boundary):
+    assert multipart_boundary(content_type) == boundary
+
+
+PARTS = (b'--BB\r\nContent-Disposition: form-data; name="q"\r\n\r\nhello\r\n'
+         b'--BB\r\nContent-Disposition: form-data; name="f"; filename="a.bin"\r\n\r\n' + b"z" * 100 + b"\r\n--BB--\r\n")
+
+
+@pytest.mark.parametrize("limit, closed", [
+    (len(PARTS) - 20, PARTS[:len(PARTS) - 20 - 10] + b"\r\n--BB--\r\n"),   # cut in the file: it ends there
+    (90, b'--BB\r\nContent-Disposition: form-data; name="q"\r\n\r\nhello\r\n--BB--\r\n'),  # cut in a part's header
+    (64, b'--BB\r\nContent-Disposition: form-data; name="q"\r\n\r\nhell\r\n--BB--\r\n'),  # cut in a value
+    (40, None),                         # no part header is complete
+    (5, None),
+])
+def test_close_multipart(limit, closed):
+    out = close_multipart(PARTS, b"BB", limit)
+    assert out == closed and (out is None or len(out) <= limit)
 
 
 @needs_crs
@@ -111,8 +139,25 @@ def test_an_attack_in_the_first_bytes_of_a_long_body_is_blocked_and_the_origin_g
         assert request.startswith(b"GET / ") and o.received == request     # not a byte of the upload
         refused = log_lines(log, 2)[0]["edge"]
         assert refused["shield"] == "waf: request blocked (403)" and "942100" in refused["waf"]
-        assert refused["waf"].endswith(f"partial: first {LIMIT} bytes") and "stream" not in refused
+        assert refused["waf"].endswith(PARTIAL) and "stream" not in refused
         assert len(prefixes.sizes) == 1 and LIMIT < prefixes.sizes[0] <= LIMIT + READ
+    finally:
+        o.stop()
+
+
+@needs_crs
+def test_form_fields_ahead_of_a_large_file_are_inspected(edge, tmp_path):
+    """The prefix of a multipart upload is closed at the cut before the engine reads it: the
+    fields before a large file are read (fed cut, the engine's parser would read no part)."""
+    o = RecordingOrigin()
+    log = tmp_path / "access.log"
+    try:
+        e, _ = waf_edge(edge, o, log)
+        body = (b'--' + BOUNDARY + b'\r\nContent-Disposition: form-data; name="id"\r\n\r\n1\' OR \'1\'=\'1\r\n'
+                + multipart(b"\x00" * 4 * MiB))
+        r = httpx.post(f"{e.url}/upload", content=body, headers={**FORM, "Content-Type": MULTIPART}, timeout=20)
+        assert r.status_code == 403 and o.received == b""
+        assert "942100" in log_lines(log, 1)[0]["edge"]["waf"]
     finally:
         o.stop()
 
@@ -168,7 +213,7 @@ def test_a_clean_20mb_upload_streams_byte_identical_with_a_bounded_hold(edge, tm
         assert held and max(held) < BOUND, max(held)
         assert len(prefixes.sizes) == 1 and LIMIT < prefixes.sizes[0] <= LIMIT + READ
         rec = log_lines(log, 1)[0]["edge"]
-        assert rec["waf"] == f"score 0, rules -, partial: first {LIMIT} bytes" and rec["stream"] == "request"
+        assert rec["waf"] == f"score 0, rules -, {PARTIAL}" and rec["stream"] == "request"
     finally:
         o.stop()
 
@@ -186,7 +231,7 @@ def test_an_attack_after_the_limit_passes(edge, tmp_path):
         (request,) = o.wait_for_requests(1)
         assert sent_body(request) == body
         rec = log_lines(log, 1)[0]["edge"]
-        assert rec["waf"] == f"score 0, rules -, partial: first {LIMIT} bytes" and "shield" not in rec
+        assert rec["waf"] == f"score 0, rules -, {PARTIAL}" and "shield" not in rec
     finally:
         o.stop()
 
@@ -241,7 +286,8 @@ def curl_h2_upload(e, tls, path: str, body: bytes, content_type: str) -> tuple[i
     body in DATA frames as curl reads it."""
     out = subprocess.run(["curl", "-s", "--http2", "--cacert", str(tls.ca), "--max-time", "30", "-T", "-",
                           "-X", "POST", "-H", f"Content-Type: {content_type}", "-H", "Host: shop.example",
-                          "-H", "Accept: */*", "-A", "Mozilla/5.0 (X11; Linux x86_64)", "-w", "\n%{http_code} %{http_version}",
+                          "-H", "Accept: */*", "-A", "Mozilla/5.0 (X11; Linux x86_64)",
+                          "-w", "\n%{http_code} %{http_version}",
                           f"https://127.0.0.1:{e.port}{path}"],
                          input=body, capture_output=True, check=False, timeout=60).stdout
     answer, _, status = out.rpartition(b"\n")
@@ -266,8 +312,8 @@ def test_http2_uploads_without_a_length(edge, tls, tmp_path):
         assert b"transfer-encoding: chunked" in request.lower() and sent_body(request) == clean
         assert len(prefixes.sizes) == 2 and all(LIMIT < n <= LIMIT + READ for n in prefixes.sizes)
         refused, passed = (line["edge"] for line in log_lines(log, 2))
-        assert refused["shield"] == "waf: request blocked (403)" and refused["waf"].endswith("partial: first 131072 bytes")
-        assert passed["stream"] == "request" and passed["waf"].endswith("partial: first 131072 bytes")
+        assert refused["shield"] == "waf: request blocked (403)" and refused["waf"].endswith(PARTIAL)
+        assert passed["stream"] == "request" and passed["waf"].endswith(PARTIAL)
     finally:
         o.stop()
 
@@ -335,7 +381,7 @@ def test_detect_mode_records_the_prefix_verdict_and_streams(edge, tmp_path):
         assert httpx.post(f"{e.url}/form", content=body, headers=FORM, timeout=20).status_code == 200
         assert [sent_body(r) for r in o.wait_for_requests(1)] == [body]
         rec = log_lines(log, 1)[0]["edge"]
-        assert rec["shield"] == "detect: waf: request blocked (403)" and rec["waf"].endswith("partial: first 131072 bytes")
+        assert rec["shield"] == "detect: waf: request blocked (403)" and rec["waf"].endswith(PARTIAL)
     finally:
         o.stop()
 

@@ -61,6 +61,37 @@ SecAction "id:{score_rule},phase:2,pass,log,t:none,msg:'edge anomaly score %{{tx
 """
 
 
+_BOUNDARY = re.compile(r'(?i)^\s*multipart/[^;]*;(?:.*;)?\s*boundary\s*=\s*(?:"([^"]+)"|([^\s;"]+))')
+
+
+def multipart_boundary(content_type: str | None) -> bytes | None:
+    """The boundary of a multipart body from its Content-Type, or None."""
+    m = _BOUNDARY.match(content_type or "")
+    return (m[1] or m[2]).encode("latin-1") if m else None
+
+
+def close_multipart(body: bytes, boundary: bytes, limit: int) -> bytes | None:
+    """At most `limit` bytes: the start of a multipart body cut there, closed with the final
+    delimiter, so that the engine reads the parts before the cut (a form's fields ahead of a
+    large file) and the cut part's start. Fed as it is, the engine's parser would find the
+    final boundary missing and read no part at all. A part cut inside its header is left
+    out; None if no part header is complete."""
+    delimiter = b"\r\n--" + boundary
+    closing = delimiter + b"--\r\n"
+    if limit <= len(closing):
+        return None
+    head = body[:limit - len(closing)]
+    last = head.rfind(delimiter)
+    start = last + 2 if last >= 0 else 0
+    if not head.startswith(delimiter[2:], start):
+        return None
+    if b"\r\n\r\n" not in head[start:]:            # cut in this part's header: left out
+        if last < 0:
+            return None
+        head = head[:last]
+    return head + closing
+
+
 def compile_filters(expressions) -> list:
     """mitmproxy filter expressions (`~u ^/upload`, `~d api.example & ~m POST`) for waf.skip."""
     from mitmproxy import flowfilter
@@ -79,6 +110,13 @@ def _quiet(message: str) -> None:
 
 class WafError(Exception):
     """The engine could not be set up; said for the user."""
+
+
+@dataclass
+class Inspection:
+    """One request's engine transaction between the phases."""
+    txn: object
+    boundary: bytes | None = None       # a multipart body's: a prefix of it is closed (close_multipart)
 
 
 @dataclass
@@ -132,18 +170,26 @@ class Waf:
         txn = Transaction(self.engine, self.rules)
         txn.process_connection(client[0], client[1], server[0], server[1])
         txn.process_uri(target, method, version.removeprefix("HTTP/"))
+        inspection = Inspection(txn)
         for name, value in fields:
             txn.add_request_header(name, value)
+            if name.lower() == "content-type":
+                inspection.boundary = multipart_boundary(value)
         txn.process_request_headers()
-        return txn, self._refusal(txn)
+        return inspection, self._refusal(txn)
 
-    def finish(self, txn, body: bytes) -> Finding:
+    def finish(self, inspection: Inspection, body: bytes) -> Finding:
         """Phase 2: the body (or the first body_limit bytes of it: ProcessPartial), then the
-        anomaly score against the threshold. One byte past the limit is passed on, so that
-        the engine knows the body went on (INBOUND_DATA_ERROR: a body processor's error on
-        the cut is not the client's, rule 200003)."""
-        if body:
-            txn.append_request_body(body[:self.body_limit + 1])
+        anomaly score against the threshold. A longer multipart body is closed at the cut;
+        of any other, one byte past the limit is passed on, so that the engine knows the
+        body went on (INBOUND_DATA_ERROR: a body processor's error on the cut is not the
+        client's, rule 200003)."""
+        txn = inspection.txn
+        fed = body[:self.body_limit + 1]
+        if len(body) > self.body_limit and inspection.boundary is not None:
+            fed = close_multipart(body, inspection.boundary, self.body_limit) or fed
+        if fed:
+            txn.append_request_body(fed)
         txn.process_request_body()
         finding = self._refusal(txn) or Finding()
         finding.score, finding.rules = self._matches(txn)
