@@ -55,7 +55,7 @@ class Edge:
         self.scrub, self.trace = Scrub(), Trace()
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
-        self.stream = Stream(self.shield.inspects_body, self.cache.streamed)
+        self.stream = Stream(self.shield.inspected_body, self.cache.streamed)
         # protocol before all: no addon sees a request that is not well-formed, and all see it
         # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
         # are cheapest before any other work. The request the origin will see is settled

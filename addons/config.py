@@ -220,6 +220,7 @@ class WafConfig:
     skip: tuple[str, ...] = ()           # mitmproxy filter expressions, e.g. "~u ^/upload"
     exclusions: str | None = None        # a ModSecurity file of exclusion rules, loaded after the CRS
     on_error: str = "block"              # an engine failure blocks (fail closed) or passes
+    body_limit: int = 128 * 2**10        # body bytes inspected (ModSecurity's ProcessPartial); the rest streams
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,16 @@ def parse_size(value: Any) -> int:
     if not m or m[2].upper() not in _SIZE_UNITS or isinstance(value, bool):
         raise ValueError(f"{value!r}: expected a size like 512KB, 8MB or 1GB")
     return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+
+
+def _waf_body_limit(r, w, wpath) -> int:
+    """shield.waf.body_limit: how much of a request body the WAF reads (the rest streams)."""
+    if "body_limit" not in w:
+        return WafConfig.body_limit
+    limit = r.convert(parse_size, w["body_limit"], wpath + ("body_limit",))
+    if limit < 1:
+        raise r.doc.error(wpath + ("body_limit",), "expected a size above 0, like 128KB")
+    return limit
 
 
 def parse_duration(value: Any) -> float:
@@ -559,7 +570,7 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
     if raw.get("waf") is not None:
         wpath = path + ("waf",)
         w = r.mapping(raw["waf"], wpath, {"engine", "paranoia", "anomaly_threshold", "mode", "crs", "skip",
-                                          "exclusions", "on_error"})
+                                          "exclusions", "on_error", "body_limit"})
         if w.get("engine", "modsecurity") != "modsecurity":
             raise r.doc.error(wpath + ("engine",), "the engine is modsecurity (ModSecurity v3 with the OWASP CRS)")
         paranoia = _whole(r, w, "paranoia", wpath, 1, 4)
@@ -577,7 +588,9 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
         on_error = w.get("on_error", "block")
         if on_error not in ("block", "pass"):
             raise r.doc.error(wpath + ("on_error",), "expected block (fail closed) or pass")
-        waf = WafConfig("modsecurity", paranoia, threshold, _mode(r, w, wpath, mode), crs, skip, exclusions, on_error)
+        body_limit = _waf_body_limit(r, w, wpath)
+        waf = WafConfig("modsecurity", paranoia, threshold, _mode(r, w, wpath, mode), crs, skip, exclusions, on_error,
+                        body_limit)
     bots = None
     if raw.get("bots") is not None:
         bpath = path + ("bots",)

@@ -39,6 +39,12 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   A body held under a flow's STREAM_AFTER (flow metadata, set by the stream addon for bodies of
   unknown length) starts streaming once more than that is held, as mitmproxy's global
   stream_large_bodies does, but per flow: a small chunked upload stays whole.
+- A request body's prefix: mitmproxy has no hook between the head and the body's end, so a
+  WAF could judge a body only once it was held whole. At the STREAM_AFTER switch a
+  `request_prefix(flow)` hook (RequestPrefixHook) now runs first, with what is held; if
+  an addon answers there, the answer is sent at once and the rest of the body is read and
+  dropped (the origin gets nothing: it is not even connected), else the prefix goes on and the
+  rest streams.
 - HTTP/2 backpressure: mitmproxy waits for socket write buffers to drain after each read
   (drain_writers), which bounds what a slow reader makes it hold, but an HTTP/2 client that
   keeps a stream's flow-control window shut leaves the stream's data in h2 send buffers
@@ -101,9 +107,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import re
 import time
+import types
 import weakref
 from collections.abc import Callable
 
@@ -380,17 +388,54 @@ def _server_read_headers(self, event):
 
 _original_check_body_size = http_layer.HttpStream.check_body_size
 STREAM_AFTER = "edge.stream.after"      # flow metadata: request body bytes held before the rest streams
+PREFIX = "edge.request.prefix"          # flow metadata during `request_prefix`: the body bytes held
+
+
+@dataclasses.dataclass
+class RequestPrefixHook(commands.StartHook):
+    """A request body held up to its flow's STREAM_AFTER is about to stream; what is held is
+    in the flow's metadata (PREFIX: mitmproxy's hooks take one argument). An addon may answer
+    the request here (`flow.response`); then nothing of it goes on. (The shield's WAF judges
+    the prefix: ModSecurity's ProcessPartial.)"""
+    flow: http.HTTPFlow
+
+
+def _answer_before_body_end(self):
+    """Send the response an addon set on a body's prefix, as mitmproxy sends one set in the
+    `request` hook, at once; the rest of the body is read and dropped, as nginx discards the
+    body of a refused request (the stream is gone once answered; what was queued for it while
+    the hooks ran goes to `_drop_request_body`)."""
+    self.client_state = self.state_done
+    self.flow.response.timestamp_start = time.time()
+    yield http_layer.HttpResponseHeadersHook(self.flow)
+    if not (yield from self.check_killed(True)):
+        yield from self.send_response()
+    self.client_state = types.MethodType(_drop_request_body, self)
+
+
+def _drop_request_body(self, event):
+    """A refused request's client state: its body events are dropped."""
+    yield from ()
 
 
 def _check_body_size(self, request: bool):
     """mitmproxy's body size check, plus max_request_body for requests (413), and a request
     body held past its flow's STREAM_AFTER bytes starts streaming (as stream_large_bodies
-    does, per flow: what is held is sent, then the rest as it comes)."""
+    does, per flow: what is held is sent, then the rest as it comes), once the
+    `request_prefix` hook has seen what is held and not answered it."""
     after = self.flow.metadata.get(STREAM_AFTER)
     if (request and after is not None and len(self.request_body_buf) > after and not self.flow.request.stream
             and (max_request_body is None or len(self.request_body_buf) <= max_request_body)):
         held = bytes(self.request_body_buf)
         self.request_body_buf.clear()
+        self.flow.metadata[PREFIX] = held
+        yield RequestPrefixHook(self.flow)              # the WAF's verdict, before the origin gets a byte
+        self.flow.metadata.pop(PREFIX, None)
+        if (yield from self.check_killed(True)):
+            return True
+        if self.flow.response is not None:
+            yield from _answer_before_body_end(self)
+            return True
         self.flow.request.stream = True
         yield from self.start_request_stream()
         if self.client_state == self.state_stream_request_body:

@@ -46,7 +46,7 @@ def read_config(path: str) -> EdgeConfig:
         from addons.shield.waf import Waf, WafError, compile_filters
         try:
             compile_filters(config.shield.waf.skip)
-            Waf(config.shield.waf, config.limits.max_body)
+            Waf(config.shield.waf)
         except WafError as e:
             raise ConfigProblem(f"{path}: shield.waf: {e}") from None
     return config

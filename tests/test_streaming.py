@@ -49,10 +49,10 @@ def test_response_rule(length, content_type, streamed):
 
 
 @pytest.mark.parametrize("length, inspected, after", [
-    (2 * MiB, False, 0),                            # known and above the limit: from the head
-    (None, False, MiB),                             # unknown: held up to the limit, then streamed
-    (MiB, False, None), (0, False, None),
-    (None, True, None), (2 * MiB, True, None),      # a WAF reads the body: held (the body cap bounds it)
+    (2 * MiB, None, 0),                             # known and above the limit: from the head
+    (None, None, MiB),                              # unknown: held up to the limit, then streamed
+    (MiB, None, None), (0, None, None),
+    (None, 4 * MiB, 4 * MiB), (2 * MiB, 4 * MiB, None),    # a WAF reads the body: up to its limit
 ])
 def test_request_rule(length, inspected, after):
     assert rules.request_stream_after(length, MiB, inspected) == after
@@ -519,13 +519,14 @@ def test_small_chunked_upload_is_held_whole(edge):
 
 @needs_crs
 def test_a_body_the_waf_inspects_is_held_whole(edge, tmp_path):
-    """With a WAF, a 2 MiB form body is held and scored whole (an injection at its end is
-    refused before the origin sees a byte); a path the WAF skips streams."""
+    """With a WAF reading up to 4MB, a 2 MiB form body is held and scored whole (an injection
+    at its end is refused before the origin sees a byte); a path the WAF skips streams.
+    (Longer bodies: tests/test_waf_partial.py.)"""
     o = RecordingOrigin()
     log = tmp_path / "access.log"
     try:
         e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\naccess_log: {log}\nshield:\n"
-                 f"  waf: {{skip: ['~u /upload']}}\n")
+                 f"  waf: {{skip: ['~u /upload'], body_limit: 4MB}}\n")
         body = b"a=" + b"x" * (2 * MiB) + b"&id=1' OR '1'='1"
         form = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Mozilla/5.0", "Accept": "*/*"}
         assert httpx.post(f"{e.url}/form", content=body, headers=form, timeout=20).status_code == 403

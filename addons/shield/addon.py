@@ -7,6 +7,8 @@ requestheaders     lists again for clients behind trusted proxies, head size (43
                    (connection, request line, headers)
 request            the WAF's phase 2 (body, anomaly score): for every request that will reach
                    an origin; a cache hit, answered from memory, reaches none and is not scored
+request_prefix     (internals) the WAF's phase 2 on the first `waf.body_limit` bytes of a longer
+                   body, before the rest streams to the origin
 (timers)           slow clients: heads and bodies that do not complete in time are cut off
 
 The resource limits (head and body size, slow-client deadlines, HTTP/2 floods: `config.limits`)
@@ -89,7 +91,7 @@ class Shield:
             self.limiter = RedisStore(rl.store, rl.rate, rl.burst)
         t = limits.timeouts
         self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle)
-        self.waf = Waf(shield.waf, limits.max_body) if shield and shield.waf else None
+        self.waf = Waf(shield.waf) if shield and shield.waf else None
         self.behaviour = Behaviour(shield.bots.trap_paths) if shield and shield.bots else None
         if shield and shield.bots and shield.bots.challenge:
             if shield.bots.secret_file:                         # shared by every edge that reads it
@@ -277,10 +279,20 @@ class Shield:
                 self.deadlines.stream_body_received(flow.client_conn.id, flow.id)
             else:
                 self.deadlines.body_received(flow.client_conn.id)
+        self._inspect_body(flow, flow.request.raw_content or b"")
+
+    @fail_closed
+    def request_prefix(self, flow: http.HTTPFlow) -> None:
+        """internals: a body longer than the WAF's limit is about to stream; what is held of it
+        is judged first (ModSecurity's ProcessPartial), before the origin gets any of it."""
+        self._inspect_body(flow, flow.metadata[internals.PREFIX])
+
+    def _inspect_body(self, flow: http.HTTPFlow, body: bytes) -> None:
+        """The WAF's phase 2, once per request: on the whole body, or on a prefix of it."""
         txn = self.inspecting.pop(flow.id, None)
         if txn is None or flow.response is not None:        # not inspected, refused, or a cache hit
             return
-        finding = self._engine(flow, lambda: self.waf.finish(txn, flow.request.raw_content or b""))
+        finding = self._engine(flow, lambda: self.waf.finish(txn, body))
         if finding is not None:
             self._waf_verdict(flow, finding)
 
@@ -296,9 +308,10 @@ class Shield:
             decisions(flow)["waf"] = "engine error: passed"
             return passed
 
-    def inspects_body(self, flow: http.HTTPFlow) -> bool:
-        """The WAF will read this request's body in `request`: it must be held, not streamed."""
-        return flow.id in self.inspecting
+    def inspected_body(self, flow: http.HTTPFlow) -> int | None:
+        """How many bytes of this request's body the WAF will read (they are held until it
+        has: all of a body within the limit, else that much); None if it reads none."""
+        return self.waf.body_limit if flow.id in self.inspecting else None
 
     def _waf_verdict(self, flow: http.HTTPFlow, finding: Finding) -> None:
         rec = decisions(flow)

@@ -5,7 +5,9 @@ file sets the engine up (what Debian's crs-setup.conf and ModSecurity's recommen
 with the paranoia level and anomaly threshold from the edge config, then includes the request
 rules. Left out: REQUEST-910 (IP reputation needs GeoIP support the wheel lacks; the shield has
 its own lists) and the RESPONSE rules (responses are not inspected). Each request is fed exactly
-as received: connection, request line, header fields in wire order, body.
+as received: connection, request line, header fields in wire order, body: its first
+`waf.body_limit` bytes (SecRequestBodyLimitAction ProcessPartial, as the CRS assumes; the shield
+judges a longer body on that prefix before the rest streams to the origin).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from addons.config import WafConfig
 
 SCORE_RULE = 4_900_001          # our own phase-2 rule that reports the anomaly score
 BLOCKING_RULE = 949110          # the CRS's threshold rule: when it denies, ours does not run
+# the body processors' errors for a body cut at the limit (ProcessPartial): JSON and multipart name
+# the truncation; libxml2 says only that the document failed (any XML error above the limit passes)
+TRUNCATED = r"(?:premature EOF|Final boundary missing|XML: Failed to parse document)"
 _SCORE = re.compile(r"(?:edge anomaly score |Total Score: )(\d+)")
 
 MAIN_CONF = """\
@@ -39,7 +44,12 @@ SecRule REQUEST_HEADERS:Content-Type "^(?:application(?:/soap\\+|/)|text/)xml" \
 SecRule REQUEST_HEADERS:Content-Type "^application/json" \\
     "id:200001,phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=JSON"
 SecRule REQBODY_ERROR "!@eq 0" \\
-    "id:200002,phase:2,t:none,log,deny,status:400,msg:'Failed to parse request body.'"
+    "id:200002,phase:2,t:none,log,deny,status:400,msg:'Failed to parse request body.',chain"
+    SecRule INBOUND_DATA_ERROR "@eq 0" "t:none"
+SecRule REQBODY_ERROR "!@eq 0" \\
+    "id:200003,phase:2,t:none,log,deny,status:400,msg:'Failed to parse the inspected part of the request body.',chain"
+    SecRule INBOUND_DATA_ERROR "@eq 1" "t:none,chain"
+    SecRule REQBODY_ERROR_MSG "!@rx {truncated}" "t:none"
 SecDefaultAction "phase:1,log,auditlog,pass"
 SecDefaultAction "phase:2,log,auditlog,pass"
 SecAction "id:900000,phase:1,nolog,pass,t:none,setvar:tx.paranoia_level={paranoia}"
@@ -49,6 +59,37 @@ SecAction "id:900990,phase:1,nolog,pass,t:none,setvar:tx.crs_setup_version=334"
 {includes}
 SecAction "id:{score_rule},phase:2,pass,log,t:none,msg:'edge anomaly score %{{tx.anomaly_score}}'"
 """
+
+
+_BOUNDARY = re.compile(r'(?i)^\s*multipart/[^;]*;(?:.*;)?\s*boundary\s*=\s*(?:"([^"]+)"|([^\s;"]+))')
+
+
+def multipart_boundary(content_type: str | None) -> bytes | None:
+    """The boundary of a multipart body from its Content-Type, or None."""
+    m = _BOUNDARY.match(content_type or "")
+    return (m[1] or m[2]).encode("latin-1") if m else None
+
+
+def close_multipart(body: bytes, boundary: bytes, limit: int) -> bytes | None:
+    """At most `limit` bytes: the start of a multipart body cut there, closed with the final
+    delimiter, so that the engine reads the parts before the cut (a form's fields ahead of a
+    large file) and the cut part's start. Fed as it is, the engine's parser would find the
+    final boundary missing and read no part at all. A part cut inside its header is left
+    out; None if no part header is complete."""
+    delimiter = b"\r\n--" + boundary
+    closing = delimiter + b"--\r\n"
+    if limit <= len(closing):
+        return None
+    head = body[:limit - len(closing)]
+    last = head.rfind(delimiter)
+    start = last + 2 if last >= 0 else 0
+    if not head.startswith(delimiter[2:], start):
+        return None
+    if b"\r\n\r\n" not in head[start:]:            # cut in this part's header: left out
+        if last < 0:
+            return None
+        head = head[:last]
+    return head + closing
 
 
 def compile_filters(expressions) -> list:
@@ -72,18 +113,27 @@ class WafError(Exception):
 
 
 @dataclass
+class Inspection:
+    """One request's engine transaction between the phases."""
+    txn: object
+    boundary: bytes | None = None       # a multipart body's: a prefix of it is closed (close_multipart)
+
+
+@dataclass
 class Finding:
     """What the engine made of one request: JSON-safe, for the trace."""
     status: int | None = None           # set when the engine wants the request refused
     score: int = 0
     rules: list[int] = field(default_factory=list)
+    partial: int | None = None          # the body was longer: only its first `partial` bytes were read
 
     def summary(self) -> str:
-        return f"score {self.score}, rules {','.join(map(str, self.rules)) or '-'}"
+        read = f", partial: first {self.partial} bytes" if self.partial is not None else ""
+        return f"score {self.score}, rules {','.join(map(str, self.rules)) or '-'}{read}"
 
 
 class Waf:
-    def __init__(self, config: WafConfig, body_limit: int) -> None:
+    def __init__(self, config: WafConfig) -> None:
         try:
             from libmodsecurity import ModSecurity, RulesSet     # only when a WAF is configured
         except ImportError:
@@ -103,10 +153,11 @@ class Waf:
         with tempfile.TemporaryDirectory(prefix="edge-waf-") as work:
             main = os.path.join(work, "main.conf")
             with open(main, "w") as f:
-                f.write(MAIN_CONF.format(body_limit=body_limit, paranoia=config.paranoia,
+                f.write(MAIN_CONF.format(body_limit=config.body_limit, paranoia=config.paranoia,
                                          threshold=config.anomaly_threshold, includes="\n".join(includes),
-                                         score_rule=SCORE_RULE))
+                                         score_rule=SCORE_RULE, truncated=TRUNCATED))
             count = self.rules.load_from_uri(main)
+        self.body_limit = config.body_limit
         if count < 0:
             raise WafError(f"the rules did not load: {self.rules.get_parser_error().strip()}")
         self.count = count
@@ -119,18 +170,30 @@ class Waf:
         txn = Transaction(self.engine, self.rules)
         txn.process_connection(client[0], client[1], server[0], server[1])
         txn.process_uri(target, method, version.removeprefix("HTTP/"))
+        inspection = Inspection(txn)
         for name, value in fields:
             txn.add_request_header(name, value)
+            if name.lower() == "content-type":
+                inspection.boundary = multipart_boundary(value)
         txn.process_request_headers()
-        return txn, self._refusal(txn)
+        return inspection, self._refusal(txn)
 
-    def finish(self, txn, body: bytes) -> Finding:
-        """Phase 2: the body, then the anomaly score against the threshold."""
-        if body:
-            txn.append_request_body(body)
+    def finish(self, inspection: Inspection, body: bytes) -> Finding:
+        """Phase 2: the body (or the first body_limit bytes of it: ProcessPartial), then the
+        anomaly score against the threshold. A longer multipart body is closed at the cut;
+        of any other, one byte past the limit is passed on, so that the engine knows the
+        body went on (INBOUND_DATA_ERROR: a body processor's error on the cut is not the
+        client's, rule 200003)."""
+        txn = inspection.txn
+        fed = body[:self.body_limit + 1]
+        if len(body) > self.body_limit and inspection.boundary is not None:
+            fed = close_multipart(body, inspection.boundary, self.body_limit) or fed
+        if fed:
+            txn.append_request_body(fed)
         txn.process_request_body()
         finding = self._refusal(txn) or Finding()
         finding.score, finding.rules = self._matches(txn)
+        finding.partial = self.body_limit if len(body) > self.body_limit else None
         return finding
 
     def _refusal(self, txn) -> Finding | None:

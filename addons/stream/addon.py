@@ -94,14 +94,14 @@ def encode_streamed(flow: http.HTTPFlow) -> tuple[StreamEncoder | None, tuple]:
 
 
 class Stream:
-    def __init__(self, inspects_body: Callable[[http.HTTPFlow], bool] = lambda flow: False,
+    def __init__(self, inspected_body: Callable[[http.HTTPFlow], int | None] = lambda flow: None,
                  on_streamed: Callable = lambda flow, fields, coding: None) -> None:
-        """`inspects_body(flow)`: a WAF will read this request's body in `request`;
+        """`inspected_body(flow)`: how many bytes of this request's body a WAF reads, or None;
         `on_streamed(flow, fields, coding)`: told when a response head is about to leave ahead
         of its body (`fields`: the origin's representation's head, `coding`: what the relay
         encodes it to, or None); it answers the cache's tee for the body, or None."""
         self.buffer_limit = 2**20
-        self.inspects_body, self.on_streamed = inspects_body, on_streamed
+        self.inspected_body, self.on_streamed = inspected_body, on_streamed
         self.web = False
 
     def apply(self, buffer_limit: int, web: bool) -> None:
@@ -111,7 +111,8 @@ class Stream:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        after = rules.request_stream_after(request_length(flow.request), self.buffer_limit, self.inspects_body(flow))
+        after = rules.request_stream_after(request_length(flow.request), self.buffer_limit,
+                                            self.inspected_body(flow))
         if after == 0:
             flow.request.stream = True
         elif after is not None:

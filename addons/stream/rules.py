@@ -40,13 +40,18 @@ def compress_stream(status: int, content_type: str | None, content_encoding: str
             and "no-transform" not in (cache_control or "").lower())
 
 
-def request_stream_after(length: int | None, limit: int, inspected: bool) -> int | None:
+def request_stream_after(length: int | None, limit: int, inspected: int | None = None) -> int | None:
     """How many bytes of a request body are held before the rest streams: 0 streams it from
     the head (a known length above the limit), `limit` for a body of unknown length (a small
     chunked upload stays whole, and a client that stalls never reaches the origin), None
-    holds it whole. `inspected`: a WAF reads the body in the `request` hook, so it is held
-    (the request body cap bounds it)."""
-    if inspected or length == 0 or (length is not None and length <= limit):
+    holds it whole. `inspected`: a WAF reads this many bytes of the body (ModSecurity's
+    ProcessPartial): a body within that is held whole and judged whole; of any other, that
+    much is held and judged before any of it goes on, then the rest streams."""
+    if length == 0:
+        return None
+    if inspected is not None:
+        return None if length is not None and length <= inspected else inspected
+    if length is not None and length <= limit:
         return None
     return limit if length is None else 0
 
