@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import h2.events
 import httpx
 import pytest
 
@@ -18,6 +19,7 @@ from addons.cache.policy import ResponseRules
 from addons.cache.serve import response_head, ticket_of
 from addons.cache.store import Entry, Store
 from tests.rawnet import RecordingOrigin
+from tests.test_h2_abuse import RawH2
 from tests.test_cache_disk import EdgeProcess
 
 MiB = 2**20
@@ -527,5 +529,44 @@ def test_a_large_disk_entry_that_changed_is_read_while_the_new_one_is_stored(edg
         assert first.content == old and changed.content == new and hit.content == new
         assert changed.headers["etag"] == '"e2"' and "read while stored" in changed.headers["cache-status"]
         assert hit.headers["cache-status"].startswith("edge; hit") and len(o.requests) == 2
+    finally:
+        o.stop()
+
+
+def test_http2_clients_read_disk_hits(edge, tls, tmp_path):
+    """Over HTTP/2 (TLS, ALPN h2): a disk hit and a range of it on two streams of one connection,
+    each whole and exact, read with the client's flow control."""
+    size = 10 * MiB
+    body = b"".join(pieces(size))
+    o = RecordingOrigin(cacheable(size) + body)
+    try:
+        e = edge(disk_config(o, tmp_path / "cache"), cert=str(tls.pem))
+        with httpx.Client(verify=tls.client_context(), headers=HOST) as c:
+            assert c.get(f"https://127.0.0.1:{e.port}/clip.mp4").content == body       # stored on disk
+        client = RawH2(e, tls)
+        for stream, extra in ((1, []), (3, [("range", "bytes=1000000-1999999")])):
+            client.conn.send_headers(stream, [(":method", "GET"), (":path", "/clip.mp4"), (":scheme", "https"),
+                                              (":authority", "shop.example"), *extra], end_stream=True)
+        client.flush()
+        got: dict[int, bytearray] = {1: bytearray(), 3: bytearray()}
+        heads: dict[int, dict] = {}
+        ended: set[int] = set()
+        while ended != {1, 3}:
+            data = client.sock.recv(65536)
+            assert data, "closed early"
+            for event in client.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    heads[event.stream_id] = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    got[event.stream_id] += event.data
+                    client.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            client.flush()
+        client.close()
+        assert heads[1][b":status"] == b"200" and heads[1][b"cache-status"].startswith(b"edge; hit")
+        assert heads[3][b":status"] == b"206"
+        assert bytes(got[1]) == body and bytes(got[3]) == body[1_000_000:2_000_000]
+        assert len(o.requests) == 1
     finally:
         o.stop()
