@@ -111,13 +111,14 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
     else:
         raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
     if listen:
-        config = dataclasses.replace(config, listen=listen)
+        config = dataclasses.replace(config, listen=listen, listeners=())    # one plain listener
     if access_log:
         config = dataclasses.replace(config, access_log=access_log)
     if admin:
         config = dataclasses.replace(config, admin=admin)
     try:
-        launcher.check_listen(*config.listen)
+        for listener in config.all_listeners:
+            launcher.check_listen(*listener.address)
         if config.admin:
             launcher.check_listen(*config.admin)
         if cert:
