@@ -45,7 +45,8 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
     expose, and a check on every request). And presenting only the operator's certificates
     (`--cert`, the `certs` option): mitmproxy would mint one from its own CA for any name, so a
     client asking for a name no certificate covers (any name, without `--cert`) gets no TLS;
-    the connection is closed."""
+    the connection is closed. With the config's `certificates:`/`acme:` the edge's Tls addon
+    chooses (by SNI, see addons/tls/certs.py) and the `certs` option is not used."""
     name = "tlsconfig"
     request = None
 
@@ -53,7 +54,7 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
         super().__init__()
         self.refused = Throttle()
         self.tls: Tls | None = None         # the edge's certificates (certificates:, acme:), set by serve
-        self.entries: dict[int, tuple[Pair, certs.CertStoreEntry]] = {}
+        self.entries: dict[Pair, certs.CertStoreEntry] = {}     # mitmproxy's form of each pair
 
     def get_cert(self, conn_context) -> certs.CertStoreEntry:
         if self.tls is not None and self.tls.configured:
@@ -73,13 +74,13 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
         pair = self.tls.pick(client.sni)
         if pair is None:            # ACME only, none issued yet
             raise NoCertificate(f"{client.sni or 'no SNI'} (no certificate issued yet)")
-        cached = self.entries.get(id(pair))
-        if cached is None or cached[0] is not pair:
+        entry = self.entries.get(pair)
+        if entry is None:
             if len(self.entries) > 256:        # replaced pairs (reloads, renewals) are not kept
                 self.entries.clear()
             chain = [certs.Cert(c) for c in pair.chain]
-            cached = self.entries[id(pair)] = (pair, certs.CertStoreEntry(chain[0], pair.key, None, chain))
-        return cached[1]
+            entry = self.entries[pair] = certs.CertStoreEntry(chain[0], pair.key, None, chain)
+        return entry
 
     def tls_start_client(self, tls_start) -> None:
         try:
@@ -150,9 +151,9 @@ class _Ready:
     def running(self) -> None:
         m = self.master
         addrs = m.addons.get("proxyserver").listen_addrs()
-        if not addrs:
-            host, port = self.launch.config.listen
-            self.launch.failure.append(f"cannot listen on {host}:{port}")
+        if len(addrs) < len(self.launch.config.all_listeners):      # one did not bind
+            wanted = ", ".join(f"{h}:{p}" for h, p in (lst.address for lst in self.launch.config.all_listeners))
+            self.launch.failure.append(f"cannot listen on {wanted}")
             m.shutdown()
             return
         if self.launch.on_ready:

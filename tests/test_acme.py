@@ -4,6 +4,7 @@ storage shared by several processes (one order for one name), the challenge resp
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -21,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from addons.config import AcmeConfig
-from addons.tls.acme import AcmeManager, challenge_token, renewal_at
-from addons.tls.certs import Certificates
+from addons.tls.acme import AcmeManager, NameLock, challenge_token, renewal_at, write_atomic
+from addons.tls.certs import CertificateFile, Certificates
 from tests.conftest import free_port, wait_for_port
 from tests.test_tls import CA, presented, wait_until
 
@@ -188,3 +189,68 @@ def test_acme_only_before_issuance_refuses_tls_and_never_mints(edge, origin, peb
     r = httpx.get(f"http://127.0.0.1:{plain}/.well-known/acme-challenge/unknowntoken")
     assert r.status_code == 404 and len(o.seen) == 1           # answered by the edge, not the origin
     assert manager.failed["localhost"][1] >= 30
+
+
+def test_renewal_time_is_renew_before_or_a_third_of_a_short_life(tmp_path):
+    ca = CA()
+    long_cert = CertificateFile(*[str(p) for p in ca.issue(tmp_path, "long", "a.example", days=88)[:2]]).pair
+    short = CertificateFile(*[str(p) for p in ca.issue(tmp_path, "short", "b.example", days=4)[:2]]).pair
+    day = datetime.timedelta(days=1)
+    assert renewal_at(long_cert, 30 * 86400) == long_cert.not_after - 30 * day      # lifetime 90 days
+    assert renewal_at(short, 30 * 86400) == short.not_after - 2 * day               # lifetime 6 days: a third
+
+
+def test_a_name_lock_held_elsewhere_is_waited_for_then_given_up(tmp_path):
+    path = str(tmp_path / "name.lock")
+    with NameLock(path):
+        with pytest.raises(TimeoutError, match="held by another process"):
+            with NameLock(path, wait=0.3):
+                pass
+    with NameLock(path, wait=0.3):          # released: taken at once
+        pass
+
+
+def test_storage_writes_are_atomic_and_private(tmp_path):
+    target = tmp_path / "f"
+    write_atomic(str(target), b"one")
+    write_atomic(str(target), b"two")
+    assert target.read_bytes() == b"two" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]          # no temporary left behind
+
+
+def test_challenges_are_answered_before_the_shield_and_only_challenges(edge, origin, tmp_path):
+    """A rate-limited client (the CA's validator is one) still gets the key authorization, from
+    storage (another process's order); other paths of the shield are unchanged, and with no
+    such token the edge answers 404 itself. The CA's directory is unreachable here: the
+    failed orders are retried in the background while the edge serves."""
+    o = origin("web")
+    storage, plain = tmp_path / "acme", free_port()
+    running = edge(f"""
+listen: [127.0.0.1:{plain}]
+acme: {{directory: "https://127.0.0.1:{free_port()}/dir", storage: {storage}, names: [localhost]}}
+shield: {{rate_limit: {{rate: 1/m, burst: 1}}}}
+pools: {{web: {{origins: [{o.url}]}}}}
+""")
+    (storage / "challenges").mkdir(parents=True, exist_ok=True)
+    (storage / "challenges" / "tok_123").write_text("tok_123.thumbprint")
+    base = f"http://127.0.0.1:{plain}"
+    assert httpx.get(base + "/").status_code == 200
+    assert httpx.get(base + "/").status_code == 429                  # the burst is spent
+    for _ in range(3):
+        r = httpx.get(base + "/.well-known/acme-challenge/tok_123")
+        assert r.status_code == 200 and r.text == "tok_123.thumbprint"
+        assert r.headers["cache-control"] == "no-store"
+    assert httpx.get(base + "/.well-known/acme-challenge/other").status_code == 404
+    assert httpx.post(base + "/.well-known/acme-challenge/tok_123").status_code == 429   # GET/HEAD only
+    assert len(o.seen) == 1
+    manager = running.master.addons.get("tlsconfig").tls.acme
+    wait_until(lambda: "localhost" in manager.failed)
+
+
+def test_names_a_configured_certificate_covers_are_not_ordered(tmp_path):
+    ca = CA()
+    wild = CertificateFile(*[str(p) for p in ca.issue(tmp_path, "wild", "*.shop.example")[:2]])
+    config = AcmeConfig("https://127.0.0.1:9/dir", str(tmp_path / "acme"))
+    names = ("a.shop.example", "shop.example", "blog.example", "shop.example")
+    manager = AcmeManager(config, Certificates([wild]), lambda: names)
+    assert manager.wanted() == ["shop.example", "blog.example"]      # once each, in order

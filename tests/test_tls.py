@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +23,11 @@ from cryptography.x509.oid import NameOID
 
 from addons.config import ConfigError, parse_config
 from addons.tls.certs import Certificates, CertificateFile, choose, covers, parse_pair
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_port
 from tests.test_proxy import curl
 
 DAY = datetime.timedelta(days=1)
+BIN = Path(sys.executable).parent
 
 
 class CA:
@@ -244,3 +248,45 @@ def test_the_single_listen_config_keeps_working(edge, origin):
     o = origin("web")
     running = edge(f"listen: 127.0.0.1:0\npools: {{web: {{origins: [{o.url}]}}}}\n")
     assert httpx.get(running.url + "/").text == "hello from web\n"
+
+
+def test_edge_run_announces_each_listener_and_serves_both(origin, ca, tmp_path):
+    o = origin("web")
+    a = ca.issue(tmp_path, "a", "a.example")
+    plain, tls = free_port(), free_port()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(site_config(o.url, plain, tls, [a[:2]]))
+    proc = subprocess.Popen([BIN / "edge", "run", "-c", str(cfg), "--confdir", str(tmp_path / "conf")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(tls, proc)
+        assert presented(tls, "a.example")[0] == der(a[2])
+        assert httpx.get(f"http://127.0.0.1:{plain}/").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    assert f"listening on http://127.0.0.1:{plain}, https://127.0.0.1:{tls}," in err
+    both = subprocess.run([BIN / "edge", "run", "-c", str(cfg), "--cert", str(a[0])], capture_output=True, text=True)
+    assert both.returncode != 0 and "not both" in both.stderr
+
+
+def test_an_expired_certificate_is_presented_with_a_warning(edge, origin, ca, tmp_path, caplog):
+    """Refusing to start would take every other site down with it; clients refuse it anyway."""
+    o = origin("web")
+    old = ca.issue(tmp_path, "old", "old.example", days=-1)
+    plain, tls = free_port(), free_port()
+    edge(site_config(o.url, plain, tls, [old[:2]]))
+    assert presented(tls, "old.example")[0] == der(old[2])
+    assert any("expired" in r.getMessage() and "old.pem" in r.getMessage() for r in caplog.records)
+
+
+def test_a_listener_that_cannot_bind_stops_the_start(edge, origin, ca, tmp_path):
+    from edgecli.launch import LaunchError
+    o = origin("web")
+    a = ca.issue(tmp_path, "a", "a.example")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        plain, tls = free_port(), taken.getsockname()[1]
+        with pytest.raises(LaunchError, match=f"cannot listen on 127.0.0.1:{plain}, 127.0.0.1:{tls}"):
+            edge(site_config(o.url, plain, tls, [a[:2]]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from addons.config import EdgeConfig, Listener
 from addons.failsafe import edge_answer, fail_closed
@@ -63,6 +63,9 @@ class Tls:
         return self.certificates.pick(sni)
 
     def running(self) -> None:
+        if self.configured and not hasattr(ctx.master.addons.get("tlsconfig"), "tls"):
+            logger.warning("edge: certificates: and acme: are presented only by `edge run` "
+                           "(mitmproxy's own TLS addon is loaded here)")
         if self.acme is not None and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self.acme.run())
 
