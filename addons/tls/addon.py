@@ -57,6 +57,9 @@ class Tls:
         self.tls_modes = frozenset(spec for spec, lst in modes if lst.tls)
         self.plain_modes = frozenset(spec for spec, lst in modes if not lst.tls)
         self.configured = bool(files) or self.acme is not None
+        if self.task is not None:        # a new config (mitmdump's edge_config option): a new manager
+            self.done()
+            self.running()
 
     def pick(self, sni: str | None) -> Pair | None:
         """The pair to present for this SNI name (default when unknown); None: refuse."""
