@@ -5,8 +5,9 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 SYSTEM := $(VENV)/.system
 # Debian packages: the OWASP Core Rule Set for the WAF, redis-server for the shared rate-limit
-# store's tests, curl for the HTTP/2-over-TLS tests. Installed once if missing (root or sudo).
-DEBS   := modsecurity-crs:/usr/share/modsecurity-crs/rules redis-server:redis-server curl:curl
+# store's tests, curl for the HTTP/2-over-TLS tests, pebble (Let's Encrypt's test CA) for the
+# ACME tests. Installed once if missing (root or sudo).
+DEBS   := modsecurity-crs:/usr/share/modsecurity-crs/rules redis-server:redis-server curl:curl pebble:pebble
 PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
             $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
           done)
@@ -17,7 +18,7 @@ venv: $(STAMP)
 
 system: $(SYSTEM)
 
-$(SYSTEM):
+$(SYSTEM): Makefile
 	@missing=""; for d in $(DEBS); do pkg=$${d%%:*}; what=$${d#*:}; \
 	  { test -e "$$what" || command -v "$$what" >/dev/null; } || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \

@@ -23,6 +23,7 @@ from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
 from addons.stream import Stream
+from addons.tls.addon import Tls
 from addons.trace import Trace
 
 logger = logging.getLogger("edge")
@@ -56,6 +57,7 @@ class Edge:
         self.shield = Shield(lambda: self.route.locator, self.trace.write)
         self.admin = Admin(self.snapshot, self.metrics)
         self.stream = Stream(self.shield.inspected_body, self.cache.streamed)
+        self.tls = Tls()      # after protocol, before all else: ACME challenges, plain HTTP on a TLS port
         # protocol before all: no addon sees a request that is not well-formed, and all see it
         # normalised (the cache keys on the Host the origin gets). Then the shield: refusals
         # are cheapest before any other work. The request the origin will see is settled
@@ -65,7 +67,7 @@ class Edge:
         # fetch for every coding; hits never recompress). stream after the cache and routing
         # (hits are whole; a streamed request connects after requestheaders), before the scrub
         # (which masks a streamed head as it leaves)
-        self.addons = [self.protocol, self.shield, self.request_scrub, self.compress, self.cache, self.route,
+        self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.compress, self.cache, self.route,
                        self.stream, *extra, self.scrub, self.trace, self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
@@ -102,6 +104,7 @@ class Edge:
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
         self.route.apply(config)            # first: the shield uses its geo database
+        self.tls.apply(config)
         self.shield.apply(config)
         self.compress.apply(config)
         self.cache.apply(config)

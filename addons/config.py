@@ -250,6 +250,32 @@ BALANCE = ("weighted_round_robin", "least_conn", "hash")
 
 
 @dataclass(frozen=True)
+class Listener:
+    """One address the edge accepts clients on; `tls`: clients must speak TLS there (HTTP/1.1
+    and HTTP/2 by ALPN), with a certificate chosen by SNI."""
+    address: tuple[str, int]
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    cert: str                            # PEM chain, leaf first
+    key: str                             # PEM private key (unencrypted)
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """Automatic certificates (HTTP-01 on a plain listener) for the names that no configured
+    certificate covers."""
+    directory: str                       # the CA's ACME directory URL
+    storage: str                         # account key, certificates, locks; absolute
+    email: str | None = None             # the account's contact
+    ca_bundle: str | None = None         # extra CA trusted for the directory (tests: Pebble's)
+    names: tuple[str, ...] = ()          # host names to certify (until sites' hosts feed it)
+    renew_before: float = 30 * 86400     # renew this long before expiry (a third of a short lifetime at most)
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
@@ -265,6 +291,9 @@ class EdgeConfig:
     admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
     buffer_limit: int = 2**20           # bodies above it (or of unknown length) are streamed, not held
     source: str = "<config>"
+    listeners: tuple[Listener, ...] = ()     # from a `listen:` list; empty: one plain listener on `listen`
+    certificates: tuple[CertificateFiles, ...] = ()
+    acme: AcmeConfig | None = None
 
     @property
     def origins(self) -> list[Origin]:
@@ -273,6 +302,16 @@ class EdgeConfig:
     @property
     def default_origin(self) -> Origin:
         return self.pools[self.default_pool].origins[0]
+
+    @property
+    def all_listeners(self) -> tuple[Listener, ...]:
+        return self.listeners or (Listener(self.listen),)
+
+    def acme_names(self) -> tuple[str, ...]:
+        """The host names ACME should hold certificates for: `acme.names` for now. The sites'
+        exact hosts are meant to be added here (wildcards cannot be validated over HTTP-01);
+        names a configured certificate covers are left out by the ACME manager."""
+        return self.acme.names if self.acme is not None else ()
 
 
 # --- parsing helpers (each raises ValueError with a message for the user) -----------------------
@@ -721,9 +760,9 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
-                                    "access_log", "admin", "shield", "buffer_limit"})
+                                    "access_log", "admin", "shield", "buffer_limit", "certificates", "acme"})
 
-    listen = r.convert(parse_hostport, top["listen"], ("listen",)) if "listen" in top else DEFAULT_LISTEN
+    listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
                     for i, v in enumerate(r.listing(top.get("trusted_proxies"), ("trusted_proxies",))))
 
@@ -846,10 +885,10 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     admin = r.convert(parse_hostport, top["admin"], ("admin",)) if top.get("admin") is not None else None
     shield = _shield(r, top["shield"], ("shield",), geo) if top.get("shield") is not None else None
     limits = _limits(r, top.get("shield"), ("shield",))
-    if admin is not None and admin == listen:
+    if admin is not None and admin in [lst.address for lst in listeners] + [listen]:
         raise doc.error(("admin",), "must differ from listen")
     buffer_limit = _buffer_limit(r, top)
-    return EdgeConfig(buffer_limit=buffer_limit, pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
+    return EdgeConfig(**_tls(r, top, listeners, source), buffer_limit=buffer_limit, pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source)
@@ -883,3 +922,96 @@ def config_from_origins(urls: list[str], listen: tuple[str, int] = DEFAULT_LISTE
     """`edge run --origin URL ...`: one pool of equal weight. Raises ValueError for a bad URL."""
     pool = Pool("default", tuple(parse_origin_url(u) for u in urls))
     return EdgeConfig(pools={"default": pool}, default_pool="default", listen=listen, source="--origin")
+
+
+# --- listeners, certificates, ACME -------------------------------------------------------------
+
+def _listen(r: _Reader, top: dict) -> tuple[tuple[str, int], tuple[Listener, ...]]:
+    """`listen: ADDRESS`, or a list of `ADDRESS` / `{address: ADDRESS, tls: true}`. The first
+    address is also `listen` (what `edge run` reports, the legacy single listener)."""
+    raw = top.get("listen")
+    if raw is None:
+        return DEFAULT_LISTEN, ()
+    if not isinstance(raw, list):
+        return r.convert(parse_hostport, raw, ("listen",)), ()
+    if not raw:
+        raise r.doc.error(("listen",), "expected at least one address")
+    listeners: list[Listener] = []
+    for i, item in enumerate(raw):
+        path = ("listen", i)
+        if not isinstance(item, dict):
+            item = {"address": item}
+        item = r.mapping(item, path, {"address", "tls"})
+        if "address" not in item:
+            raise r.doc.error(path, "a listener needs an address")
+        tls = item.get("tls", False)
+        if not isinstance(tls, bool):
+            raise r.doc.error(path + ("tls",), "expected true or false")
+        address = r.convert(parse_hostport, item["address"], path + ("address",))
+        if any(lst.address == address for lst in listeners):
+            raise r.doc.error(path, f"{_bracket(address[0])}:{address[1]} is listed twice")
+        if address[1] == 0 and any(lst.address[0] == address[0] and lst.address[1] == 0 for lst in listeners):
+            raise r.doc.error(path, "one port-0 listener per host (mitmproxy keys servers by address)")
+        listeners.append(Listener(address, tls))
+    return listeners[0].address, tuple(listeners)
+
+
+def _config_path(path: str, source: str) -> str:
+    """A path from the config: relative ones are relative to the config file."""
+    if not os.path.isabs(path) and not source.startswith(("<", "--")):
+        return os.path.join(os.path.dirname(os.path.abspath(source)), path)
+    return path
+
+
+def _tls(r: _Reader, top: dict, listeners: tuple[Listener, ...], source: str) -> dict:
+    """The `certificates:` and `acme:` sections, checked against the listeners."""
+    from addons.tls.certs import load_pair        # cryptography only; imported when used
+    certificates = []
+    for i, item in enumerate(r.listing(top.get("certificates"), ("certificates",))):
+        path = ("certificates", i)
+        item = r.mapping(item, path, {"cert", "key"})
+        for k in ("cert", "key"):
+            if not isinstance(item.get(k), str) or not item[k]:
+                raise r.doc.error(path + (k,), "expected the path of a PEM file")
+        files = CertificateFiles(_config_path(item["cert"], source), _config_path(item["key"], source))
+        r.convert(lambda _: load_pair(files.cert, files.key), None, path)
+        certificates.append(files)
+    acme = _acme(r, top["acme"], ("acme",), source) if top.get("acme") is not None else None
+    for i, lst in enumerate(listeners):
+        if lst.tls and not certificates and acme is None:
+            raise r.doc.error(("listen", i, "tls"), "a TLS listener needs certificates: or acme:")
+    if acme is not None and not any(not lst.tls for lst in listeners or (Listener(DEFAULT_LISTEN),)):
+        raise r.doc.error(("acme",), "HTTP-01 validation needs a plain (not TLS) listener")
+    return {"listeners": listeners, "certificates": tuple(certificates), "acme": acme}
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _acme(r: _Reader, raw: Any, path: tuple, source: str) -> AcmeConfig:
+    raw = r.mapping(raw, path, {"directory", "email", "storage", "ca_bundle", "names", "renew_before"})
+    directory = raw.get("directory")
+    if not isinstance(directory, str) or urlsplit(directory).scheme != "https" or not urlsplit(directory).hostname:
+        raise r.doc.error(path + ("directory",), "expected the https:// URL of the CA's ACME directory")
+    storage = raw.get("storage")
+    if not isinstance(storage, str) or not storage:
+        raise r.doc.error(path + ("storage",), "expected a directory for the account key and certificates")
+    email = raw.get("email")
+    if email is not None and (not isinstance(email, str) or not re.fullmatch(r"[^@\s:]+@[^@\s:]+", email)):
+        raise r.doc.error(path + ("email",), "expected an e-mail address, or null")
+    ca_bundle = raw.get("ca_bundle")
+    if ca_bundle is not None:
+        if not isinstance(ca_bundle, str) or not ca_bundle:
+            raise r.doc.error(path + ("ca_bundle",), "expected the path of a PEM CA file, or null")
+        ca_bundle = _config_path(ca_bundle, source)
+        if not os.access(ca_bundle, os.R_OK):
+            raise r.doc.error(path + ("ca_bundle",), f"{ca_bundle}: cannot read the file")
+    names = []
+    for i, name in enumerate(r.listing(raw.get("names"), path + ("names",))):
+        if not isinstance(name, str) or not _HOSTNAME.fullmatch(name.lower().rstrip(".")):
+            raise r.doc.error(path + ("names", i), "expected a host name (HTTP-01 cannot validate wildcards)")
+        names.append(name.lower().rstrip("."))
+    renew_before = AcmeConfig.renew_before
+    if "renew_before" in raw:
+        renew_before = r.convert(parse_duration, raw["renew_before"], path + ("renew_before",))
+    return AcmeConfig(directory, _config_path(storage, source), email, ca_bundle, tuple(names), renew_before)

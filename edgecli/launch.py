@@ -24,6 +24,8 @@ from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog
 from addons.chain import Edge
 from addons.config import EdgeConfig
 from addons.tasks import Throttle
+from addons.tls.addon import Tls, listener_modes
+from addons.tls.certs import Pair
 from edgecli.dispatch import IndexedAddonManager
 
 logger = logging.getLogger("edge")
@@ -43,15 +45,20 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
     expose, and a check on every request). And presenting only the operator's certificates
     (`--cert`, the `certs` option): mitmproxy would mint one from its own CA for any name, so a
     client asking for a name no certificate covers (any name, without `--cert`) gets no TLS;
-    the connection is closed."""
+    the connection is closed. With the config's `certificates:`/`acme:` the edge's Tls addon
+    chooses (by SNI, see addons/tls/certs.py) and the `certs` option is not used."""
     name = "tlsconfig"
     request = None
 
     def __init__(self) -> None:
         super().__init__()
         self.refused = Throttle()
+        self.tls: Tls | None = None         # the edge's certificates (certificates:, acme:), set by serve
+        self.entries: dict[Pair, certs.CertStoreEntry] = {}     # mitmproxy's form of each pair
 
     def get_cert(self, conn_context) -> certs.CertStoreEntry:
+        if self.tls is not None and self.tls.configured:
+            return self._configured(conn_context.client)
         name = conn_context.client.sni or conn_context.client.sockname[0]
         for key in (*certs.CertStore.asterisk_forms(name), "*"):     # minted entries have tuple keys
             entry = self.certstore.certs.get(key)
@@ -59,13 +66,29 @@ class EdgeTlsConfig(tlsconfig.TlsConfig):
                 return entry
         raise NoCertificate(name)
 
+    def _configured(self, client) -> certs.CertStoreEntry:
+        """The certificate chosen by SNI among `certificates:` and ACME's; none on a plain
+        listener of a `listen:` list (TLS is for the `tls: true` ones)."""
+        if client.proxy_mode.full_spec in self.tls.plain_modes:
+            raise NoCertificate(f"{client.sni or 'no SNI'} on a plain listener")
+        pair = self.tls.pick(client.sni)
+        if pair is None:            # ACME only, none issued yet
+            raise NoCertificate(f"{client.sni or 'no SNI'} (no certificate issued yet)")
+        entry = self.entries.get(pair)
+        if entry is None:
+            if len(self.entries) > 256:        # replaced pairs (reloads, renewals) are not kept
+                self.entries.clear()
+            chain = [certs.Cert(c) for c in pair.chain]
+            entry = self.entries[pair] = certs.CertStoreEntry(chain[0], pair.key, None, chain)
+        return entry
+
     def tls_start_client(self, tls_start) -> None:
         try:
             super().tls_start_client(tls_start)
         except NoCertificate as e:       # no ssl_conn: mitmproxy closes the connection
             if count := self.refused.occurred(time.monotonic()):
                 logger.warning("edge: TLS refused (%d since the last report; last %s asking for %s): "
-                               "no certificate is configured for that name (--cert)",
+                               "no certificate is configured for that name (--cert, certificates:)",
                                count, tls_start.conn.peername[0], e)
 
 
@@ -128,9 +151,9 @@ class _Ready:
     def running(self) -> None:
         m = self.master
         addrs = m.addons.get("proxyserver").listen_addrs()
-        if not addrs:
-            host, port = self.launch.config.listen
-            self.launch.failure.append(f"cannot listen on {host}:{port}")
+        if len(addrs) < len(self.launch.config.all_listeners):      # one did not bind
+            wanted = ", ".join(f"{h}:{p}" for h, p in (lst.address for lst in self.launch.config.all_listeners))
+            self.launch.failure.append(f"cannot listen on {wanted}")
             m.shutdown()
             return
         if self.launch.on_ready:
@@ -181,9 +204,7 @@ async def serve(launch: Launch) -> None:
     logger.setLevel(logging.INFO)
     logging.getLogger("mitmproxy.proxy.server").addFilter(QUIET_TLS_REFUSALS)     # once: same instance
     cfg = launch.config
-    host, port = cfg.listen
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    opts = options.Options(mode=[f"reverse:{cfg.default_origin.url}@{listen}"], confdir=launch.confdir)
+    opts = options.Options(mode=[spec for spec, _ in listener_modes(cfg)], confdir=launch.confdir)
     if launch.web:
         from mitmproxy.tools.web.master import WebMaster
         m: master.Master = WebMaster(opts, with_termlog=True)
@@ -192,7 +213,9 @@ async def serve(launch: Launch) -> None:
         m = LeanMaster(opts)
     ready = _Ready(launch, m)
     try:
-        m.addons.add(Edge(cfg, annotate=launch.web, extra=launch.extra_addons), ready)
+        edge = Edge(cfg, annotate=launch.web, extra=launch.extra_addons)
+        m.addons.add(edge, ready)
+        m.addons.get("tlsconfig").tls = edge.tls
         updates = {"http3": False, "termlog_verbosity": "warn"}
         if launch.cert:
             updates["certs"] = [f"*={launch.cert}"]

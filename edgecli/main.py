@@ -68,10 +68,17 @@ def _listen_option(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _announce(config: EdgeConfig, web: bool):
     def on_ready(master, addr) -> None:
-        host, port = addr
-        click.echo(f"edge: listening on {host}:{port}, default pool {config.default_pool!r} "
+        bound = master.addons.get("proxyserver").listen_addrs()
+        kinds = [lst.tls for lst in config.all_listeners] if config.listeners else [None] * len(bound)
+        where = ", ".join(("https://" if tls else "http://" if tls is False else "") + _hostport(a[0], a[1])
+                          for a, tls in zip(bound, kinds))
+        click.echo(f"edge: listening on {where or _hostport(*addr)}, default pool {config.default_pool!r} "
                    f"({', '.join(o.url for o in config.pools[config.default_pool].origins)})", err=True)
         if web:
             click.echo(f"edge: mitmweb at {master.web_url}", err=True)
@@ -111,16 +118,19 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
     else:
         raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
     if listen:
-        config = dataclasses.replace(config, listen=listen)
+        config = dataclasses.replace(config, listen=listen, listeners=())    # one plain listener
     if access_log:
         config = dataclasses.replace(config, access_log=access_log)
     if admin:
         config = dataclasses.replace(config, admin=admin)
     try:
-        launcher.check_listen(*config.listen)
+        for listener in config.all_listeners:
+            launcher.check_listen(*listener.address)
         if config.admin:
             launcher.check_listen(*config.admin)
         if cert:
+            if config.certificates or config.acme:
+                raise launcher.LaunchError("give --cert or the config's certificates:/acme:, not both")
             launcher.check_cert(cert)
     except launcher.LaunchError as e:
         raise Problem(str(e)) from None
