@@ -76,6 +76,8 @@ def normalise_path(path: str) -> str | None:
     (Tomcat, many frameworks) would leave the route's origin_path or prefix."""
     if not path.startswith("/"):
         return None
+    if not ("%" in path or "//" in path or "/." in path or "\\" in path):
+        return path                     # nothing to decode, merge or remove: the common case
     text = _ESCAPE.sub(_unescape_unreserved, path)
     text = _remove_dot_segments(_SLASHES.sub("/", text))
     loose = _ENCODED_SEPARATOR.sub("/", text).replace("\\", "/")
