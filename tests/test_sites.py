@@ -13,7 +13,7 @@ import pytest
 
 from addons.admin import format_status
 from addons.config import ConfigError, parse_config
-from addons.sites.rules import FieldEdit, hsts_field, https_location, redirects
+from addons.sites.rules import FieldEdit, client_location, hsts_field, https_location, path_prefixes, redirects
 from addons.sites.table import SiteTable, host_key, key_query, normalise_path, origin_target
 from tests.rawnet import RecordingOrigin, exchange, status_of
 
@@ -135,6 +135,13 @@ sites:
     assert not redirects(True, False, "GET", "/.well-known/acme-challenge/tok")
     assert not redirects(True, False, "PURGE", "/x") and not redirects(False, False, "GET", "/x")
     assert hsts_field("max-age=1", True) == "max-age=1" and hsts_field("max-age=1", False) is None
+    blog = path_prefixes("/", False, "/blog")
+    assert blog == ("/blog/", "/") and path_prefixes("/api/", True, "") == ("/", "/api/")
+    assert path_prefixes("/api/", False, "") is None
+    assert client_location("/blog?x=1", blog, "blog.example") == "/?x=1"
+    assert client_location("/blogx", blog, "blog.example") is None
+    assert client_location("//blog.example/blog/x", blog, "blog.example") is None      # another host's form
+    assert client_location("HTTPS://BLOG.example/blog/x", blog, "blog.example") == "HTTPS://BLOG.example/x"
 
 
 @pytest.mark.parametrize("sites, key, problem", [
@@ -429,3 +436,28 @@ def test_a_background_refresh_goes_to_the_route_with_the_origin_path_once(edge):
         web.stop()
     assert [r.split(b" ")[1] for r in requests] == [b"/blog/p", b"/blog/p"]     # not /blog/blog/p
     assert not web.requests
+
+
+def test_an_origin_location_in_its_own_paths_reaches_the_client_in_the_sites(edge):
+    def redirect(location: str) -> bytes:
+        return (f"HTTP/1.1 301 Moved\r\nLocation: {location}\r\nContent-Length: 0\r\n"
+                f"Cache-Control: no-store\r\n\r\n").encode()
+
+    def blog_script(request: bytes) -> bytes:
+        target = request.split(b" ")[1]
+        return redirect({b"/blog/old": "/blog/new?x=1", b"/blog/abs": "http://blog.example/blog/a",
+                         b"/blog/away": "/elsewhere", b"/blog/other": "http://other.example/blog/x"}[target])
+
+    blog, api = RecordingOrigin(blog_script), RecordingOrigin(redirect("/login?next=%2F"))
+    try:
+        e = edge(config_for({"web": api, "api": api, "blog": blog}))
+        where = {path: get(e, "blog.example", path).headers["location"]
+                 for path in ("/old", "/abs", "/away", "/other")}
+        api_location = get(e, "shop.example", "/api/x").headers["location"]
+        hit_location = get(e, "shop.example", "/x").headers["location"]        # the / route: as it is
+    finally:
+        blog.stop()
+        api.stop()
+    assert where == {"/old": "/new?x=1", "/abs": "http://blog.example/a", "/away": "/elsewhere",
+                     "/other": "http://other.example/blog/x"}
+    assert api_location == "/api/login?next=%2F" and hit_location == "/login?next=%2F"

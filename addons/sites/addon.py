@@ -15,6 +15,8 @@ with strip_prefix/origin_path applied (the access log keeps the client's URL).
 SiteAnswers (response side) runs after the cache and stream, before the scrub: the header
 rules and HSTS go on every answer of a site (from the origin, a hit, streamed, the edge's
 own) on the way to the client, never into the stored copy, and the scrub still masks them.
+A route that changes the path gets the origin's Location/Content-Location back in the
+client's paths (nginx's proxy_redirect default).
 A streamed head leaves after `responseheaders`, a whole response after `response` (which
 follows the cache storing it)."""
 
@@ -33,7 +35,8 @@ from addons.compress.addon import ENABLED as COMPRESS
 from addons.config import EdgeConfig, Site, SiteRoute
 from addons.failsafe import edge_answer, fail_closed
 from addons.route.addon import POOL
-from addons.sites.rules import CHALLENGE, FieldEdit, hsts_field, https_location, redirects
+from addons.sites.rules import (CHALLENGE, FieldEdit, client_location, hsts_field, https_location, path_prefixes,
+                                redirects)
 from addons.sites.table import SiteTable, host_key, key_query, label, normalise_path, origin_target
 from addons.trace import decisions
 
@@ -211,6 +214,19 @@ class SiteAnswers:
         edit = self.edits.get(site.name)
         if edit is not None and edit.active:
             resp.headers.fields = edit(resp.headers.fields)
+        choice: Choice | None = flow.metadata.get(SITE)
+        prefixes = choice and path_prefixes(choice.route.path, choice.route.strip_prefix, choice.route.origin_path)
+        if prefixes is not None:
+            self._relocate(resp, prefixes, flow.request.host_header or "")
         hsts = hsts_field(site.hsts, flow.client_conn.tls_established)
         if hsts is not None:
             resp.headers["Strict-Transport-Security"] = hsts
+
+    @staticmethod
+    def _relocate(resp: http.Response, prefixes: tuple[str, str], host: str) -> None:
+        """Location and Content-Location from the origin's paths to the client's."""
+        for name in ("location", "content-location"):
+            value = resp.headers.get(name)
+            moved = client_location(value, prefixes, host) if value else None
+            if moved is not None:
+                resp.headers[name] = moved
