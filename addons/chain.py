@@ -107,7 +107,7 @@ class Edge:
         store = self.cache.store
         snapshot = self.snapshot()
         return (prometheus(snapshot, self.trace.answered, self.trace.served_by, store.bytes, store.tiers)
-                + site_metrics(self.sites.snapshot()))
+                + site_metrics(snapshot))
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

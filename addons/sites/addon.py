@@ -75,7 +75,9 @@ class Sites:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or FROM_STORE in flow.metadata:
             return
-        if self.acme_challenge is not None and self._challenge(flow) or self.table is None:
+        if self.acme_challenge is not None and self._challenge(flow):
+            return
+        if self.table is None:
             return
         choice = flow.metadata.get(SITE)
         if choice is not None and flow.metadata.get(REFRESH):     # the cache's refresh of a routed request
@@ -114,7 +116,7 @@ class Sites:
             return
         rec["route"] = label(route)
         query = query if sep else None
-        keyed = key_query(query, frozenset(route.ignore_query))
+        keyed = key_query(query, route.ignore_query)
         choice = Choice(site, route, f"{site.name}:{route.index}", normal if keyed is None else f"{normal}?{keyed}")
         flow.metadata[SITE] = choice
         if target != "*":
@@ -163,7 +165,7 @@ class Sites:
         out = []
         for route in self.table.routes[site.name]:
             if normal.startswith(route.path):
-                keyed = key_query(query if sep else None, frozenset(route.ignore_query))
+                keyed = key_query(query if sep else None, route.ignore_query)
                 out.append((f"{site.name}:{route.index}", normal if keyed is None else f"{normal}?{keyed}"))
         return out
 
@@ -177,8 +179,9 @@ class Sites:
 
 
 def site_metrics(snapshot: dict) -> str:
-    """Prometheus lines for the sites: requests by site, and misdirected requests."""
-    if not snapshot:
+    """Prometheus lines for the sites (from the edge's snapshot): requests by site, and
+    misdirected requests; none without sites."""
+    if "sites" not in snapshot:
         return ""
     out = ["# HELP edge_site_requests_total Requests a site took (its host matched).",
            "# TYPE edge_site_requests_total counter"]

@@ -20,7 +20,7 @@ routed (`/api/../admin` is `/admin`, which the `/api/` route never sees)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from addons.config import Site, SiteRoute
 
@@ -95,7 +95,7 @@ def origin_target(route: SiteRoute, path: str, query: str | None) -> str:
     return path if query is None else f"{path}?{query}"
 
 
-def key_query(query: str | None, ignored: frozenset[str]) -> str | None:
+def key_query(query: str | None, ignored: Collection[str]) -> str | None:
     """The query as the cache keys it: the parameters named in `ignored` left out."""
     if query is None or not ignored:
         return query
