@@ -87,7 +87,8 @@ def format_status(snapshot: dict) -> str:
         lines.append(f"site {name} ({', '.join(site['hosts'])}): {site['requests']} requests, routes "
                      + " ".join(site["routes"]))
     if snapshot.get("sites"):
-        lines.append(f"misdirected (no site for the host): {snapshot['misdirected']}")
+        lines.append(f"misdirected (no site for the host): {snapshot['misdirected']}, "
+                     f"refused by route rate limits: {snapshot['route_rate_refusals']}")
     if snapshot.get("shield"):
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
     return "\n".join(lines)

@@ -278,6 +278,7 @@ class SiteRoute:
     methods: tuple[str, ...] = ()        # empty: every method
     headers: tuple[HeaderMatch, ...] = ()
     index: int = 0                       # its place in the site's list (keys, the trace)
+    rate_limit: RateLimit | None = None  # on top of the shield's, for this route (in-process)
 
 
 @dataclass(frozen=True)
@@ -931,7 +932,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~\w-]+")
 RULE_FORBIDDEN = frozenset({"host", "content-length", "transfer-encoding", "connection", "te", "trailer",
                             "upgrade", "keep-alive", "proxy-connection", "cache-status", "edge-request-id"})
 SITE_KEYS = {"hosts", "https_redirect", "hsts", "headers", "routes"}
-ROUTE_KEYS = {"path", "pool", "strip_prefix", "origin_path", "cache", "compress", "methods", "headers"}
+ROUTE_KEYS = {"path", "pool", "strip_prefix", "origin_path", "cache", "compress", "methods", "headers", "rate_limit"}
 
 
 def parse_site_host(value: Any) -> str:
@@ -1065,8 +1066,13 @@ def _route(r: _Reader, raw: Any, path: tuple, index: int, pools: dict, cache: Ca
                 raise r.doc.error(hpath + (name,), f"not a regular expression: {e}") from None
         else:
             matches.append(HeaderMatch(name.lower(), value=text))
+    rate_limit = None
+    if spec.get("rate_limit") is not None:        # read as the shield's rate_limit is
+        rate_limit = _shield(r, {"rate_limit": spec["rate_limit"]}, path, None).rate_limit
+        if rate_limit.store != "memory":
+            raise r.doc.error(path + ("rate_limit", "store"), "a route's rate limit is kept in-process: memory")
     return SiteRoute(prefix, pool, _flag(r, spec, "strip_prefix", path, False), origin_path, route_cache, ignore,
-                     compress, methods, tuple(matches), index)
+                     compress, methods, tuple(matches), index, rate_limit)
 
 
 def _sites(r: _Reader, top: dict, pools: dict, cache: CacheConfig, compress: CompressConfig) -> dict:

@@ -461,3 +461,30 @@ def test_an_origin_location_in_its_own_paths_reaches_the_client_in_the_sites(edg
     assert where == {"/old": "/new?x=1", "/abs": "http://blog.example/a", "/away": "/elsewhere",
                      "/other": "http://other.example/blog/x"}
     assert api_location == "/api/login?next=%2F" and hit_location == "/login?next=%2F"
+
+
+def test_a_route_rate_limit_refuses_that_route_only(edge, origins):
+    config = POOLS + """
+sites:
+  shop:
+    hosts: [shop.example]
+    routes:
+      - {path: /, pool: web}
+      - {path: /login, pool: api, rate_limit: {rate: 1/h, burst: 2}}
+      - {path: /search, pool: api, rate_limit: {rate: 1/h, burst: 1, mode: detect}}
+"""
+    e = edge(config % {k: o.url for k, o in origins.items()})
+    answers = [get(e, "shop.example", "/login") for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert int(answers[2].headers["retry-after"]) > 1000 and "request id" in answers[2].text
+    assert len(origins["api"].requests) == 2
+    assert get(e, "shop.example", "/").text == "web"             # the site's other routes are not limited
+    assert [get(e, "shop.example", "/search").status_code for _ in range(2)] == [200, 200]   # detect only
+    assert edge_addon(e).snapshot()["route_rate_refusals"] == 1
+
+
+def test_a_route_rate_limit_is_kept_in_process():
+    text = POOLS % {"web": "http://127.0.0.1:1", "api": "http://127.0.0.1:2", "blog": "http://127.0.0.1:3"}
+    with pytest.raises(ConfigError, match=r"test\.yaml:11: sites\.a\.routes\[0\]\.rate_limit\.store: .*in-process"):
+        parse(text + "sites:\n  a:\n    hosts: [a.example]\n    routes:\n"
+                     "      - {path: /, rate_limit: {rate: 1/s, store: 'redis://127.0.0.1:1/0'}}\n")

@@ -22,6 +22,7 @@ follows the cache storing it)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +31,12 @@ from mitmproxy import http
 
 from addons.cache.addon import REFRESH, SETTINGS, SITE
 from addons.cache.serve import FROM_STORE
-from addons.client import public_base
+from addons.client import client_of, public_base
 from addons.compress.addon import ENABLED as COMPRESS
 from addons.config import EdgeConfig, Site, SiteRoute
 from addons.failsafe import edge_answer, fail_closed
 from addons.route.addon import POOL
+from addons.shield.limits import MemoryStore, rate_key, retry_after_header
 from addons.sites.rules import (CHALLENGE, FieldEdit, client_location, hsts_field, https_location, path_prefixes,
                                 redirects)
 from addons.sites.table import SiteTable, host_key, key_query, label, normalise_path, origin_target
@@ -60,6 +62,8 @@ class Sites:
         self.request_edits: dict[str, FieldEdit] = {}
         self.requests: Counter[str] = Counter()         # site -> requests it took
         self.misdirected = 0                            # requests for a host no site has (421)
+        self.refused = 0                                # by a route's rate limit (429)
+        self.limiters: dict[tuple[str, int], MemoryStore] = {}
         # Hooks for the TLS/ACME part: the port https redirects name, and the HTTP-01
         # responder: (host, token) -> the key authorization to answer, or None (then the
         # request is routed like any other, so an origin can answer its own challenges).
@@ -70,6 +74,8 @@ class Sites:
         self.table = SiteTable(config.sites, config.default_site) if config.sites else None
         self.trusted = config.trusted_proxies
         self.request_edits = {name: FieldEdit(site.request_headers) for name, site in config.sites.items()}
+        self.limiters = {(name, route.index): MemoryStore(route.rate_limit.rate, route.rate_limit.burst)
+                         for name, site in config.sites.items() for route in site.routes if route.rate_limit}
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -115,6 +121,8 @@ class Sites:
             flow.response = edge_answer(flow, 404, "no route of this site takes this path")
             return
         rec["route"] = label(route)
+        if route.rate_limit is not None and self._limited(flow, site, route):
+            return
         query = query if sep else None
         keyed = key_query(query, route.ignore_query)
         choice = Choice(site, route, f"{site.name}:{route.index}", normal if keyed is None else f"{normal}?{keyed}")
@@ -127,6 +135,24 @@ class Sites:
         if edit.active:
             req.headers.fields = edit(req.headers.fields)
         self._settle(flow, choice)
+
+    def _limited(self, flow: http.HTTPFlow, site: Site, route: SiteRoute) -> bool:
+        """The route's own rate limit (nginx's limit_req in a location), after the shield's:
+        True if the request was answered 429."""
+        rl = route.rate_limit
+        store = self.limiters[(site.name, route.index)]
+        verdict = store.take(rate_key(rl.key, client_of(flow, self.trusted), flow.request.path, flow.request.headers.get),
+                             time.monotonic())
+        if verdict.allowed:
+            return False
+        rec = decisions(flow)
+        if rl.mode == "detect":
+            rec["shield"] = "detect: route rate: too many requests (429)"
+            return False
+        rec["shield"] = "route rate: too many requests (429)"
+        self.refused += 1
+        flow.response = edge_answer(flow, 429, "too many requests", {"Retry-After": retry_after_header(verdict.retry_after)})
+        return True
 
     def _challenge(self, flow: http.HTTPFlow) -> bool:
         """ACME HTTP-01 over plain HTTP (with or without sites): the responder's answer."""
@@ -175,7 +201,7 @@ class Sites:
             return {}
         sites = {name: {"hosts": list(site.hosts), "routes": [label(r) for r in site.routes],
                         "requests": self.requests[name]} for name, site in self.table.sites.items()}
-        return {"sites": sites, "misdirected": self.misdirected}
+        return {"sites": sites, "misdirected": self.misdirected, "route_rate_refusals": self.refused}
 
 
 def site_metrics(snapshot: dict) -> str:
@@ -189,6 +215,9 @@ def site_metrics(snapshot: dict) -> str:
             for name, body in sorted(snapshot["sites"].items())]
     out += ["# HELP edge_misdirected_requests_total Requests for a host no site has (answered 421).",
             "# TYPE edge_misdirected_requests_total counter", f"edge_misdirected_requests_total {snapshot['misdirected']}"]
+    out += ["# HELP edge_route_rate_refusals_total Requests a site route's rate limit refused (429).",
+            "# TYPE edge_route_rate_refusals_total counter",
+            f"edge_route_rate_refusals_total {snapshot['route_rate_refusals']}"]
     return "\n".join(out) + "\n"
 
 
