@@ -83,6 +83,12 @@ def format_status(snapshot: dict) -> str:
         for o in pool["origins"]:
             role = " backup" if o["backup"] else ""
             lines.append(f"  {o['url']} weight {o['weight']}{role}, {o['in_flight']} in flight: {o['state']}")
+    for name, site in snapshot.get("sites", {}).items():
+        lines.append(f"site {name} ({', '.join(site['hosts'])}): {site['requests']} requests, routes "
+                     + " ".join(site["routes"]))
+    if snapshot.get("sites"):
+        lines.append(f"misdirected (no site for the host): {snapshot['misdirected']}, "
+                     f"refused by route rate limits: {snapshot['route_rate_refusals']}")
     if snapshot.get("shield"):
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
     return "\n".join(lines)

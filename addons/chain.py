@@ -22,6 +22,8 @@ from addons.scrub import Scrub
 from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
+from addons.sites import SiteAnswers, Sites
+from addons.sites.addon import site_metrics
 from addons.stream import Stream
 from addons.tls.addon import Tls
 from addons.trace import Trace
@@ -67,8 +69,15 @@ class Edge:
         # fetch for every coding; hits never recompress). stream after the cache and routing
         # (hits are whole; a streamed request connects after requestheaders), before the scrub
         # (which masks a streamed head as it leaves)
-        self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.compress, self.cache, self.route,
-                       self.stream, *extra, self.scrub, self.trace, self.admin]
+        # sites after request_scrub (a site's request rules are the operator's, not dropped as
+        # a client's) and before compress, the cache and route, which take the route's
+        # settings, key and pool; site_answers after the cache stored the origin's answer and
+        # after stream, before the scrub: a site's answer rules reach every client, masked
+        self.sites, self.site_answers = Sites(), SiteAnswers()
+        self.cache.site_keys = self.sites.cache_keys
+        self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
+                       self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
+                       self.admin]
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -95,11 +104,13 @@ class Edge:
 
     def snapshot(self) -> dict:
         """What `edge status` shows: the pools, and what the shield refused, by kind."""
-        return {**self.route.snapshot(), "shield": dict(self.shield.refused)}
+        return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot()}
 
     def metrics(self) -> str:
         store = self.cache.store
-        return prometheus(self.snapshot(), self.trace.answered, self.trace.served_by, store.bytes, store.tiers)
+        snapshot = self.snapshot()
+        return (prometheus(snapshot, self.trace.answered, self.trace.served_by, store.bytes, store.tiers)
+                + site_metrics(snapshot))
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
@@ -110,6 +121,8 @@ class Edge:
         self.cache.apply(config)
         self.scrub.apply(config)
         self.request_scrub.apply(config)
+        self.sites.apply(config)
+        self.site_answers.apply(config)
         self.trace.apply(config.access_log, self.annotate)
         self.stream.apply(config.buffer_limit, web=self.annotate)
         self.admin.apply(config)

@@ -245,6 +245,54 @@ class ShieldConfig:
     bots: BotConfig | None = None
 
 
+# --- sites: one edge in front of many hostnames (addons/sites) ---------------------------------
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """Header edits of one side (request or response), applied in this order: remove, set
+    (replaces every field of the name), add (one more field)."""
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    """A route's condition on a request header: its value exactly, or `~REGEX` searched."""
+    name: str                            # lower case
+    value: str | None = None
+    pattern: re.Pattern | None = None
+
+
+@dataclass(frozen=True)
+class SiteRoute:
+    path: str = "/"                      # a prefix of the normalised path
+    pool: str | None = None              # None: routing.default_pool (or geo steering)
+    strip_prefix: bool = False           # the origin sees the path without `path`
+    origin_path: str = ""                # put in front of the path the origin sees ("/blog")
+    cache: CacheConfig | None = None     # None: the top-level cache settings
+    ignore_query: tuple[str, ...] = ()   # query keys left out of the cache key
+    compress: bool | None = None         # None: compress.enabled
+    methods: tuple[str, ...] = ()        # empty: every method
+    headers: tuple[HeaderMatch, ...] = ()
+    index: int = 0                       # its place in the site's list (keys, the trace)
+    rate_limit: RateLimit | None = None  # on top of the shield's, for this route (in-process)
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    hosts: tuple[str, ...]               # lower case, no trailing dot; "*.x" wildcards
+    routes: tuple[SiteRoute, ...] = (SiteRoute(),)
+    https_redirect: bool = False         # plain-HTTP requests get 308 to https
+    hsts: str | None = None              # the Strict-Transport-Security value on TLS answers
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+
+
 ENCODINGS = ("br", "zstd", "gzip")
 BALANCE = ("weighted_round_robin", "least_conn", "hash")
 
@@ -290,6 +338,8 @@ class EdgeConfig:
     limits: Limits = field(default_factory=Limits)     # always on; tuned by the shield section
     admin: tuple[str, int] | None = None   # status endpoint (HAProxy's stats socket); off by default
     buffer_limit: int = 2**20           # bodies above it (or of unknown length) are streamed, not held
+    sites: dict[str, Site] = field(default_factory=dict)   # empty: one site matching every host
+    default_site: str | None = None      # the site of an unknown Host; None: 421
     source: str = "<config>"
     listeners: tuple[Listener, ...] = ()     # from a `listen:` list; empty: one plain listener on `listen`
     certificates: tuple[CertificateFiles, ...] = ()
@@ -308,10 +358,27 @@ class EdgeConfig:
         return self.listeners or (Listener(self.listen),)
 
     def acme_names(self) -> tuple[str, ...]:
-        """The host names ACME should hold certificates for: `acme.names` for now. The sites'
-        exact hosts are meant to be added here (wildcards cannot be validated over HTTP-01);
-        names a configured certificate covers are left out by the ACME manager."""
-        return self.acme.names if self.acme is not None else ()
+        """The host names ACME should hold certificates for: `acme.names` and every site's
+        exact host names (wildcards and IP addresses cannot be validated over HTTP-01); names a
+        configured certificate covers are left out by the ACME manager."""
+        if self.acme is None:
+            return ()
+        hosts = (h for site in self.sites.values() for h in site.hosts
+                 if not h.startswith("*.") and not _is_ip_address(h))
+        return tuple(dict.fromkeys((*self.acme.names, *hosts)))
+
+    @property
+    def https_port(self) -> int:
+        """The port https redirects name: the first TLS listener's, else 443."""
+        return next((listener.address[1] for listener in self.all_listeners if listener.tls), 443)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 # --- parsing helpers (each raises ValueError with a message for the user) -----------------------
@@ -760,7 +827,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     doc = _Doc(text, source)
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
-                                    "access_log", "admin", "shield", "buffer_limit", "certificates", "acme"})
+                                    "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
+                                    "sites", "default_site"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -891,7 +959,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     return EdgeConfig(**_tls(r, top, listeners, source), buffer_limit=buffer_limit, pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
-                      access_log=access_log, source=source)
+                      access_log=access_log, source=source, **_sites(r, top, pools, cache, compress))
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)
@@ -1015,3 +1083,193 @@ def _acme(r: _Reader, raw: Any, path: tuple, source: str) -> AcmeConfig:
     if "renew_before" in raw:
         renew_before = r.convert(parse_duration, raw["renew_before"], path + ("renew_before",))
     return AcmeConfig(directory, _config_path(storage, source), email, ca_bundle, tuple(names), renew_before)
+
+
+# --- sites ------------------------------------------------------------------------------------
+
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~\w-]+")
+# Fields a header rule may not touch: they frame or route the request, or are the edge's own.
+RULE_FORBIDDEN = frozenset({"host", "content-length", "transfer-encoding", "connection", "te", "trailer",
+                            "upgrade", "keep-alive", "proxy-connection", "cache-status", "edge-request-id"})
+SITE_KEYS = {"hosts", "https_redirect", "hsts", "headers", "routes"}
+ROUTE_KEYS = {"path", "pool", "strip_prefix", "origin_path", "cache", "compress", "methods", "headers", "rate_limit"}
+
+
+def parse_site_host(value: Any) -> str:
+    """A site's host: a name (`shop.example`), a wildcard (`*.shop.example`: every name below
+    it, not itself), an IPv4 address or an [IPv6] literal; lower case, no trailing dot, no port."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a host name like shop.example or *.shop.example")
+    text = value.strip().lower()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            raise ValueError(f"{value!r}: not an IPv6 address") from None
+    text = text.removesuffix(".")
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(text) or len(text) > 253:
+        problem = "without a port (hosts match whatever the port)" if ":" in text else \
+            "a wildcard is only a leading *. label" if "*" in text else "not a host name"
+        raise ValueError(f"{value!r}: {problem}")
+    return text
+
+
+def _flag(r: _Reader, raw: dict, key: str, path: tuple, default: bool | None) -> bool | None:
+    value = raw.get(key, default)
+    if value is not default and not isinstance(value, bool):
+        raise r.doc.error(path + (key,), "expected true or false")
+    return value
+
+
+def _hsts(r: _Reader, raw: Any, path: tuple) -> str | None:
+    """`365d`, or {max_age, include_subdomains, preload}: the Strict-Transport-Security value."""
+    if raw is None or raw is False:
+        return None
+    spec = r.mapping(raw, path, {"max_age", "include_subdomains", "preload"}) if isinstance(raw, dict) \
+        else {"max_age": raw}
+    if "max_age" not in spec:
+        raise r.doc.error(path + ("max_age",), "expected a duration like 365d")
+    age = r.convert(parse_duration, spec["max_age"], path + ("max_age",) if isinstance(raw, dict) else path)
+    value = f"max-age={int(age)}"
+    if _flag(r, spec, "include_subdomains", path, False):
+        value += "; includeSubDomains"
+    if _flag(r, spec, "preload", path, False):
+        value += "; preload"
+    return value
+
+
+def _header_value(r: _Reader, value: Any, path: tuple) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise r.doc.error(path, "expected a header value")
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise r.doc.error(path, "CR, LF and NUL are not allowed in a header value")
+    return text
+
+
+def _header_name(r: _Reader, name: Any, path: tuple) -> str:
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        raise r.doc.error(path, "expected a header name")
+    if name.lower() in RULE_FORBIDDEN:
+        raise r.doc.error(path, f"{name} frames or routes the message and cannot be changed by a rule")
+    return name
+
+
+def _header_rules(r: _Reader, raw: Any, path: tuple) -> HeaderRules:
+    spec = r.mapping(raw, path, {"set", "add", "remove"})
+    out = {}
+    for verb in ("set", "add"):
+        vpath = path + (verb,)
+        pairs = []
+        for name, value in r.mapping(spec.get(verb), vpath, set(spec.get(verb) or {})).items():
+            _header_name(r, name, vpath + (name,))
+            values = value if isinstance(value, list) and verb == "add" else [value]
+            pairs += [(name, _header_value(r, v, vpath + (name,))) for v in values]
+        out[verb] = tuple(pairs)
+    remove = tuple(_header_name(r, n, path + ("remove", i))
+                   for i, n in enumerate(r.listing(spec.get("remove"), path + ("remove",))))
+    return HeaderRules(out["set"], out["add"], remove)
+
+
+def _path_prefix(r: _Reader, value: Any, path: tuple, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in "?#% \t\r\n\\"):
+        raise r.doc.error(path, f"expected {what} starting with / (no query, no %, no spaces)")
+    segments = value.split("/")
+    if any(s in (".", "..") for s in segments) or "//" in value:
+        raise r.doc.error(path, f"{what} must be normalised: no . or .. segments, no //")
+    return value
+
+
+def _route(r: _Reader, raw: Any, path: tuple, index: int, pools: dict, cache: CacheConfig) -> SiteRoute:
+    spec = r.mapping(raw, path, ROUTE_KEYS)
+    prefix = _path_prefix(r, spec.get("path", "/"), path + ("path",), "a path prefix")
+    pool = spec.get("pool")
+    if pool is not None and (not isinstance(pool, str) or pool not in pools):
+        raise r.doc.error(path + ("pool",), f"no pool named {pool!r}")
+    origin_path = ""
+    if spec.get("origin_path") not in (None, "", "/"):
+        origin_path = _path_prefix(r, spec["origin_path"], path + ("origin_path",), "an origin path").rstrip("/")
+    route_cache, ignore = None, ()
+    if spec.get("cache") is not None:
+        cpath = path + ("cache",)
+        c = r.mapping(spec["cache"], cpath, {"enabled", "default_ttl", "ignore_query"})
+        ttl = cache.default_ttl
+        if "default_ttl" in c:
+            ttl = None if c["default_ttl"] is None else r.convert(parse_duration, c["default_ttl"], cpath + ("default_ttl",))
+        route_cache = dataclasses.replace(cache, enabled=_flag(r, c, "enabled", cpath, cache.enabled), default_ttl=ttl)
+        ignore = tuple(r.listing(c.get("ignore_query"), cpath + ("ignore_query",)))
+        for i, key in enumerate(ignore):
+            if not isinstance(key, str) or not key or any(ch in key for ch in "&=# "):
+                raise r.doc.error(cpath + ("ignore_query", i), "expected a query parameter name")
+    compress = None
+    if spec.get("compress") is not None:
+        c = r.mapping(spec["compress"], path + ("compress",), {"enabled"})
+        compress = _flag(r, c, "enabled", path + ("compress",), None)
+    methods = tuple(r.listing(spec.get("methods"), path + ("methods",)))
+    for i, m in enumerate(methods):
+        if not isinstance(m, str) or not re.fullmatch(r"[A-Z]+", m):
+            raise r.doc.error(path + ("methods", i), "expected a method in upper case, like GET")
+    matches = []
+    hpath = path + ("headers",)
+    for name, value in r.mapping(spec.get("headers"), hpath, set(spec.get("headers") or {})).items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise r.doc.error(hpath + (name,), "expected a header name")
+        text = _header_value(r, value, hpath + (name,))
+        if text.startswith("~"):
+            try:
+                matches.append(HeaderMatch(name.lower(), pattern=re.compile(text[1:])))
+            except re.error as e:
+                raise r.doc.error(hpath + (name,), f"not a regular expression: {e}") from None
+        else:
+            matches.append(HeaderMatch(name.lower(), value=text))
+    rate_limit = None
+    if spec.get("rate_limit") is not None:        # read as the shield's rate_limit is
+        rate_limit = _shield(r, {"rate_limit": spec["rate_limit"]}, path, None).rate_limit
+        if rate_limit.store != "memory":
+            raise r.doc.error(path + ("rate_limit", "store"), "a route's rate limit is kept in-process: memory")
+    return SiteRoute(prefix, pool, _flag(r, spec, "strip_prefix", path, False), origin_path, route_cache, ignore,
+                     compress, methods, tuple(matches), index, rate_limit)
+
+
+def _sites(r: _Reader, top: dict, pools: dict, cache: CacheConfig, compress: CompressConfig) -> dict:
+    """`sites:` and `default_site:`; without them, one implicit site takes every host."""
+    if top.get("sites") is None:
+        if top.get("default_site") is not None:
+            raise r.doc.error(("default_site",), "needs a sites: section")
+        return {}
+    raw = r.mapping(top["sites"], ("sites",), set(top["sites"] or {}))
+    if not raw:
+        raise r.doc.error(("sites",), "at least one site, or leave sites: out")
+    sites, owner = {}, {}
+    for name, body in raw.items():
+        path = ("sites", name)
+        if not isinstance(name, str) or not _SITE_NAME.fullmatch(name):
+            raise r.doc.error(path, "a site name is letters, digits, _ . and -")
+        spec = r.mapping(body, path, SITE_KEYS)
+        hosts = []
+        for i, value in enumerate(r.listing(spec.get("hosts"), path + ("hosts",))):
+            host = r.convert(parse_site_host, value, path + ("hosts", i))
+            if host in owner:
+                raise r.doc.error(path + ("hosts", i), f"{host} is already a host of site {owner[host]}")
+            owner[host] = name
+            hosts.append(host)
+        if not hosts:
+            raise r.doc.error(path + ("hosts",), "a site needs at least one host")
+        routes = tuple(_route(r, item, path + ("routes", i), i, pools, cache)
+                       for i, item in enumerate(r.listing(spec.get("routes"), path + ("routes",))))
+        headers = r.mapping(spec.get("headers"), path + ("headers",), {"request", "response"})
+        sites[name] = Site(name, tuple(hosts), routes or (SiteRoute(),),
+                           bool(_flag(r, spec, "https_redirect", path, False)),
+                           _hsts(r, spec.get("hsts"), path + ("hsts",)),
+                           _header_rules(r, headers.get("request"), path + ("headers", "request")),
+                           _header_rules(r, headers.get("response"), path + ("headers", "response")))
+    default_site = top.get("default_site")
+    if default_site is not None and (not isinstance(default_site, str) or default_site not in sites):
+        raise r.doc.error(("default_site",), f"no site named {default_site!r} (null: unknown hosts get 421)")
+    return {"sites": sites, "default_site": default_site}

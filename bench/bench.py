@@ -62,6 +62,34 @@ routing:
 """
 
 
+# Issue 11: three sites and ten routes in front of the same origin (the request takes the
+# longest prefix of shop.example's routes, after exact and wildcard host lookups), against the
+# plain forwarding figure.
+SITES = """\
+listen: 127.0.0.1:{listen}
+pools: {{p: {{origins: [http://127.0.0.1:{a}]}}, q: {{origins: [http://127.0.0.1:{b}]}}}}
+routing: {{default_pool: p}}
+sites:
+  shop:
+    hosts: [shop.example, "*.shop.example"]
+    headers: {{response: {{set: {{X-Frame-Options: DENY}}}}}}
+    routes:
+      - {{path: /, pool: p}}
+      - {{path: /api/, pool: q, strip_prefix: true}}
+      - {{path: /api/v2/, pool: q}}
+      - {{path: /static/, pool: p, cache: {{default_ttl: 1h}}}}
+      - {{path: /index, pool: p, methods: [GET, HEAD]}}
+      - {{path: /index.html, pool: q, headers: {{X-Beta: "1"}}}}
+  blog:
+    hosts: [blog.example]
+    routes: [{{path: /, pool: q, origin_path: /blog}}, {{path: /feed/, pool: q}}]
+  docs:
+    hosts: [docs.example, "*.docs.example"]
+    routes: [{{path: /, pool: p}}, {{path: /v1/, pool: q, strip_prefix: true}}]
+default_site: null
+"""
+
+
 # The shield without and with the WAF on every request (limits generous enough never to refuse
 # the benchmark), and an edge whose rate limit refuses everything after the first request (the
 # cost of a refusal).
@@ -155,7 +183,8 @@ def main() -> None:
     (work / "www" / "page100k.html").write_bytes(text)
     origin_port, mitm_port, edge_port, routed_port = free_port(), free_port(), free_port(), free_port()
     port2, port3, shielded_port, refusing_port = free_port(), free_port(), free_port(), free_port()
-    limits_port = free_port()
+    limits_port, sites_port = free_port(), free_port()
+    (work / "sites.yaml").write_text(SITES.format(listen=sites_port, a=origin_port, b=port2))
     (work / "limits.yaml").write_text(LIMITS_ONLY.format(listen=limits_port, a=origin_port))
     (work / "shielded.yaml").write_text(SHIELDED.format(listen=shielded_port, a=origin_port))
     (work / "refusing.yaml").write_text(REFUSING.format(listen=refusing_port, a=origin_port))
@@ -174,6 +203,8 @@ def main() -> None:
         "edge routing+health+geo": ([BIN / "edge", "run", "-c", work / "routed.yaml", "--confdir", work / "conf"],
                                     routed_port, "/index.html", ("X-Forwarded-For: 81.2.69.160",)),
         "edge forwarding, browser": (None, edge_port, "/index.html", BROWSER),
+        "edge 3 sites, 10 routes": ([BIN / "edge", "run", "-c", work / "sites.yaml", "--confdir", work / "conf"],
+                                    sites_port, "/index.html", BROWSER),
         "edge shield w/o WAF, browser": ([BIN / "edge", "run", "-c", work / "limits.yaml", "--confdir", work / "conf"],
                                          limits_port, "/index.html", BROWSER),
         "edge shield+WAF, browser": ([BIN / "edge", "run", "-c", work / "shielded.yaml", "--confdir", work / "conf"],
@@ -234,6 +265,9 @@ def main() -> None:
     print(f"edge routing+health+geo vs edge forwarding at c={args.connections}: "
           f"{routed.rps / edge_many.rps:.2f}x (goal >= 0.95)")
     plain_fwd, waf = results["edge forwarding, browser"], results["edge shield+WAF, browser"]
+    sites = results["edge 3 sites, 10 routes"][0]
+    print(f"edge 3 sites and 10 routes vs edge forwarding (same browser-like request) at c={args.connections}: "
+          f"{sites.rps / plain_fwd[0].rps:.2f}x (goal >= 0.95)")
     print(f"edge shield+WAF vs edge forwarding (same browser-like request) at c={args.connections}: "
           f"{waf[0].rps / plain_fwd[0].rps:.2f}x; the shield costs {1000 / waf[0].rps - 1000 / plain_fwd[0].rps:.2f} ms "
           f"of CPU per request, {waf[1].p50 - plain_fwd[1].p50:.2f} ms of p50 at c=1")

@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -56,6 +56,11 @@ META = "edge.cache"
 REFRESH = "edge.cache.refresh"  # marks the cache's own background revalidation flows
 REVALIDATES = "edge.cache.revalidates"  # ... whose outcome a request waits for (the entry, a Fill, False: failed)
 CONTINUES = "edge.cache.continues"  # the cache's own range request finishing a Fill its fetcher left
+# Set by addons/sites on a routed request: SITE, what keys it (key_prefix, key_path: the site
+# and route, the client's path), carried to background refreshes; SETTINGS, the route's cache
+# settings in place of the config's.
+SITE = "edge.cache.site"
+SETTINGS = "edge.cache.settings"
 COALESCE_WAIT = 10.0            # seconds a follower waits for the leader's response
 UNCACHEABLE_TTL = 120.0         # a URL found uncacheable is not coalesced for this long (Varnish: hit-for-miss)
 REFRESH_TIMEOUT = 30.0
@@ -131,6 +136,8 @@ class Cache:
         self.uncacheable: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=UNCACHEABLE_TTL)
         self.tasks: set[asyncio.Task] = set()
         self.origin = StoreOrigin()                          # serves bodies that are not in memory
+        # addons/sites: (host, target) -> (key prefix, key path) of every route of its site
+        self.site_keys: Callable[[str, str], list[tuple[str, str]] | None] = lambda host, target: None
 
     async def running(self) -> None:
         await self.origin.start()
@@ -159,12 +166,13 @@ class Cache:
         """Drop a URL (all its variants) from the cache, memory and disk; `*` empties both."""
         if url == "*":
             return f"purged {self.store.clear()} URLs"
-        return "purged" if self.store.remove(self._url_key(url)) else "not cached"
+        removed = [self.store.remove(key) for key in self._purge_keys(url)]
+        return "purged" if any(removed) else "not cached"
 
     # -- hooks ------------------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow):
-        if flow.response or not self.settings.enabled:
+        if flow.response or not flow.metadata.get(SETTINGS, self.settings).enabled:
             return None
         req = flow.request
         state = FlowState(self._key(flow))
@@ -440,7 +448,7 @@ class Cache:
         if why_not is not None:
             return why_not
         lifetime = policy.freshness_lifetime(resp.status_code, headers, rules, response_time,
-                                             self.settings.default_ttl)
+                                             flow.metadata.get(SETTINGS, self.settings).default_ttl)
         if not policy.reusable(lifetime, headers, rules):
             return "no-freshness"
         if length is not None and length > self.store.max_object:
@@ -643,8 +651,8 @@ class Cache:
         rules = ResponseRules.read(headers)
         response_time = resp.timestamp_end or time.time()
         guess = policy.guess_refused(flow.request.headers, headers, flow.request.path) is None
-        lifetime = policy.freshness_lifetime(entry.status, headers, rules, response_time, self.settings.default_ttl,
-                                             guess)
+        lifetime = policy.freshness_lifetime(entry.status, headers, rules, response_time,
+                                             flow.metadata.get(SETTINGS, self.settings).default_ttl, guess)
         refreshed = Entry(entry.status, entry.reason, fields, headers, entry.body, flow.request.timestamp_start,
                           response_time, rules, lifetime, entry.selected_by)
         refreshed.file = entry.file
@@ -802,7 +810,8 @@ class Cache:
             if target:
                 url = self.mask.rewrite_url(urljoin(base + flow.request.path, target), base, public_host)
                 if urlsplit(url).netloc == urlsplit(base).netloc:
-                    self.store.remove(self._url_key(url))
+                    for key in self._purge_keys(url):
+                        self.store.remove(key)
         state.status.detail = "invalidated"
 
     @staticmethod
@@ -818,7 +827,7 @@ class Cache:
         client = parse_ip(client_of(flow, self.trusted))
         if not in_networks(client, self.settings.purge_from):
             flow.response = edge_answer(flow, 403, "purge is not allowed from this address")
-        elif self.store.remove(state.key):
+        elif any([self.store.remove(key) for key in self._request_purge_keys(flow, state)]):
             flow.response = edge_answer(flow, 200, "purged")
         else:
             flow.response = edge_answer(flow, 404, "not in cache")
@@ -840,6 +849,8 @@ class Cache:
         refresh = http.HTTPFlow(flow.client_conn, connection.Server(address=flow.server_conn.address))
         refresh.request = flow.request.copy()
         refresh.metadata[REFRESH] = True
+        if SITE in flow.metadata:           # its request has the origin's path: keep the site's key
+            refresh.metadata[SITE] = flow.metadata[SITE]
         self._in_background(self._replay(refresh, key))
 
     def _in_background(self, job) -> None:
@@ -939,11 +950,29 @@ class Cache:
     # -- keys and ages ---------------------------------------------------------------------------------
 
     def _key(self, flow: http.HTTPFlow) -> str:
-        """The public URL, with a default port left out (as `_url_key` does)."""
+        """The public URL, with a default port left out (as `_url_key` does); behind a site,
+        its site and route first and the client's path (addons/sites)."""
         base = public_base(flow, self.trusted).lower()
         if base.endswith((":80", ":443")) and base.endswith(":80") == base.startswith("http:"):
             base = base.rsplit(":", 1)[0]
+        site = flow.metadata.get(SITE)
+        if site is not None:
+            return f"{site.key_prefix} {base}{site.key_path}"
         return base + flow.request.path
+
+    def _purge_keys(self, url: str) -> list[str]:
+        """The keys a public URL is stored under: its own, or one per route of its site."""
+        key = self._url_key(url)
+        base_end = key.find("/", key.find("://") + 3)
+        base, target = key[:base_end], key[base_end:]
+        routes = self.site_keys(urlsplit(url).netloc, target)
+        return [key] if routes is None else [f"{prefix} {base}{path}" for prefix, path in routes]
+
+    def _request_purge_keys(self, flow: http.HTTPFlow, state: FlowState) -> list[str]:
+        """A PURGE request drops its own key, and behind a site the URL on every route."""
+        if SITE not in flow.metadata:
+            return [state.key]
+        return [state.key, *self._purge_keys(decisions(flow)["public_url"])]
 
     @staticmethod
     def _url_key(url: str) -> str:

@@ -26,6 +26,7 @@ from addons.trace import decisions
 META = "edge.encoding"          # the coding this client gets
 ACCEPT = "edge.encoding.accept"  # the client's Accept-Encoding (the origin is sent identity)
 BASE = "edge.encoding.base"     # (fields, body) of the representation the encoding was made from
+ENABLED = "edge.compress.enabled"   # a site route's compress.enabled, in place of the config's
 
 
 class Compress:
@@ -38,7 +39,7 @@ class Compress:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not self.settings.enabled:
+        if flow.response or not flow.metadata.get(ENABLED, self.settings.enabled):
             return
         headers = flow.request.headers
         flow.metadata[ACCEPT] = headers.get("accept-encoding")

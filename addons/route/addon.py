@@ -36,6 +36,7 @@ logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 IN_FLIGHT = "edge.route.origin"   # the origin a flow counts against until it ends
 TRIED = "edge.route.tried"        # origins a flow already failed on: failover tries each once
+POOL = "edge.route.pool"          # the pool a site's route names (addons/sites), before geo steering
 # RFC 9110 9.2.2: safe to send again after bytes may have reached an origin (nginx's rule too)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 QUIET = 5.0             # an origin not heard from for this long is probed before use
@@ -146,12 +147,19 @@ class Route:
         if flow.response or not self.balancers or FROM_STORE in flow.metadata:    # the cache serves it
             return None
         now = time.monotonic()
-        wanted = self._steer(flow, now) if self.steering is not None else self.default_pool
+        wanted = self._wanted(flow, now)
         chosen = self.choose(wanted, now, flow)
         if chosen is not None and self._health(chosen[1]).suspect(now, QUIET):
             return self._probe_then_route(flow, wanted, chosen)     # async only on this rare path
         self._route(flow, wanted, chosen)
         return None
+
+    def _wanted(self, flow: http.HTTPFlow, now: float) -> str:
+        """The pool a request asks for: its site route's, else geo steering's, else the default."""
+        pool = flow.metadata.get(POOL)
+        if pool is not None:
+            return pool
+        return self._steer(flow, now) if self.steering is not None else self.default_pool
 
     def _steer(self, flow: http.HTTPFlow, now: float) -> str:
         """Geo steering: the pool for where the client is, recorded in the trace."""
@@ -228,7 +236,8 @@ class Route:
         chosen = self.choose(rec["pool"], time.monotonic(), flow, tried)
         if chosen is None:
             return False
-        self._route(flow, rec["geo"]["pool"] if "geo" in rec else self.default_pool, chosen)
+        wanted = flow.metadata.get(POOL) or (rec["geo"]["pool"] if "geo" in rec else self.default_pool)
+        self._route(flow, wanted, chosen)
         return True
 
     def _origin_failed(self, key: tuple[str, int], health: Health, why: str) -> None:
@@ -256,7 +265,7 @@ class Route:
     def _route(self, flow: http.HTTPFlow, wanted: str, chosen: tuple[str, Origin] | None) -> None:
         rec = decisions(flow)
         if chosen is None:
-            rec["route"] = "no origin available"
+            _note_route(rec, "no origin available")
             flow.response = edge_answer(flow, 503, "no origin is available to serve this request",
                                         {"Retry-After": "5"})
             return
@@ -271,7 +280,7 @@ class Route:
         self.in_flight[key] += 1
         flow.metadata[IN_FLIGHT] = key
         if pool != wanted:
-            rec["route"] = f"fallback from {wanted}"
+            _note_route(rec, f"fallback from {wanted}")
 
     def _hash_key(self, flow: http.HTTPFlow, pool: Pool) -> str:
         kind, _, name = pool.hash_key.partition(":")
@@ -391,6 +400,15 @@ class Route:
     def status(self) -> str:
         """Each pool's origins with their weight, health and requests in flight."""
         return format_status(self.snapshot())
+
+
+def _note_route(rec: dict, what: str) -> None:
+    """The trace's `route`: after the site's route (addons/sites), if there is one."""
+    current = rec.get("route")
+    if current is None:
+        rec["route"] = what
+    elif not current.endswith(what):        # failover routes again: said once
+        rec["route"] = f"{current}; {what}"
 
 
 def _cancel_if_connecting(task: asyncio.Task | None, server) -> None:
