@@ -56,7 +56,7 @@ class Edge:
         self.protocol, self.request_scrub = Protocol(), RequestScrub()
         self.compress, self.cache, self.route = Compress(), Cache(), Route()
         self.scrub, self.trace = Scrub(), Trace()
-        self.shield = Shield(lambda: self.route.locator, self.trace.write)
+        self.shield = Shield(lambda: self.route.locator, self.trace.write, lambda flow: self.sites.shield_profile(flow))
         self.admin = Admin(self.snapshot, self.metrics)
         self.stream = Stream(self.shield.inspected_body, self.cache.streamed)
         self.tls = Tls()      # after protocol, before all else: ACME challenges, plain HTTP on a TLS port

@@ -280,6 +280,19 @@ class SiteRoute:
     headers: tuple[HeaderMatch, ...] = ()
     index: int = 0                       # its place in the site's list (keys, the trace)
     rate_limit: RateLimit | None = None  # on top of the shield's, for this route (in-process)
+    shield: RouteShield | None = None    # None: the shield's parts as configured
+
+
+SHIELD_PARTS = ("on", "detect", "off")
+
+
+@dataclass(frozen=True)
+class RouteShield:
+    """A route's shield profile: each inspecting part as the shield section says (`on`), only
+    recorded (`detect`), or not run (`off`) for this route's requests. Lists, rate limits and
+    the resource limits always apply: they protect the edge, not the route."""
+    waf: str = "on"
+    bots: str = "on"
 
 
 @dataclass(frozen=True)
@@ -1094,7 +1107,8 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~\w-]+")
 RULE_FORBIDDEN = frozenset({"host", "content-length", "transfer-encoding", "connection", "te", "trailer",
                             "upgrade", "keep-alive", "proxy-connection", "cache-status", "edge-request-id"})
 SITE_KEYS = {"hosts", "https_redirect", "hsts", "headers", "routes"}
-ROUTE_KEYS = {"path", "pool", "strip_prefix", "origin_path", "cache", "compress", "methods", "headers", "rate_limit"}
+ROUTE_KEYS = {"path", "pool", "strip_prefix", "origin_path", "cache", "compress", "methods", "headers", "rate_limit",
+              "shield"}
 
 
 def parse_site_host(value: Any) -> str:
@@ -1233,8 +1247,18 @@ def _route(r: _Reader, raw: Any, path: tuple, index: int, pools: dict, cache: Ca
         rate_limit = _shield(r, {"rate_limit": spec["rate_limit"]}, path, None).rate_limit
         if rate_limit.store != "memory":
             raise r.doc.error(path + ("rate_limit", "store"), "a route's rate limit is kept in-process: memory")
+    shield = None
+    if spec.get("shield") is not None:
+        spath = path + ("shield",)
+        parts = dict(r.mapping(spec["shield"], spath, {"waf", "bots"}))
+        for part, value in parts.items():
+            if isinstance(value, bool):         # YAML 1.1 reads a bare on/off as a boolean
+                parts[part] = value = "on" if value else "off"
+            if value not in SHIELD_PARTS:
+                raise r.doc.error(spath + (part,), f"expected one of {', '.join(SHIELD_PARTS)}")
+        shield = RouteShield(**parts)
     return SiteRoute(prefix, pool, _flag(r, spec, "strip_prefix", path, False), origin_path, route_cache, ignore,
-                     compress, methods, tuple(matches), index, rate_limit)
+                     compress, methods, tuple(matches), index, rate_limit, shield)
 
 
 def _sites(r: _Reader, top: dict, pools: dict, cache: CacheConfig, compress: CompressConfig) -> dict:

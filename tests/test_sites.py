@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from addons.admin import format_status
-from addons.config import ConfigError, parse_config
+from addons.config import ConfigError, RouteShield, parse_config
 from addons.sites.rules import FieldEdit, client_location, hsts_field, https_location, path_prefixes, redirects
 from addons.sites.table import SiteTable, host_key, key_query, normalise_path, origin_target
 from tests.rawnet import RecordingOrigin, exchange, status_of
+from tests.test_shield import needs_crs
 
 POOLS = """
 pools:
@@ -161,6 +162,10 @@ sites:
     ("{a: {hosts: [a.example], hsts: forever}}", "sites.a.hsts", "duration"),
     ("{a: {hosts: [a.example], routes: [{path: /, cache: {ignore_query: ['a=b']}}]}}",
      "sites.a.routes[0].cache.ignore_query[0]", "query parameter"),
+    ("{a: {hosts: [a.example], routes: [{path: /, shield: {waf: partly}}]}}", "sites.a.routes[0].shield.waf",
+     "expected one of"),
+    ("{a: {hosts: [a.example], routes: [{path: /, shield: {rate: off}}]}}", "sites.a.routes[0].shield.rate",
+     "unknown key"),
 ])
 def test_config_mistakes_name_the_line_and_key(sites, key, problem):
     text = POOLS % {"web": "http://127.0.0.1:1", "api": "http://127.0.0.1:2", "blog": "http://127.0.0.1:3"}
@@ -498,3 +503,75 @@ sites:
     assert cfg.acme_names() == ("extra.example", "shop.example", "blog.example")
     assert cfg.https_port == 8443
     assert parse_config("pools: {web: {origins: [http://127.0.0.1:9001]}}\n").https_port == 443
+
+
+SHIELDED_SITE = """\
+pools: {web: {origins: [%(web)s]}}
+routing: {default_pool: web}
+access_log: %(log)s
+shield:
+  waf: {paranoia: 1, anomaly_threshold: 5}
+  bots: {block: [scanner, bad]}
+sites:
+  shop:
+    hosts: [shop.example]
+    routes:
+      - {path: /, pool: web, headers: {X-Forwarded-Proto: https}, shield: {waf: off}}
+      - {path: /, pool: web}
+      - {path: /api/, pool: web, shield: {waf: off}}
+      - {path: /beta/, pool: web, shield: {waf: detect, bots: detect}}
+      - {path: /feeds/, pool: web, shield: {bots: off}}
+"""
+SQLI = "?id=1%27%20OR%20%271%27%3D%271"
+
+
+@needs_crs
+def test_a_routes_shield_profile_turns_parts_off_or_to_detect_for_that_route(edge, tmp_path):
+    web = RecordingOrigin(answer("web"))
+    log = tmp_path / "access.log"
+    try:
+        e = edge(SHIELDED_SITE % {"web": web.url, "log": log})
+        scanner = {"User-Agent": ""}        # class `bad` (no User-Agent); the CRS only notes it (2 points)
+        outcomes = {
+            "sqli /": get(e, "shop.example", "/products" + SQLI).status_code,
+            "sqli /api/": get(e, "shop.example", "/api/products" + SQLI).status_code,
+            "sqli /beta/": get(e, "shop.example", "/beta/products" + SQLI).status_code,
+            "scanner /": get(e, "shop.example", "/", headers=scanner).status_code,
+            "scanner /feeds/": get(e, "shop.example", "/feeds/rss", headers=scanner).status_code,
+            "scanner /beta/": get(e, "shop.example", "/beta/", headers=scanner).status_code,
+            "sqli /feeds/": get(e, "shop.example", "/feeds/rss" + SQLI).status_code,
+        }
+        assert outcomes == {"sqli /": 403, "sqli /api/": 200, "sqli /beta/": 200, "scanner /": 403,
+                            "scanner /feeds/": 200, "scanner /beta/": 200, "sqli /feeds/": 403}
+        assert len(web.requests) == 4           # /api/, /beta/ (twice), /feeds/: the others were refused
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        by_path = {r["url"].split("shop.example", 1)[1]: r["edge"] for r in records}
+        assert by_path["/api/products" + SQLI]["waf"] == "skipped on this route"
+        assert by_path["/beta/products" + SQLI]["shield"].startswith("detect: waf")
+        assert by_path["/feeds/rss"]["bot"] == "not judged on this route"
+    finally:
+        web.stop()
+
+
+@needs_crs
+def test_a_route_chosen_by_a_header_the_scrub_removes_is_not_inspected_under_its_profile(edge, tmp_path):
+    """A route with its WAF off picked by `X-Forwarded-Proto: https`, which the request scrub then
+    drops for an untrusted client: the shield judged it by the lax route, the request would go by
+    the strict one. Fail closed: 403, and the origin gets nothing."""
+    web = RecordingOrigin(answer("web"))
+    try:
+        e = edge(SHIELDED_SITE % {"web": web.url, "log": tmp_path / "access.log"})
+        forged = get(e, "shop.example", "/products" + SQLI, headers={"X-Forwarded-Proto": "https"})
+        assert forged.status_code == 403 and not web.requests
+        assert get(e, "shop.example", "/products").status_code == 200        # a normal client beside it
+        first = json.loads((tmp_path / "access.log").read_text().splitlines()[0])["edge"]
+        assert first["waf"] == "skipped on this route"                       # what the shield saw
+        assert first["route"] == "/: refused, inspected under another route's shield profile"
+    finally:
+        web.stop()
+
+
+def test_a_route_shield_profile_reads_on_and_off_as_yaml_writes_them():
+    text = POOLS % {"web": "http://127.0.0.1:1", "api": "http://127.0.0.1:2", "blog": "http://127.0.0.1:3"}
+    c = parse(text + "sites: {a: {hosts: [a.example], routes: [{path: /, shield: {waf: off, bots: detect}}]}}\n")
+    assert c.sites["a"].routes[0].shield == RouteShield(waf="off", bots="detect")

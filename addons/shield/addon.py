@@ -30,7 +30,7 @@ from mitmproxy.connection import Client
 
 from addons import internals
 from addons.client import client_of
-from addons.config import EdgeConfig, Limits, ShieldConfig
+from addons.config import EdgeConfig, Limits, RouteShield, ShieldConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
@@ -43,6 +43,7 @@ from addons.trace import decisions
 
 logger = logging.getLogger("edge")
 SWEEP = 0.25        # seconds between looks at the slow-client deadlines
+PROFILE = "edge.shield.profile"     # flow metadata: the route's shield profile the request was judged by
 
 
 def head_bytes(request: http.Request) -> int:
@@ -52,9 +53,11 @@ def head_bytes(request: http.Request) -> int:
 
 
 class Shield:
-    def __init__(self, locator: Callable[[], Locator | None], log: Callable[[dict], None]) -> None:
+    def __init__(self, locator: Callable[[], Locator | None], log: Callable[[dict], None],
+                 route_profile: Callable[[http.HTTPFlow], RouteShield] = lambda flow: RouteShield()) -> None:
         self.locator = locator             # the route addon's geo database, for deny_countries
         self.log = log                     # the access log, for connections refused before any request
+        self.route_profile = route_profile  # the sites addon's: which parts run for the request's route
         self.config: ShieldConfig | None = None
         self.limits = Limits()
         self.trusted: tuple = ()
@@ -202,16 +205,22 @@ class Shield:
             self.deadlines.head_received(conn.id, now, body)
 
     def _after_rate_limit(self, flow: http.HTTPFlow, ip: str) -> None:
-        """Bots, then the WAF's phase 1, for a request the rate limit let through."""
-        if self._bot_verdict(flow, ip):
-            self._inspect_head(flow, ip)
+        """Bots, then the WAF's phase 1, for a request the rate limit let through, as the
+        route's shield profile says."""
+        profile = flow.metadata[PROFILE] = self.route_profile(flow)
+        if self._bot_verdict(flow, ip, profile.bots):
+            self._inspect_head(flow, ip, profile.waf)
 
-    def _bot_verdict(self, flow: http.HTTPFlow, ip: str) -> bool:
+    def _bot_verdict(self, flow: http.HTTPFlow, ip: str, part: str = "on") -> bool:
         """True if the request may go on: its class is allowed, or not blocked (and, with the
-        challenge on, an `unknown` client brought a valid cookie)."""
+        challenge on, an `unknown` client brought a valid cookie). `part`: the route's say."""
         bots = self.config.bots
         if bots is None:
             return True
+        if part == "off":
+            decisions(flow)["bot"] = "not judged on this route"
+            return True
+        mode = "detect" if part == "detect" else bots.mode
         kind = classify(flow.request.headers.get("user-agent", ""))
         why = self.behaviour.requested(ip, flow.request.path, time.monotonic())
         if why is not None:
@@ -221,7 +230,7 @@ class Shield:
         if kind in bots.allow:
             return True
         if kind in bots.block:
-            return not self._refuse(flow, "bots", bots.mode, 403, "automated clients of this kind are not served")
+            return not self._refuse(flow, "bots", mode, 403, "automated clients of this kind are not served")
         if self.challenge is None or kind not in ("unknown", "browser"):
             return True
         if kind == "browser" and not self.behaviour.busy(ip):
@@ -232,7 +241,7 @@ class Shield:
             flow.request.cookies = cookies
             rec["bot"] = "unknown: challenge passed"
             return True
-        if bots.mode == "detect":
+        if mode == "detect":
             rec["shield"] = "detect: bots: challenge (403)"
             return True
         rec["shield"] = "bots: challenge (403)"
@@ -256,11 +265,11 @@ class Shield:
         return not self._refuse(flow, "rate", rl.mode, 429, "too many requests",
                                 {"Retry-After": retry_after_header(verdict.retry_after)})
 
-    def _inspect_head(self, flow: http.HTTPFlow, ip: str) -> None:
+    def _inspect_head(self, flow: http.HTTPFlow, ip: str, part: str = "on") -> None:
         rec = decisions(flow)
         if self.waf is not None:
-            if any(f(flow) for f in self.waf_skip):
-                rec["waf"] = "skipped"
+            if part == "off" or any(f(flow) for f in self.waf_skip):
+                rec["waf"] = "skipped" if part != "off" else "skipped on this route"
                 return
             conn, req = flow.client_conn, flow.request
             txn, finding = self._engine(flow, lambda: self.waf.begin(
@@ -318,7 +327,9 @@ class Shield:
         rec["waf"] = finding.summary()
         if finding.status is not None:
             # no detail for the attacker: the rule ids and score are in the trace
-            self._refuse(flow, "waf", self.config.waf.mode, finding.status, "request blocked")
+            profile = flow.metadata.get(PROFILE)
+            mode = "detect" if profile is not None and profile.waf == "detect" else self.config.waf.mode
+            self._refuse(flow, "waf", mode, finding.status, "request blocked")
 
     def _rate_key(self, flow: http.HTTPFlow, ip: str) -> str:
         return rate_key(self.config.rate_limit.key, ip, flow.request.path, flow.request.headers.get)

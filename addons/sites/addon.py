@@ -32,9 +32,10 @@ from addons.cache.addon import REFRESH, SETTINGS, SITE
 from addons.cache.serve import FROM_STORE
 from addons.client import client_of, public_base
 from addons.compress.addon import ENABLED as COMPRESS
-from addons.config import EdgeConfig, Site, SiteRoute
+from addons.config import EdgeConfig, RouteShield, Site, SiteRoute
 from addons.failsafe import edge_answer, fail_closed
 from addons.route.addon import POOL
+from addons.shield.addon import PROFILE
 from addons.shield.limits import MemoryStore, rate_key, retry_after_header
 from addons.sites.rules import (FieldEdit, client_location, hsts_field, https_location, path_prefixes,
                                 redirects)
@@ -45,6 +46,7 @@ SITE_OF = "edge.sites.site"     # flow metadata: the Site whose answer rules app
 
 
 @dataclass(frozen=True)
+
 class Choice:
     """A request's site and route, what the cache keys with, and the route's settings; kept
     in flow.metadata[SITE] (the cache carries it to its background refreshes)."""
@@ -64,9 +66,11 @@ class Sites:
         self.refused = 0                                # by a route's rate limit (429)
         self.limiters: dict[tuple[str, int], MemoryStore] = {}
         self.https_port = 443           # the port https redirects name (the first TLS listener's)
+        self.profiled = False           # some route has a shield profile
 
     def apply(self, config: EdgeConfig) -> None:
         self.table = SiteTable(config.sites, config.default_site) if config.sites else None
+        self.profiled = any(route.shield is not None for site in config.sites.values() for route in site.routes)
         self.https_port = config.https_port
         self.trusted = config.trusted_proxies
         self.request_edits = {name: FieldEdit(site.request_headers) for name, site in config.sites.items()}
@@ -115,6 +119,13 @@ class Sites:
             flow.response = edge_answer(flow, 404, "no route of this site takes this path")
             return
         rec["route"] = label(route)
+        judged = flow.metadata.get(PROFILE)
+        if judged is not None and judged != (route.shield or RouteShield()):
+            # the shield judged this request by another route's profile (a header condition on a
+            # field the request scrub changed since): fail closed
+            rec["route"] = f"{label(route)}: refused, inspected under another route's shield profile"
+            flow.response = edge_answer(flow, 403, "this request cannot be routed as inspected")
+            return
         if route.rate_limit is not None and self._limited(flow, site, route):
             return
         query = query if sep else None
@@ -129,6 +140,20 @@ class Sites:
         if edit.active:
             req.headers.fields = edit(req.headers.fields)
         self._settle(flow, choice)
+
+    def shield_profile(self, flow: http.HTTPFlow) -> RouteShield:
+        """The shield profile of the route this request will take: the shield runs before this
+        addon settles the route, so it asks here (the same match; should the request scrub
+        change a field a route condition reads in between, `requestheaders` refuses it)."""
+        profile = RouteShield()
+        if self.table is not None and self.profiled:
+            req = flow.request
+            site = self.table.site_for(req.host_header or "")
+            normal = normalise_path(req.path.partition("?")[0]) if site is not None and req.path != "*" else None
+            route = None if normal is None else \
+                self.table.route_for(site, normal, "GET" if req.method == "PURGE" else req.method, req.headers)
+            profile = route.shield if route is not None and route.shield is not None else profile
+        return profile
 
     def _limited(self, flow: http.HTTPFlow, site: Site, route: SiteRoute) -> bool:
         """The route's own rate limit (nginx's limit_req in a location), after the shield's:
