@@ -163,6 +163,17 @@ def test_relative_certificate_paths_are_relative_to_the_config_file(ca, tmp_path
     assert cfg.certificates[0].cert == str(tmp_path / "a.pem")
 
 
+def test_the_three_sites_example_is_a_valid_config(ca, tmp_path):
+    """data/three-sites/edge.yaml, the README's side-by-side with nginx and Caddy, loads."""
+    ca.issue(tmp_path, "shop", "shop.example", "*.shop.example")
+    ca.issue(tmp_path, "blog", "blog.example")
+    example = Path(__file__).resolve().parent.parent / "data" / "three-sites" / "edge.yaml"
+    cfg = parse_config(example.read_text().replace("/etc/edge/certs/", f"{tmp_path}/"), str(example))
+    assert set(cfg.sites) == {"shop", "blog"} and [listener.tls for listener in cfg.all_listeners] == [False, True]
+    assert [route.path for route in cfg.sites["shop"].routes] == ["/api/", "/static/", "/"]
+    assert cfg.https_port == 443 and cfg.sites["blog"].routes[0].origin_path == "/blog"
+
+
 # -- real handshakes against the edge -----------------------------------------------------------
 
 def test_sni_picks_each_certificate_and_unknown_names_get_the_default(edge, origin, ca, tmp_path):
