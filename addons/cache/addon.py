@@ -136,6 +136,7 @@ class Cache:
         self.uncacheable: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=UNCACHEABLE_TTL)
         self.tasks: set[asyncio.Task] = set()
         self.origin = StoreOrigin()                          # serves bodies that are not in memory
+        self.buffer_limit = 2**20                            # larger answers from a file go through it
         # addons/sites: (host, target) -> (key prefix, key path) of every route of its site
         self.site_keys: Callable[[str, str], list[tuple[str, str]] | None] = lambda host, target: None
 
@@ -148,6 +149,7 @@ class Cache:
     def apply(self, config: EdgeConfig) -> None:
         self.settings = config.cache
         self.codings, self.min_size = config.compress.encodings, config.compress.min_size
+        self.buffer_limit = config.buffer_limit
         self.trusted = config.trusted_proxies
         self.mask = OriginMask((o.host, o.port) for o in config.origins)
         tiers = (config.cache.max_size, config.cache.max_object, config.cache.disk)
@@ -338,7 +340,7 @@ class Cache:
         state.status.fwd = "stale" if age >= entry.lifetime else "request"
         if self._only_if_cached(flow, state, request):
             return None
-        if entry.file is not None and self.origin.address is not None:
+        if self._streams_from_file(entry, entry.length):
             return self._revalidate_first(flow, state, entry, request)
         self._revalidate(flow, state, entry, request)
         return None
@@ -766,7 +768,7 @@ class Cache:
                 fields += ((b"Content-Length", str(length).encode()),)
         if method == "HEAD":
             length = 0
-        if entry.file is not None and length and self.origin.address is not None:
+        if self._streams_from_file(entry, length):
             self._from_store(flow, state, response_head(status, reason, fields, length), entry.file.share(),
                              first, length, entry.file.close)
             return
@@ -776,6 +778,12 @@ class Cache:
             body = entry.body if (first, length) == (0, size) else entry.body[first:first + length]
         now = time.time()
         flow.response = http.Response(b"HTTP/1.1", status, reason, http.Headers(fields), body, None, now, now)
+
+    def _streams_from_file(self, entry: Entry, length: int) -> bool:
+        """An answer of `length` bytes of this entry streams from its file through the
+        StoreOrigin; one of at most buffer_limit bytes is read and sent whole (the buffered
+        fast path, as for origin bodies: a loopback hop costs more than the read)."""
+        return entry.file is not None and length > self.buffer_limit and self.origin.address is not None
 
     def _from_store(self, flow: http.HTTPFlow, state: FlowState, head: bytes, source, offset: int,
                     length: int | None, close) -> None:
