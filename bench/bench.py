@@ -162,6 +162,16 @@ def median_result(results: list[Result]) -> Result:
                   statistics.median(r.p99 for r in results), sum(r.errors for r in results))
 
 
+def stop(procs: list, work: Path) -> None:
+    """The edges and mitmdump (SIGINT), then nginx (the first, SIGQUIT), then the work folder."""
+    for p in procs[1:]:
+        p.send_signal(signal.SIGINT)
+        p.wait(15)
+    procs[0].send_signal(signal.SIGQUIT)
+    procs[0].wait(15)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="per measurement")
@@ -236,12 +246,7 @@ def main() -> None:
                 runs[name].append((wrk(url, args.connections, args.seconds, headers),
                                    wrk(url, 1, args.seconds, headers)))
     finally:
-        for p in procs[1:]:
-            p.send_signal(signal.SIGINT)
-            p.wait(15)
-        procs[0].send_signal(signal.SIGQUIT)
-        procs[0].wait(15)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
     results = {name: (median_result([m for m, _ in r]), median_result([o for _, o in r])) for name, r in runs.items()}
 
     plain = results["plain mitmdump -q"][0].rps

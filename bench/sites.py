@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
-from bench import BIN, BROWSER, NGINX_CONF, SITES, free_port, pinned, wait_for_port, wrk
+from bench import BIN, BROWSER, NGINX_CONF, SITES, free_port, pinned, stop, wait_for_port, wrk
 
 
 def main() -> None:
@@ -58,12 +57,7 @@ def main() -> None:
             print(f"round {n + 1}: forwarding {rps['forwarding']:.0f} req/s, 3 sites and 10 routes "
                   f"{rps['3 sites, 10 routes']:.0f} req/s: {ratios[-1]:.3f}x")
     finally:
-        for p in procs[1:]:
-            p.send_signal(signal.SIGINT)
-            p.wait(15)
-        procs[0].send_signal(signal.SIGQUIT)
-        procs[0].wait(15)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
     print(f"3 sites and 10 routes vs forwarding, median of {args.rounds} interleaved rounds: "
           f"{statistics.median(ratios):.3f}x (goal >= 0.95)")
 
