@@ -28,6 +28,7 @@ logger = logging.getLogger("edge")
 # Facts kept in the record for other addons that the log line already shows as its own fields.
 FACTS = frozenset({"client", "public_base", "public_url"})
 STREAMED = "edge.stream.sent"   # flow metadata: body bytes of a streamed response relayed (addons/stream)
+STREAMED_IN = "edge.stream.received"    # flow metadata: body bytes of a streamed request so far (internals)
 ARRIVED = "edge.arrived"        # flow metadata: the request head's size as received (Arrival)
 SENT = "edge.upstream.sent"     # flow metadata: when the request was handed over for an origin
 UPSTREAM = "edge.upstream"      # flow metadata: (origin's status, seconds to its response head)
@@ -88,13 +89,12 @@ def response_head_size(resp: http.Response) -> int:
     return head_size(b"%s %d %s" % (data.http_version, data.status_code, data.reason), data.headers.fields)
 
 
-def request_body_size(req: http.Request) -> int:
-    """Body bytes received: those held, or a streamed body's declared length (what streamed
-    of a body without one is not counted)."""
-    if req.raw_content is not None and not req.stream:
-        return len(req.raw_content)
-    length = req.headers.get("content-length", "")
-    return int(length) if length.isdigit() else 0
+def request_body_size(flow: http.HTTPFlow) -> int:
+    """Body bytes received: those held, or those a streamed body passed (internals counts them)."""
+    req = flow.request
+    if req.stream:
+        return flow.metadata.get(STREAMED_IN, 0)
+    return len(req.raw_content) if req.raw_content is not None else 0
 
 
 def upstream_address(flow: http.HTTPFlow) -> str | None:
@@ -119,7 +119,7 @@ def observed(flow: http.HTTPFlow, size: int) -> dict:
            "upstream_addr": upstream_address(flow),
            "upstream_status": upstream_status,
            "upstream_ms": round(upstream_seconds * 1000, 2) if upstream_seconds is not None else None,
-           "bytes_in": flow.metadata.get(ARRIVED, 0) + request_body_size(req),
+           "bytes_in": flow.metadata.get(ARRIVED, 0) + request_body_size(flow),
            "bytes_out": (response_head_size(resp) + size) if resp is not None else 0}
     if FORWARDED_ID in flow.metadata:
         out["request_id"] = flow.metadata[FORWARDED_ID]

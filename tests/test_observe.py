@@ -320,3 +320,41 @@ def test_the_grafana_dashboard_uses_only_names_the_edge_exposes(edge):
     assert len(exprs) >= 12 and used and used <= exposed, used - exposed
     assert {"edge_request_duration_seconds_bucket", "edge_upstream_ttfb_seconds_bucket", "edge_requests_total",
             "edge_shield_refusals_total", "edge_origin_available", "edge_received_bytes_total"} <= used
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_a_streamed_upload_counts_every_body_byte_received(edge, tmp_path, framing):
+    o = RecordingOrigin()
+    log = tmp_path / "access.log"
+    e = edge(f"buffer_limit: 16KB\npools: {{p: {{origins: [{o.url}]}}}}\n", access_log=str(log))
+    body = bytes(range(256)) * 400                          # 100 KiB: past buffer_limit, so it streams
+    if framing == "chunked":
+        head = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 5000]), body[i:i + 5000])
+                          for i in range(0, len(body), 5000)) + b"0\r\n\r\n"
+    else:
+        head = b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body)
+        framed = body
+    got = exchange(e.host, e.port, head + framed, until_close=False)
+    assert status_of(got) == 200
+    [line] = records(log, 1)
+    assert line["edge"]["stream"] == "request"
+    assert line["bytes_in"] == len(head) + len(body)        # the head as sent, the body's bytes (not its chunk framing)
+    assert len(o.wait_for_requests(1)) == 1                 # and the origin got the whole request
+
+
+def test_label_values_stay_bounded_whatever_clients_send(edge, tmp_path):
+    """Hostile variety (hosts, paths, methods, ids, agents) adds no series: labels are status
+    classes, configured names and cache verdicts, never what a client wrote."""
+    o = RecordingOrigin(NO_STORE)
+    e = edge(f"admin: 127.0.0.1:0\npools: {{p: {{origins: [{o.url}]}}}}\n")
+    with httpx.Client(base_url=e.url) as c:
+        c.get("/warm")
+        before = set(scrape(e)[0])
+        for i in range(40):
+            c.request("GET" if i % 2 else "DELETE", f"/p{i}?q={i}",
+                      headers={"Host": f"h{i}.example", "X-Request-Id": f"id{i}", "User-Agent": f"ua{i}"})
+    after = set(scrape(e)[0])
+    grown = {name for name, labels in after - before}
+    assert grown <= {"edge_requests_total"}, grown        # DELETE: cache verdict "method", once
+    assert len(after) - len(before) <= 1
