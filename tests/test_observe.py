@@ -358,3 +358,21 @@ def test_label_values_stay_bounded_whatever_clients_send(edge, tmp_path):
     grown = {name for name, labels in after - before}
     assert grown <= {"edge_requests_total"}, grown        # DELETE: cache verdict "method", once
     assert len(after) - len(before) <= 1
+
+
+def test_a_revalidation_logs_the_origins_304_beside_the_clients_200(edge, tmp_path):
+    def script(request: bytes) -> bytes:
+        if b"if-none-match:" in request.lower():
+            return b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n\r\n'
+        return b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\nContent-Length: 5\r\n\r\nhello'
+
+    o = RecordingOrigin(script)
+    log = tmp_path / "access.log"
+    e = edge(f"pools: {{p: {{origins: [{o.url}]}}}}\n", access_log=str(log))
+    with httpx.Client(base_url=e.url) as c:
+        first, second = c.get("/r"), c.get("/r")
+    assert first.text == second.text == "hello" and second.status_code == 200
+    assert b"if-none-match" in o.wait_for_requests(2)[1].lower()
+    fetched, revalidated = records(log, 2)
+    assert fetched["upstream_status"] == 200
+    assert revalidated["status"] == 200 and revalidated["upstream_status"] == 304     # what the origin said
