@@ -1,8 +1,8 @@
 """The admin endpoint: a small read-only HTTP listener, separate from the client listener (like
 HAProxy's stats socket or nginx's stub_status on a private port), that `edge status` reads.
 
-GET /status answers the edge's snapshot as JSON; GET /metrics the same facts and the request
-counts in Prometheus' text format. It binds only where `admin:` says (loopback in the example)
+GET /status answers the edge's snapshot as JSON; GET /metrics the same facts, the request counts
+and latency histograms in Prometheus' text format (addons/metrics.py). It binds only where `admin:` says (loopback in the example)
 and is off unless configured.
 """
 
@@ -93,32 +93,3 @@ def format_status(snapshot: dict) -> str:
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
     return "\n".join(lines)
 
-
-def _label(value) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus(snapshot: dict, answered: dict, served_by: dict, cache_bytes: int,
-               tier_bytes: dict[str, int] | None = None) -> str:
-    """The metrics page: what `edge status` shows, and the request counts, as Prometheus text."""
-    out = ["# HELP edge_requests_total Requests answered, by status class and cache verdict.",
-           "# TYPE edge_requests_total counter"]
-    out += [f'edge_requests_total{{status="{_label(s)}",cache="{_label(c)}"}} {n}' for (s, c), n in sorted(answered.items())]
-    out += ["# HELP edge_origin_requests_total Requests an origin answered.", "# TYPE edge_origin_requests_total counter"]
-    out += [f'edge_origin_requests_total{{pool="{_label(p)}",origin="{_label(o)}"}} {n}'
-            for (p, o), n in sorted(served_by.items())]
-    for name, key, help_text in (("edge_origin_available", "available", "1 if the origin is in rotation."),
-                                 ("edge_origin_weight", "weight", "The origin's weight now."),
-                                 ("edge_origin_in_flight", "in_flight", "Requests in flight to the origin.")):
-        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        out += [f'{name}{{pool="{_label(pool)}",origin="{_label(o["url"])}"}} {int(o[key])}'
-                for pool, body in snapshot["pools"].items() for o in body["origins"]]
-    out += ["# HELP edge_shield_refusals_total What the shield refused, by kind.",
-            "# TYPE edge_shield_refusals_total counter"]
-    out += [f'edge_shield_refusals_total{{kind="{_label(k)}"}} {n}' for k, n in sorted(snapshot.get("shield", {}).items())]
-    out += ["# HELP edge_cache_bytes Bytes held by the cache.", "# TYPE edge_cache_bytes gauge",
-            f"edge_cache_bytes {cache_bytes}"]
-    out += ["# HELP edge_cache_tier_bytes Bytes held by each tier of the cache (disk: the directory's index and files).",
-            "# TYPE edge_cache_tier_bytes gauge"]
-    out += [f'edge_cache_tier_bytes{{tier="{_label(t)}"}} {n}' for t, n in sorted((tier_bytes or {}).items())]
-    return "\n".join(out) + "\n"

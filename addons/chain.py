@@ -11,7 +11,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addons import failsafe, internals
-from addons.admin import Admin, prometheus
+from addons.admin import Admin
 from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -23,10 +23,9 @@ from addons.scrub.request import RequestScrub
 from addons.shield import Shield
 from addons.shield.waf import WafError
 from addons.sites import SiteAnswers, Sites
-from addons.sites.addon import site_metrics
 from addons.stream import Stream
 from addons.tls.addon import Tls
-from addons.trace import Trace
+from addons.trace import Arrival, Trace
 
 logger = logging.getLogger("edge")
 
@@ -78,6 +77,9 @@ class Edge:
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
                        self.admin]
+        self.arrival = Arrival()
+        self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
+        self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
         self.annotate = annotate
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
@@ -107,10 +109,22 @@ class Edge:
         return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot()}
 
     def metrics(self) -> str:
+        """The /metrics page (Prometheus text)."""
+        return self._metrics().exposition()
+
+    def _metrics(self):
+        """The edge's own registry, made once: with an admin endpoint at start (so every request
+        is observed), else at the first metrics() call."""
+        if self.observed is None:
+            from addons.metrics import EdgeMetrics
+            self.observed = EdgeMetrics(self._held)
+            self.trace.observer = self.observed.observe
+        return self.observed
+
+    def _held(self) -> dict:
         store = self.cache.store
-        snapshot = self.snapshot()
-        return (prometheus(snapshot, self.trace.answered, self.trace.served_by, store.bytes, store.tiers)
-                + site_metrics(snapshot))
+        return {"snapshot": self.snapshot(), "answered": self.trace.answered, "served_by": self.trace.served_by,
+                "cache_bytes": store.bytes, "tier_bytes": store.tiers or {}, "connections": self.trace.connections()}
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
@@ -126,4 +140,7 @@ class Edge:
         self.trace.apply(config.access_log, self.annotate)
         self.stream.apply(config.buffer_limit, web=self.annotate)
         self.admin.apply(config)
+        self.trace.log_format = config.access_log_format
+        if config.admin is not None:
+            self._metrics()
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks

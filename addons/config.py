@@ -357,6 +357,7 @@ class EdgeConfig:
     listeners: tuple[Listener, ...] = ()     # from a `listen:` list; empty: one plain listener on `listen`
     certificates: tuple[CertificateFiles, ...] = ()
     acme: AcmeConfig | None = None
+    access_log_format: str = "json"         # json lines, or combined (Apache/nginx, with the request id)
 
     @property
     def origins(self) -> list[Origin]:
@@ -841,7 +842,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
-                                    "sites", "default_site"})
+                                    "sites", "default_site", "access_log_format"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -972,7 +973,20 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     return EdgeConfig(**_tls(r, top, listeners, source), buffer_limit=buffer_limit, pools=pools, default_pool=default_pool, geo=geo, listen=listen, admin=admin, shield=shield, limits=limits, trusted_proxies=trusted,
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
-                      access_log=access_log, source=source, **_sites(r, top, pools, cache, compress))
+                      access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
+                      access_log_format=_access_log_format(r, top))
+
+
+ACCESS_LOG_FORMATS = ("json", "combined")
+
+
+def _access_log_format(r: _Reader, top: dict) -> str:
+    """`access_log_format:` json (default: one JSON object a line, every field) or combined
+    (the Apache/nginx combined format log analysers read, the request id appended)."""
+    value = top.get("access_log_format", "json")
+    if value not in ACCESS_LOG_FORMATS:
+        raise r.doc.error(("access_log_format",), f"expected one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return value
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)

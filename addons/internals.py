@@ -140,6 +140,7 @@ from addons.config import Http2Limits
 from addons.protocol import rules
 from addons.route.health import READ_TIMEOUT
 from addons.shield.h2abuse import FrameBudgets
+from addons.trace import STREAMED_IN
 
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
@@ -472,6 +473,7 @@ def _stream_request_body(self, event):
     or cut if its answer already started."""
     if isinstance(event, http_layer.RequestData) and max_request_body is not None:
         self.edge_streamed = getattr(self, "edge_streamed", 0) + len(event.data)
+        self.flow.metadata[STREAMED_IN] = self.edge_streamed        # the access log's bytes in
         if self.edge_streamed > max_request_body:
             self.flow.error = flow.Error(BODY_TOO_LARGE)
             yield HttpErrorHook(self.flow)

@@ -1,17 +1,24 @@
 """The decision trace: every addon writes what it decided into `flow.metadata["edge"]`; this
-module reads that one record into the JSON access log and, under mitmweb, a flow comment."""
+module reads that one record into the access log (JSON lines, or the combined format log
+analysers read), the metrics' observations and, under mitmweb, a flow comment. The exchange
+with the origin (when the request left, the origin's status and time to its head) and the
+request head as it arrived are noted on the flow by the hooks here and by Arrival."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import IO
+from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.connection import Client
 
 from addons.tasks import Throttle, report
 
@@ -21,6 +28,11 @@ logger = logging.getLogger("edge")
 # Facts kept in the record for other addons that the log line already shows as its own fields.
 FACTS = frozenset({"client", "public_base", "public_url"})
 STREAMED = "edge.stream.sent"   # flow metadata: body bytes of a streamed response relayed (addons/stream)
+STREAMED_IN = "edge.stream.received"    # flow metadata: body bytes of a streamed request so far (internals)
+ARRIVED = "edge.arrived"        # flow metadata: the request head's size as received (Arrival)
+SENT = "edge.upstream.sent"     # flow metadata: when the request was handed over for an origin
+UPSTREAM = "edge.upstream"      # flow metadata: (origin's status, seconds to its response head)
+FORWARDED_ID = "edge.request_id"    # flow metadata: a trusted proxy's X-Request-Id the origin got
 
 
 def decisions(flow: http.HTTPFlow) -> dict:
@@ -31,15 +43,19 @@ def decisions(flow: http.HTTPFlow) -> dict:
     return rec
 
 
+def body_size(flow: http.HTTPFlow) -> int:
+    """Response body bytes sent: a streamed body's relayed bytes, else the body's length."""
+    resp = flow.response
+    if resp is None:
+        return 0
+    size = len(resp.raw_content) if resp.raw_content is not None else int(resp.headers.get("content-length", 0) or 0)
+    return flow.metadata.get(STREAMED, size)      # a streamed body: what was relayed
+
+
 def access_record(flow: http.HTTPFlow) -> dict:
     """One access-log line's worth of facts about a finished (or failed) flow."""
     req, resp, rec = flow.request, flow.response, decisions(flow)
-    if resp is not None:
-        status = resp.status_code
-        size = len(resp.raw_content) if resp.raw_content is not None else int(resp.headers.get("content-length", 0) or 0)
-        size = flow.metadata.get(STREAMED, size)      # a streamed body: what was relayed
-    else:
-        status, size = None, 0
+    status, size = (resp.status_code if resp is not None else None), body_size(flow)
     out = {
         "time": datetime.fromtimestamp(req.timestamp_start, timezone.utc).isoformat(timespec="milliseconds"),
         "id": flow.id,                      # the request id on the edge's own answers
@@ -51,9 +67,124 @@ def access_record(flow: http.HTTPFlow) -> dict:
         "ms": round((time.time() - req.timestamp_start) * 1000, 2),
         "edge": {k: v for k, v in rec.items() if k not in FACTS},
     }
+    out.update(observed(flow, size))
     if flow.error:
         out["error"] = flow.error.msg
     return out
+
+
+def head_size(start_line: bytes, fields) -> int:
+    """A head's length as HTTP/1 text: the start line, each `name: value`, CRLFs. HTTP/2 heads
+    are counted as their HTTP/1 form (their HPACK bytes depend on the connection's history)."""
+    return len(start_line) + 2 + sum(len(k) + len(v) + 4 for k, v in fields) + 2
+
+
+def request_head_size(req: http.Request) -> int:
+    data = req.data
+    return head_size(b"%s %s %s" % (data.method, data.path, data.http_version), data.headers.fields)
+
+
+def response_head_size(resp: http.Response) -> int:
+    data = resp.data
+    return head_size(b"%s %d %s" % (data.http_version, data.status_code, data.reason), data.headers.fields)
+
+
+def request_body_size(flow: http.HTTPFlow) -> int:
+    """Body bytes received: those held, or those a streamed body passed (internals counts them)."""
+    req = flow.request
+    if req.stream:
+        return flow.metadata.get(STREAMED_IN, 0)
+    return len(req.raw_content) if req.raw_content is not None else 0
+
+
+def upstream_address(flow: http.HTTPFlow) -> str | None:
+    """host:port of the origin connection the request went to, if one was made."""
+    if SENT not in flow.metadata or "origin" not in decisions(flow):
+        return None
+    peer = flow.server_conn.peername
+    if not peer:
+        return None
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+
+
+def observed(flow: http.HTTPFlow, size: int) -> dict:
+    """The access record's fields for operators: the request as received, the origin's part
+    (None for hits and the edge's own answers), bytes both ways."""
+    req, resp, conn = flow.request, flow.response, flow.client_conn
+    upstream_status, upstream_seconds = flow.metadata.get(UPSTREAM, (None, None))
+    out = {"protocol": req.http_version,
+           "tls": conn.tls_version if conn.tls_established else None,
+           "user_agent": req.headers.get("user-agent"),
+           "referer": req.headers.get("referer"),
+           "upstream_addr": upstream_address(flow),
+           "upstream_status": upstream_status,
+           "upstream_ms": round(upstream_seconds * 1000, 2) if upstream_seconds is not None else None,
+           "bytes_in": flow.metadata.get(ARRIVED, 0) + request_body_size(flow),
+           "bytes_out": (response_head_size(resp) + size) if resp is not None else 0}
+    if FORWARDED_ID in flow.metadata:
+        out["request_id"] = flow.metadata[FORWARDED_ID]
+    return out
+
+
+def request_facts(record: dict, rec: dict) -> dict:
+    """What the metrics observe of a finished request, from its access record."""
+    return {"site": rec.get("site") or "default", "pool": rec.get("pool") or "none", "status": record["status"],
+            "seconds": record["ms"] / 1000, "upstream_status": record["upstream_status"],
+            "upstream_seconds": record["upstream_ms"] / 1000 if record["upstream_ms"] is not None else None,
+            "bytes_in": record["bytes_in"], "bytes_out": record["bytes_out"],
+            "streamed": "response" in str(rec.get("stream", ""))}
+
+
+# --- the combined format (Apache/nginx `combined`, what log analysers read) ----------------------
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+NO_ANSWER = 444         # combined needs a status: nginx's "closed without a response"
+
+
+def _quoted(value) -> str:
+    """A combined-format string field: `-` when absent; `"`, `\\` and bytes outside printable
+    ASCII escaped as nginx does (\\xHH), so a client's User-Agent cannot end the field."""
+    if value is None or value == "":
+        return '"-"'
+    out = []
+    for b in str(value).encode("utf-8", "surrogateescape"):
+        if b in (0x22, 0x5C):
+            out.append("\\" + chr(b))
+        elif 0x20 <= b <= 0x7E:
+            out.append(chr(b))
+        else:
+            out.append(f"\\x{b:02X}")
+    return '"' + "".join(out) + '"'
+
+
+def combined_line(record: dict) -> str:
+    """`client - - [10/Oct/2026:13:55:36 +0000] "GET /a?b HTTP/1.1" 200 2326 "referer" "agent" "id"`:
+    the combined format, with the request id appended as one more quoted field."""
+    t = datetime.fromisoformat(record["time"]).astimezone(timezone.utc)
+    stamp = f"[{t.day:02d}/{MONTHS[t.month - 1]}/{t.year}:{t:%H:%M:%S} +0000]"
+    line = "-"
+    if record.get("method"):
+        parts = urlsplit(record.get("url") or "")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        line = f"{record['method']} {target} {record.get('protocol') or 'HTTP/1.1'}"
+    status = record.get("status") or NO_ANSWER
+    client = record.get("client") or "-"
+    return (f"{client} - - {stamp} {_quoted(line)} {status} {int(record.get('bytes') or 0)} "
+            f"{_quoted(record.get('referer'))} {_quoted(record.get('user_agent'))} {_quoted(record.get('id'))}")
+
+
+def render(record: dict, log_format: str = "json") -> str:
+    """One access-log line (without its newline) in the configured format."""
+    if log_format == "combined":
+        return combined_line(record)
+    return json.dumps(record, separators=(",", ":"))
+
+
+class Arrival:
+    """First in the chain: the request head's size as it arrived, before any addon changes it."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[ARRIVED] = request_head_size(flow.request)
 
 
 def _short(value) -> str:
@@ -75,7 +206,8 @@ def cache_verdict(rec: dict) -> str:
     if not status:
         return "none"
     first = status.split(";", 1)[0].strip()
-    return first.removeprefix("fwd=") if first.startswith("fwd=") else first
+    verdict = first.removeprefix("fwd=") if first.startswith("fwd=") else first
+    return verdict if re.fullmatch(r"[a-z-]{1,20}", verdict) else "none"     # a metrics label: a few words
 
 
 class Trace:
@@ -91,6 +223,9 @@ class Trace:
         self.served_by: Counter[tuple[str, str]] = Counter()    # (pool, origin) that answered
         self.failures = Throttle()
         self.lost = 0                   # lines not written since writes last worked
+        self.log_format = "json"
+        self.observer: Callable[[dict], None] | None = None     # the metrics (request_facts)
+        self.open_clients: dict[str, Client] = {}              # for the connection gauge
 
     def apply(self, access_log: str | None, annotate: bool = False) -> None:
         self.close()
@@ -120,6 +255,46 @@ class Trace:
         if flow.response is None or flow.response.stream:
             self._finish(flow)
 
+    def _record(self, flow: http.HTTPFlow, rec: dict) -> None:
+        record = access_record(flow)
+        if self.observer is not None:
+            self.observer(request_facts(record, rec))
+        if self.out is not None:
+            self._emit(record)
+
+    # -- what the record needs from the exchange with the origin, and the open connections -----
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None and flow.request.stream:      # its head goes to the origin now
+            flow.metadata[SENT] = time.time()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:                               # no addon answered: off to the origin
+            flow.metadata.setdefault(SENT, time.time())
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The origin's status and time to its head, before the cache may answer for it (a 304
+        becomes the stored 200). Hits, the StoreOrigin and answers made in a request hook have
+        no origin in the record or were never sent."""
+        from addons.failsafe import made_by_edge      # failsafe imports this module
+        sent = flow.metadata.get(SENT)
+        if sent is None or "origin" not in decisions(flow) or flow.response is None or made_by_edge(flow.response):
+            return
+        began = max(sent, flow.server_conn.timestamp_start or 0.0)     # failover: from the connect that answered
+        flow.metadata[UPSTREAM] = (flow.response.status_code, max(0.0, flow.response.timestamp_start - began))
+
+    def client_connected(self, client: Client) -> None:
+        if not client.error:                # refused by the shield: never open
+            self.open_clients[client.id] = client
+
+    def client_disconnected(self, client: Client) -> None:
+        self.open_clients.pop(client.id, None)
+
+    def connections(self) -> dict[str, int]:
+        """Open client connections by protocol (a TLS one before its handshake counts as http1)."""
+        counts = Counter("http2" if c.alpn == b"h2" else "http1" for c in self.open_clients.values())
+        return {"http1": counts["http1"], "http2": counts["http2"]}
+
     def write(self, record: dict) -> None:
         """An access-log line for an event without a flow (a connection the shield refused)."""
         if self.out is not None:
@@ -127,7 +302,7 @@ class Trace:
 
     def _emit(self, record: dict) -> None:
         try:
-            self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.out.write(render(record, self.log_format) + "\n")
         except (OSError, ValueError) as e:      # ValueError: the file was closed
             self.lost += 1
             report(self.failures, "access log", e)
@@ -145,11 +320,11 @@ class Trace:
         refused = bool(shield) and not shield.startswith(("detect", "allow"))   # the edge answered
         if "origin" in rec and not refused:
             self.served_by[(rec.get("pool", ""), rec["origin"])] += 1
-        if self.out is None and not self.annotate:
+        if self.out is None and not self.annotate and self.observer is None:
             return
         try:
-            if self.out is not None:
-                self._emit(access_record(flow))
+            if self.out is not None or self.observer is not None:
+                self._record(flow, rec)
             if self.annotate:
                 rec = decisions(flow)
                 flow.comment = summary(rec)

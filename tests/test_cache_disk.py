@@ -292,7 +292,7 @@ def test_an_object_over_the_memory_limit_is_a_disk_hit(origin, edge, tmp_path, p
     assert count(o, "/large") == 1 and count(o, "/toolarge") == 2       # past disk.max_object: not stored
     chain = e.master.addons.get("edge")
     assert chain.cache.store.memory.lookup("http://shop.example/large", {}) == (None, False)
-    tiers = {line.split('"')[1]: int(line.split()[1]) for line in chain.metrics().splitlines()
+    tiers = {line.split('"')[1]: float(line.split()[1]) for line in chain.metrics().splitlines()
              if line.startswith("edge_cache_tier_bytes{")}
     assert tiers["disk"] > len(LARGE) and tiers["memory"] == 0
 

@@ -4,6 +4,8 @@ response and the request the origin answers are one and the same."""
 
 from __future__ import annotations
 
+import re
+
 from mitmproxy import http
 
 from addons.client import client_of, public_base
@@ -11,7 +13,22 @@ from addons.config import EdgeConfig, ScrubConfig
 from addons.failsafe import fail_closed
 from addons.net import in_networks, parse_ip
 from addons.scrub.forwarding import drop_set, forwardable, forwarding_headers, header_set
-from addons.trace import decisions
+from addons.trace import FORWARDED_ID, decisions
+
+REQUEST_ID = b"x-request-id"
+_WELL_FORMED_ID = re.compile(rb"[!#-\[\]-~]{1,200}")      # visible ASCII, no quote or backslash
+
+
+def request_id_fields(fields: tuple, own_id: str, trusted_peer: bool) -> tuple[tuple, str | None]:
+    """The request's fields with the X-Request-Id the origin gets: a trusted proxy's (one
+    well-formed field) is kept and returned; anyone else's is replaced by the edge's own id (the
+    one its pages and access log show), so a client cannot pick the id an origin logs."""
+    theirs = [v for k, v in fields if k.lower() == REQUEST_ID]
+    if trusted_peer and len(theirs) == 1 and _WELL_FORMED_ID.fullmatch(theirs[0]):
+        return fields, theirs[0].decode("ascii")
+    if theirs:
+        fields = tuple(f for f in fields if f[0].lower() != REQUEST_ID)
+    return fields + ((b"X-Request-Id", own_id.encode()),), None
 
 
 class RequestScrub:
@@ -49,4 +66,7 @@ class RequestScrub:
             dropped = [k.decode("latin-1") for k in removed if k.lower() in self.overrides]
             if dropped:
                 decisions(flow)["dropped"] = dropped
+        fields, forwarded_id = request_id_fields(fields, flow.id, bool(trusted_peer))
+        if forwarded_id is not None:
+            flow.metadata[FORWARDED_ID] = forwarded_id
         headers.fields = fields + added

@@ -211,23 +211,6 @@ class Sites:
         return {"sites": sites, "misdirected": self.misdirected, "route_rate_refusals": self.refused}
 
 
-def site_metrics(snapshot: dict) -> str:
-    """Prometheus lines for the sites (from the edge's snapshot): requests by site, and
-    misdirected requests; none without sites."""
-    if "sites" not in snapshot:
-        return ""
-    out = ["# HELP edge_site_requests_total Requests a site took (its host matched).",
-           "# TYPE edge_site_requests_total counter"]
-    out += [f'edge_site_requests_total{{site="{name}"}} {body["requests"]}'
-            for name, body in sorted(snapshot["sites"].items())]
-    out += ["# HELP edge_misdirected_requests_total Requests for a host no site has (answered 421).",
-            "# TYPE edge_misdirected_requests_total counter", f"edge_misdirected_requests_total {snapshot['misdirected']}"]
-    out += ["# HELP edge_route_rate_refusals_total Requests a site route's rate limit refused (429).",
-            "# TYPE edge_route_rate_refusals_total counter",
-            f"edge_route_rate_refusals_total {snapshot['route_rate_refusals']}"]
-    return "\n".join(out) + "\n"
-
-
 class SiteAnswers:
     def __init__(self) -> None:
         self.edits: dict[str, FieldEdit] = {}
