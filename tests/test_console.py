@@ -18,6 +18,7 @@ from mitmproxy import flowfilter
 
 from tests.conftest import free_port
 from tests.rawnet import CLOSE, RecordingOrigin
+from tests.test_proxy import curl
 from tests.test_shield import needs_crs
 
 SITE = """
@@ -72,7 +73,7 @@ def test_comment_has_one_decision_per_line():
     assert comment(v, rec, "http://127.0.0.1:9001/users?id=1", "api.internal").split("\n") == [
         "miss → eu http://127.0.0.1:9001", "site: shop", "route: /api/", "pool: eu",
         "origin: http://127.0.0.1:9001/users?id=1", "geo: country=DE continent=EU",
-        "scrubbed: X-Powered-By, Via", "cache: fwd=uri-miss; stored", "host sent: api.internal"]
+        "scrubbed: X-Powered-By, Via", "cache: fwd=uri-miss; stored", "request Host: api.internal"]
     refused = Verdict("refused", ":no_entry:", "refused (shield: waf: request blocked (403))")
     assert "origin: http://127.0.0.1:9001" in comment(refused, rec, "http://127.0.0.1:9001/users?id=1").split("\n")
 
@@ -194,6 +195,24 @@ def test_a_waf_refusal_is_marked_with_its_rule(edge, origin):
     assert any(line.startswith("waf: ") and "942100" in line for line in lines(f))
     assert f"origin: {o.url}" in lines(f) or not any(line.startswith("origin:") for line in lines(f))  # not asked
     assert not o.seen
+
+
+def test_tls_http2_and_a_trusted_proxys_public_address(edge, origin, tls):
+    o = origin("o")
+    w = web_edge(edge, SITE.replace("pools:", "trusted_proxies: [127.0.0.1/32]\npools:") % o.url, cert=str(tls.pem))
+    status, headers, _ = curl("--http2", "--cacert", str(tls.ca), "-H", f"Host: shop.example:{w.e.port}",
+                              f"https://127.0.0.1:{w.e.port}/api/echo")        # curl makes it the :authority
+    assert status == 200 and headers[":version"] == "HTTP/2"
+    refused = httpx.get(f"{w.e.url}/admin", headers={"Host": "lb.internal", "X-Forwarded-Host": "shop.example",
+                                                     "X-Forwarded-Proto": "https", "User-Agent": "sqlmap/1.7.2"})
+    assert refused.status_code == 403
+    h2, bot = w.flows(2)
+    assert shown_url(h2) == f"https://shop.example:{w.e.port}/api/echo" and o.seen[0].path == "/echo"
+    assert f"origin: {o.url}/echo" in lines(h2) and not any(line.startswith("request Host") for line in lines(h2))
+    # refused before the request scrub: the proxy's forwarded address is still believed
+    assert shown_url(bot) == "https://shop.example/admin" and bot["marked"] == "⛔"
+    assert "request Host: lb.internal" in lines(bot)
+    assert w.e.master.view[1].request.pretty_url == "https://shop.example/admin"
 
 
 def test_failover_and_an_unreachable_origin(edge, origin):

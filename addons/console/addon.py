@@ -13,7 +13,7 @@ from addons.console.verdict import comment, listen_address, public_parts, verdic
 from addons.failsafe import made_by_edge
 from addons.trace import FACTS, cache_verdict, decisions
 
-SENT = "edge.console.sent"      # flow metadata: (path, Host) the origin was asked with, before the flow shows the public URL
+SENT = "edge.console.sent"      # flow metadata: the request's (path, Host) before the flow shows the public URL
 
 
 class Console:
@@ -43,7 +43,7 @@ class Console:
         if public is None:          # answered before the request scrub: the request is still the client's
             public_base(flow, self.trusted)
             public = rec["public_url"]
-        path_sent, host_sent = flow.metadata.setdefault(SENT, (req.path, req.host_header))   # once: this may run twice
+        path_sent, host_field = flow.metadata.setdefault(SENT, (req.path, req.host_header))   # once: this may run twice
         resp = flow.response
         v = verdict(rec, resp.status_code if resp is not None else None, made_by_edge(resp),
                     flow.error.msg if flow.error else None, cache_verdict(rec))
@@ -55,11 +55,11 @@ class Console:
             data = req.data         # the destination only: the setters would rewrite the Host field
             data.scheme, data.host, data.port = scheme.encode(), host, port
             req.path = path
-            if host_sent is not None and host_sent != authority:
+            if host_field is not None and host_field != authority:
                 req.host_header = authority
             else:
-                host_sent = None
-        flow.comment = comment(v, shown, origin_url, host_sent)
+                host_field = None
+        flow.comment = comment(v, shown, origin_url, host_field)
         if v.mark:
             flow.marked = v.mark
         ctx.master.addons.trigger(UpdateHook([flow]))      # mitmweb's view sent the flow before this hook

@@ -83,11 +83,12 @@ def _short(value) -> str:
     return str(value)
 
 
-def comment(v: Verdict, rec: dict, origin_url: str | None = None, host_sent: str | None = None) -> str:
+def comment(v: Verdict, rec: dict, origin_url: str | None = None, host_field: str | None = None) -> str:
     """The verdict's headline, then each decision on a line of its own. `rec`: the decisions
     without the facts the flow shows anyway; `origin_url`: what the origin was asked (its URL
-    and the path sent), in place of the chosen origin's bare URL; `host_sent`: the Host the
-    origin got when it is not the one the flow now shows."""
+    and the path sent), in place of the chosen origin's bare URL; `host_field`: the request's
+    Host field (what an origin got) when it is not the public host the flow now shows (a
+    trusted proxy's X-Forwarded-Host)."""
     lines = [v.headline]
     for key, value in rec.items():
         if value in (None, [], "", {}):
@@ -95,8 +96,8 @@ def comment(v: Verdict, rec: dict, origin_url: str | None = None, host_sent: str
         if key == "origin" and origin_url and v.word not in NO_ORIGIN:
             value = origin_url
         lines.append(f"{key}: {_short(value)}")
-    if host_sent:
-        lines.append(f"host sent: {host_sent}")
+    if host_field:
+        lines.append(f"request Host: {host_field}")
     return "\n".join(lines)
 
 
