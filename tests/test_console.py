@@ -233,6 +233,19 @@ def test_failover_and_an_unreachable_origin(edge, origin):
         broken.stop()
 
 
+def test_a_streamed_response_is_annotated_once_relayed(edge):
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nCache-Control: no-store\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    o = RecordingOrigin(lambda _: chunked)          # no length: streamed
+    try:
+        w = web_edge(edge, [o.url])
+        assert httpx.get(f"{w.e.url}/live", headers={"Host": "shop.example"}).text == "hello"
+        (f,) = w.flows(1)
+        assert lines(f)[0] == f"miss, streamed → default {o.url}" and f["marked"] == ""
+        assert shown_url(f) == "http://shop.example/live" and "stream: response" in lines(f)
+    finally:
+        o.stop()
+
+
 def test_an_origin_that_cannot_be_reached_is_an_error(edge):
     w = web_edge(edge, f"pools:\n  p:\n    origins: [http://127.0.0.1:{free_port()}]\n")
     assert httpx.get(f"{w.e.url}/page", headers={"Host": "shop.example"}).status_code in (502, 503)
