@@ -17,7 +17,7 @@ from addons.console.verdict import MARKS, Verdict, comment, listen_address, publ
 from mitmproxy import flowfilter
 
 from tests.conftest import free_port
-from tests.rawnet import CLOSE, RecordingOrigin
+from tests.rawnet import CLOSE, RecordingOrigin, exchange, status_of
 from tests.test_proxy import curl
 from tests.test_shield import needs_crs
 
@@ -231,6 +231,22 @@ def test_failover_and_an_unreachable_origin(edge, origin):
         assert shown_url(over[0]) == "http://shop.example/echo"
     finally:
         broken.stop()
+
+
+def test_hostile_hosts_are_shown_as_they_came(edge, origin):
+    """A Host the public URL cannot be split from leaves the flow's URL as it was; every flow is
+    annotated and every client answered."""
+    o = origin("o")
+    w = web_edge(edge, [o.url])
+    hosts = [b"shop.example:99999", b"[::1", b"a:b:c", "ex\u00e4mple.com".encode(), b""]
+    for host in hosts:
+        answer = exchange(w.e.host, w.e.port, b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) is not None, host
+    assert httpx.get(f"{w.e.url}/", headers={"Host": "shop.example"}).status_code == 200
+    flows = w.get("/flows")
+    assert all(f["comment"] for f in flows) and shown_url(flows[-1]) == "http://shop.example/"
+    assert [lines(f)[0] for f in flows[1:5]] == ["refused (protocol: refused: invalid Host)"] * 4
+    assert shown_url(flows[0]).startswith("http://shop.example:99999")     # unsplittable: left as it was
 
 
 def test_a_streamed_response_is_annotated_once_relayed(edge):

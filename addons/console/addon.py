@@ -11,6 +11,7 @@ from addons.client import public_base
 from addons.config import EdgeConfig
 from addons.console.verdict import comment, listen_address, public_parts, verdict
 from addons.failsafe import made_by_edge
+from addons.tasks import Throttle, report
 from addons.trace import FACTS, cache_verdict, decisions
 
 SENT = "edge.console.sent"      # flow metadata: the request's (path, Host) before the flow shows the public URL
@@ -24,17 +25,24 @@ class Console:
 
     def __init__(self) -> None:
         self.trusted: tuple = ()
+        self.failures = Throttle()
 
     def apply(self, config: EdgeConfig) -> None:
         self.trusted = config.trusted_proxies
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.annotate(flow)
+        self._show(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         # as the trace: a response an addon set in `error` gets its `response` hook next
         if flow.response is None or flow.response.stream:
+            self._show(flow)
+
+    def _show(self, flow: http.HTTPFlow) -> None:
+        try:
             self.annotate(flow)
+        except Exception as e:      # a display: it never fails the client's exchange
+            report(self.failures, f"console (flow {flow.id})", e)
 
     def annotate(self, flow: http.HTTPFlow) -> None:
         rec = decisions(flow)
