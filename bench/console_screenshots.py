@@ -9,7 +9,7 @@ where Debian's CRS is installed, the WAF), then sends: a cache miss and its hit,
 (the origin gets another path), a WAF refusal, a scanner's request, a request for a host no
 site serves (421), and after eu-2 is stopped, requests until one fails over to eu-1. Then
 Chromium loads mitmweb's UI (with its token) and saves: the flow list, the same list filtered
-to `~marked`, and one flow's Comment tab. Look at them; they are not committed. Every process
+to `~marked`, two flows' Comment tabs and the API call's Request tab. Look at them; they are not committed. Every process
 started is stopped at the end.
 """
 
@@ -137,6 +137,8 @@ def main() -> None:
             screenshot(chromium, f"{base}#/flows?s={quote('~marked')}", out / "marked.png", folder)
             detail = next((f for f in flows if "origin:" in f["comment"] and "route" in f["comment"]), flows[0])
             screenshot(chromium, f"{base}#/flows/{detail['id']}/comment", out / "comment.png", folder)
+            routed = next((f for f in flows if f["request"]["path"].startswith("/api/")), flows[0])
+            screenshot(chromium, f"{base}#/flows/{routed['id']}/request", out / "request.png", folder)
             refused = next((f for f in flows if f["marked"] == "⛔"), flows[0])
             screenshot(chromium, f"{base}#/flows/{refused['id']}/comment", out / "refused.png", folder)
         finally:
