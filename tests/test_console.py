@@ -215,7 +215,7 @@ def test_tls_http2_and_a_trusted_proxys_public_address(edge, origin, tls):
     assert w.e.master.view[1].request.pretty_url == "https://shop.example/admin"
 
 
-def test_failover_and_an_unreachable_origin(edge, origin):
+def test_a_failover_is_marked(edge, origin):
     broken = RecordingOrigin(lambda _: CLOSE)       # accepts, then hangs up unanswered
     good = origin("good")
     try:
