@@ -14,6 +14,7 @@ from addons import failsafe, internals
 from addons.admin import Admin
 from addons.cache import Cache
 from addons.compress import Compress
+from addons.console import Console
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.geo.locate import GeoDatabaseError
 from addons.protocol import Protocol
@@ -81,6 +82,10 @@ class Edge:
         self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
         self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
         self.annotate = annotate
+        # under mitmweb: after the trace wrote the access log, the flow shows the public URL
+        self.console = Console()
+        if annotate:
+            self.addons.insert(self.addons.index(self.trace) + 1, self.console)
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
         if config is not None:
@@ -137,7 +142,8 @@ class Edge:
         self.request_scrub.apply(config)
         self.sites.apply(config)
         self.site_answers.apply(config)
-        self.trace.apply(config.access_log, self.annotate)
+        self.trace.apply(config.access_log)
+        self.console.apply(config)
         self.stream.apply(config.buffer_limit, web=self.annotate)
         self.admin.apply(config)
         self.trace.log_format = config.access_log_format

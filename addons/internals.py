@@ -101,6 +101,12 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   read as its HEADERS never becomes a request at all (no flow, no hooks: the cost of a rapid
   reset is h2's parsing); a stream reset while its origin connection was being opened sends
   nothing on it.
+- mitmweb's page (`edge run --web`, the edge's console: addons/console): mitmweb shows a
+  flow's comment in a span whose white space collapses, so the decisions, one per line, read as
+  one run-on line in the Comment tab, and the flow list gives the comment 150 px. Its index
+  page now carries a style that keeps the comment's line breaks in the detail view and widens
+  the comment column. Installed only when mitmweb's app is loaded (the lean master never
+  imports it).
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ import collections
 import dataclasses
 import logging
 import re
+import sys
 import time
 import types
 import weakref
@@ -145,6 +152,7 @@ from addons.trace import STREAMED_IN
 logger = logging.getLogger("edge")
 TESTED_WITH = "12.3."
 _installed = False
+_console_installed = False
 
 
 def error_page(status: int, message: str, request_id: str | None = None) -> bytes:
@@ -909,6 +917,7 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     `failover` is asked for another origin when one fails before answering."""
     global _installed, interim_filter, reroute
     interim_filter, reroute = interim, failover
+    _install_console()
     if _installed:
         return
     if not version.VERSION.startswith(TESTED_WITH):
@@ -934,3 +943,29 @@ def install(interim: Callable[[Fields, http.Request], Fields],
     _http2.Http2Server.__init__ = _h2_server_init
     http_layer.HttpStream.state_stream_request_body = _stream_request_body
     _installed = True
+
+
+# -- mitmweb's page: the console's style -------------------------------------------------------------
+
+_index_render: Callable | None = None       # tornado's RequestHandler.render, as mitmweb's page had it
+CONSOLE_STYLE = (b"<style>.flow-detail .kv-value{white-space:pre-wrap}"
+                 b".flow-table .col-comment{width:38%}</style>")
+
+
+def _console_render(self, template_name: str, **kwargs):
+    """mitmweb's IndexHandler.render: its page with the console's style. The handler's get and
+    post stay mitmweb's (they carry its authentication: the login page renders unchanged)."""
+    if template_name != "../index.html":
+        return _index_render(self, template_name, **kwargs)
+    page = self.render_string(template_name, **kwargs)
+    return self.finish(page.replace(b"</head>", CONSOLE_STYLE + b"</head>", 1))
+
+
+def _install_console() -> None:
+    """Once mitmweb's app module is loaded (a web master exists): its page with the style."""
+    global _console_installed, _index_render
+    web = sys.modules.get("mitmproxy.tools.web.app")
+    if _console_installed or web is None:
+        return
+    _index_render, web.IndexHandler.render = web.IndexHandler.render, _console_render
+    _console_installed = True

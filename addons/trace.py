@@ -1,8 +1,8 @@
 """The decision trace: every addon writes what it decided into `flow.metadata["edge"]`; this
 module reads that one record into the access log (JSON lines, or the combined format log
-analysers read), the metrics' observations and, under mitmweb, a flow comment. The exchange
-with the origin (when the request left, the origin's status and time to its head) and the
-request head as it arrived are noted on the flow by the hooks here and by Arrival."""
+analysers read) and the metrics' observations (under mitmweb, addons/console shows it on the
+flow). The exchange with the origin (when the request left, the origin's status and time to its
+head) and the request head as it arrived are noted on the flow by the hooks here and by Arrival."""
 
 from __future__ import annotations
 
@@ -187,19 +187,6 @@ class Arrival:
         flow.metadata[ARRIVED] = request_head_size(flow.request)
 
 
-def _short(value) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    if isinstance(value, dict):
-        return "/".join(str(v) for v in value.values() if v is not None)
-    return str(value)
-
-
-def summary(rec: dict) -> str:
-    """A short human line for mitmweb's comment column."""
-    return " ".join(f"{k}={_short(v)}" for k, v in rec.items() if k not in FACTS and v not in (None, [], ""))
-
-
 def cache_verdict(rec: dict) -> str:
     """`hit`, or what the cache forwarded for (`uri-miss`, `stale`, ...), or `none`."""
     status = rec.get("cache")
@@ -211,14 +198,13 @@ def cache_verdict(rec: dict) -> str:
 
 
 class Trace:
-    """Writes the access log, annotates flows for mitmweb, and counts what it writes (the
+    """Writes the access log and counts what it writes (the
     metrics endpoint reads the counts). Runs last in the chain. A line that cannot be written
     (a full disk, an I/O error, a closed file) is counted and reported once a minute, never
     raised: the hook or background task that logs goes on."""
 
     def __init__(self) -> None:
         self.out: IO[str] | None = None
-        self.annotate = False
         self.answered: Counter[tuple[str, str]] = Counter()     # (status class, cache verdict)
         self.served_by: Counter[tuple[str, str]] = Counter()    # (pool, origin) that answered
         self.failures = Throttle()
@@ -227,9 +213,8 @@ class Trace:
         self.observer: Callable[[dict], None] | None = None     # the metrics (request_facts)
         self.open_clients: dict[str, Client] = {}              # for the connection gauge
 
-    def apply(self, access_log: str | None, annotate: bool = False) -> None:
+    def apply(self, access_log: str | None) -> None:
         self.close()
-        self.annotate = annotate
         if access_log == "-":
             self.out = sys.stdout
         elif access_log:
@@ -320,15 +305,9 @@ class Trace:
         refused = bool(shield) and not shield.startswith(("detect", "allow"))   # the edge answered
         if "origin" in rec and not refused:
             self.served_by[(rec.get("pool", ""), rec["origin"])] += 1
-        if self.out is None and not self.annotate and self.observer is None:
+        if self.out is None and self.observer is None:
             return
         try:
-            if self.out is not None or self.observer is not None:
-                self._record(flow, rec)
-            if self.annotate:
-                rec = decisions(flow)
-                flow.comment = summary(rec)
-                if rec.get("failed") or flow.error:
-                    flow.marked = ":warning:"
+            self._record(flow, rec)
         except Exception as e:      # logging must never take the proxy down
             report(self.failures, f"access log (flow {flow.id})", e)

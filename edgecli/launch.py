@@ -23,6 +23,7 @@ from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog
 
 from addons.chain import Edge
 from addons.config import EdgeConfig
+from addons.console import ListenerStatus
 from addons.tasks import Throttle
 from addons.tls.addon import Tls, listener_modes
 from addons.tls.certs import Pair
@@ -113,6 +114,17 @@ def without_mitmproxy_apps(m: master.Master) -> None:
     for name in ("onboarding", "updatealtsvc", "tlsconfig"):
         m.addons.remove(m.addons.get(name))
     m.addons.add(EdgeTlsConfig())
+
+
+# mitmweb's default flow list columns, and the comment: the edge's verdict (addons/console)
+CONSOLE_COLUMNS = ["tls", "icon", "path", "method", "status", "size", "time", "comment"]
+
+
+def as_console(m: master.Master) -> None:
+    """mitmweb as the edge's console: its status bar names the edge's listeners, its flow list
+    shows the verdicts (`--set web_columns=...` still chooses)."""
+    m.addons.add(ListenerStatus())
+    m.options.update(web_columns=CONSOLE_COLUMNS)
 
 
 class LeanMaster(master.Master):
@@ -209,6 +221,7 @@ async def serve(launch: Launch) -> None:
         from mitmproxy.tools.web.master import WebMaster
         m: master.Master = WebMaster(opts, with_termlog=True)
         without_mitmproxy_apps(m)
+        as_console(m)
     else:
         m = LeanMaster(opts)
     ready = _Ready(launch, m)

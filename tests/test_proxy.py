@@ -150,9 +150,9 @@ def test_mitmweb_shows_the_decisions(origin, edge):
     web = e.master.web_url.split("?")[0].rstrip("/")
     flows = httpx.get(f"{web}/flows", headers={"Authorization": f"Bearer {token}"}).json()
     (flow,) = [f for f in flows if f["request"]["path"] == "/leaky"]
-    comment = flow["comment"]
-    assert comment.startswith(f"pool=default origin={o.url} cache=fwd=uri-miss")
-    assert "scrubbed=X-Powered-By,X-Backend-Server" in comment
+    lines = flow["comment"].split("\n")         # the verdict, then one decision per line (tests/test_console.py)
+    assert lines[:3] == [f"miss → default {o.url}", "pool: default", f"origin: {o.url}/leaky"]
+    assert "scrubbed: X-Powered-By, X-Backend-Server, X-Debug, Via" in lines
 
 
 def test_mitmproxy_ca_crl_is_not_served(origin, edge):
