@@ -69,6 +69,31 @@ def post(admin: tuple[str, int], path: str, token: str | None = TOKEN) -> httpx.
     return httpx.post(f"http://{admin[0]}:{admin[1]}{path}", headers=headers)
 
 
+def trickled_origin(release: threading.Event, big: int) -> RecordingOrigin:
+    """Slow answers held until `release`; /big sends its head and 1 MB at once, the rest after."""
+    def script(request: bytes):
+        if request.startswith(b"GET /big"):
+            def pieces():
+                yield b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nCache-Control: no-store\r\n\r\n" % big + b"x" * 2**20
+                release.wait(30)
+                for _ in range((big - 2**20) // 2**20):
+                    yield b"x" * 2**20
+            return pieces()
+        release.wait(30)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nCache-Control: no-store\r\n\r\nslow"
+    return RecordingOrigin(script)
+
+
+def download(url: str, box: dict, streaming: threading.Event) -> None:
+    """GET `url` as a stream: box["big"] = (status, bytes received); `streaming` set at the first bytes."""
+    got = 0
+    with httpx.stream("GET", url, timeout=30) as answer:
+        for chunk in answer.iter_bytes():
+            got += len(chunk)
+            streaming.set()
+    box["big"] = (answer.status_code, got)
+
+
 class Running:
     """An in-process edge started from a real config file (so that it can be read again)."""
 
@@ -264,28 +289,40 @@ def test_state_survives_a_reload(edge, origin, tmp_path):
     assert route.health[("127.0.0.1", a.port)] is health
 
 
-def test_an_in_flight_request_finishes_on_its_origin_after_its_pool_is_removed(edge, origin, tmp_path):
-    release = threading.Event()
-    slow = origin("slow", pages={"/slow": lambda req, o: (release.wait(20), (200, [], b"slow done"))[1]})
+def test_in_flight_requests_finish_on_their_origin_after_its_pool_is_removed(edge, origin, tmp_path):
+    """A slow answer and a download already streaming, both from a pool that a reload
+    removes: they complete from that origin; new requests get the new config."""
+    release, big = threading.Event(), 4 * 2**20
+    slow = trickled_origin(release, big)
     b = origin("b")
     token, admin, log = token_file(tmp_path), free_port(), tmp_path / "access.log"
     (tmp_path / "edge.yaml").write_text(config_text({"slow": [slow.url], "b": [b.url]}, admin, token,
                                                     default="slow", extra=f"access_log: {log}\n"))
     r = Running(edge, tmp_path / "edge.yaml")
     box: dict = {}
-    client = threading.Thread(target=lambda: box.setdefault("r", httpx.get(f"{r.url}/slow", timeout=30)))
-    client.start()
-    until(lambda: slow.seen, what="the slow origin got the request")
-    r.rewrite(config_text({"b": [b.url]}, admin, token, extra=f"access_log: {log}\n"))
-    assert r.reload().status_code == 200
-    assert who(r.url) == "hello from b\n"                  # new requests: the new config
-    release.set()
-    client.join(30)
-    assert box["r"].status_code == 200 and box["r"].text == "slow done"
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    slow_line = next(line for line in lines if line["url"].endswith("/slow"))
-    assert slow_line["edge"]["pool"] == "slow" and slow_line["edge"]["origin"] == slow.url
-    assert r.chain.route.in_flight[("127.0.0.1", slow.port)] == 0
+    streaming = threading.Event()
+    clients = [threading.Thread(target=lambda: box.setdefault("slow", httpx.get(f"{r.url}/slow", timeout=30))),
+               threading.Thread(target=download, args=(f"{r.url}/big", box, streaming))]
+    try:
+        for c in clients:
+            c.start()
+        slow.wait_for_requests(2)
+        assert streaming.wait(10)
+        r.rewrite(config_text({"b": [b.url]}, admin, token, extra=f"access_log: {log}\n"))
+        assert r.reload().status_code == 200
+        assert who(r.url) == "hello from b\n"                  # new requests: the new config
+        release.set()
+        for c in clients:
+            c.join(30)
+        assert box["slow"].status_code == 200 and box["slow"].text == "slow" and box["big"] == (200, big)
+        until(lambda: "/big" in log.read_text(), what="the download's line (written once its last byte left)")
+        lines = {json.loads(line)["url"].rsplit("/", 1)[1]: json.loads(line) for line in log.read_text().splitlines()}
+        assert lines["slow"]["edge"]["pool"] == lines["big"]["edge"]["pool"] == "slow"
+        assert lines["big"]["edge"]["origin"] == slow.url and lines["big"]["bytes"] == big
+        assert r.chain.route.in_flight[("127.0.0.1", slow.port)] == 0
+    finally:
+        release.set()
+        slow.stop()
 
 
 def test_the_file_watch_reloads_and_keeps_the_running_config_on_a_bad_edit(edge, origin, tmp_path, caplog):
@@ -302,6 +339,17 @@ def test_the_file_watch_reloads_and_keeps_the_running_config_on_a_bad_edit(edge,
     refused = next(m for m in caplog.messages if "reload (file watch) refused" in m)
     assert f"{r.path}:6: pools: duplicate key" in refused
     assert who(r.url) == "hello from b\n"
+
+
+def test_an_edge_without_a_config_file_has_nothing_to_reload(edge, origin):
+    e = edge([origin("a").url])
+    lifecycle = e.master.addons.get("edge").lifecycle
+
+    async def sighup():
+        return lifecycle.reload("SIGHUP")
+    applied, why, _ = asyncio.run_coroutine_threadsafe(sighup(), e.master.event_loop).result(10)
+    assert not applied and why == "nothing to reload: the config came from --origin, not a file"
+    assert who(e.url) == "hello from a\n"
 
 
 def test_reopen_through_the_admin_endpoint(edge, origin, tmp_path):
@@ -392,6 +440,38 @@ def test_stopping_closes_idle_connections_and_lets_requests_finish(edge, tls, tm
     assert sorted(paths) == ["first", "h2", "slow"]
 
 
+def test_what_outlasts_shutdown_timeout_is_cut_and_logged(edge, tmp_path):
+    hold = threading.Event()
+    o = RecordingOrigin(lambda req: (hold.wait(30), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")[1])
+    token, admin, log = token_file(tmp_path), free_port(), tmp_path / "access.log"
+    (tmp_path / "edge.yaml").write_text(config_text({"main": [o.url]}, admin, token,
+                                                    extra=f"access_log: {log}\nshutdown_timeout: 1s\n"))
+    r = Running(edge, tmp_path / "edge.yaml")
+    box: dict = {}
+
+    def stuck() -> None:
+        try:
+            box["r"] = httpx.get(f"{r.url}/stuck", timeout=30)
+        except httpx.HTTPError as e:
+            box["r"] = e
+    client = threading.Thread(target=stuck)
+    try:
+        client.start()
+        o.wait_for_requests(1)
+        asyncio.run_coroutine_threadsafe(r.chain.lifecycle.drain(), r.edge.master.event_loop)
+        until(lambda: r.chain.lifecycle.draining, what="the drain started")
+        refused = r.reload()
+        assert refused.status_code == 409 and refused.json()["error"] == "the edge is shutting down"
+        client.join(20)
+        assert isinstance(box["r"], httpx.RemoteProtocolError)         # cut: no answer, not a hang
+        until(lambda: not r.edge.master.event_loop.is_running(), what="the master stopped")
+        line = json.loads(log.read_text().splitlines()[-1])
+        assert line["url"].endswith("/stuck") and line["status"] is None and "error" in line
+    finally:
+        hold.set()
+        o.stop()
+
+
 # -- real `edge run` processes and signals ----------------------------------------------------------------
 
 class EdgeRun:
@@ -477,21 +557,6 @@ def test_sighup_edge_reload_and_sigusr1(origin, tmp_path):
         e.kill()
 
 
-def trickled_origin(release: threading.Event, big: int) -> RecordingOrigin:
-    """Slow answers held until `release`; /big sends its head and 1 MB at once, the rest after."""
-    def script(request: bytes):
-        if request.startswith(b"GET /big"):
-            def pieces():
-                yield b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nCache-Control: no-store\r\n\r\n" % big + b"x" * 2**20
-                release.wait(30)
-                for _ in range((big - 2**20) // 2**20):
-                    yield b"x" * 2**20
-            return pieces()
-        release.wait(30)
-        return b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nCache-Control: no-store\r\n\r\nslow"
-    return RecordingOrigin(script)
-
-
 def test_sigterm_lets_requests_and_a_download_finish(tmp_path):
     release, big = threading.Event(), 8 * 2**20
     o = trickled_origin(release, big)
@@ -499,17 +564,8 @@ def test_sigterm_lets_requests_and_a_download_finish(tmp_path):
     e = EdgeRun(tmp_path, f"listen: 127.0.0.1:0\npools: {{main: {{origins: [{o.url}]}}}}\naccess_log: {log}\n")
     results: dict = {}
     streaming = threading.Event()
-
-    def download() -> None:
-        got = 0
-        with httpx.stream("GET", f"{e.url}/big", timeout=30) as r:
-            for chunk in r.iter_bytes():
-                got += len(chunk)
-                streaming.set()
-        results["big"] = (r.status_code, got)
-
     threads = [threading.Thread(target=lambda i=i: results.setdefault(i, httpx.get(f"{e.url}/slow{i}", timeout=30)))
-               for i in range(3)] + [threading.Thread(target=download)]
+               for i in range(3)] + [threading.Thread(target=download, args=(f"{e.url}/big", results, streaming))]
     try:
         for t in threads:
             t.start()
