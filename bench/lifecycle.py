@@ -66,7 +66,7 @@ def reload_under_load(work: Path, seconds: float = 20.0, clients: int = 8, every
 
     now_serving = write(0)
     proc = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "reload.stderr", "w"))
+                            stdout=open(work / "reload.out", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for_port(port)
         wait_for_port(admin)
@@ -169,9 +169,9 @@ def shutdown_in_flight(work: Path, slow: int = 20, downloads: int = 2) -> None:
     log = work / "shutdown-access.log"
     path = work / "shutdown.yaml"
     path.write_text(f"listen: 127.0.0.1:{port}\npools: {{main: {{origins: [{origin.url}]}}}}\naccess_log: {log}\n")
-    stderr = work / "shutdown.stderr"
+    output = work / "shutdown.out"          # the edge's log (stdout) and Python's tracebacks (stderr)
     proc = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
-                            stdout=subprocess.DEVNULL, stderr=open(stderr, "w"))
+                            stdout=open(output, "w"), stderr=subprocess.STDOUT)
     results: dict[str, tuple[int | str, int]] = {}
     streaming = threading.Semaphore(0)
 
@@ -219,10 +219,10 @@ def shutdown_in_flight(work: Path, slow: int = 20, downloads: int = 2) -> None:
     whole = sum(1 for name, (status, size) in results.items()
                 if status == 200 and size == (30 * 2**20 if name.startswith("big") else 2))
     lines = len(log.read_text().splitlines()) if log.exists() else 0
-    tracebacks = stderr.read_text().count("Traceback")
+    tracebacks = output.read_text().count("Traceback")
     print(f"SIGTERM with {slow} slow requests (3 s) and {downloads} downloads of 30 MB in flight: "
           f"{whole}/{slow + downloads} complete and whole, exit code {code}, exit {took:.2f} s after SIGTERM, "
-          f"{lines} access-log lines, {tracebacks} tracebacks on stderr")
+          f"{lines} access-log lines, {tracebacks} tracebacks in its output")
     for name, (status, size) in sorted(results.items()):
         if name.startswith("big") or status != 200:
             print(f"  {name}: {status}, {size} bytes")
