@@ -16,7 +16,7 @@ from addons.cache import Cache
 from addons.compress import Compress
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.geo.locate import GeoDatabaseError
-from addons.lifecycle import Lifecycle
+from addons.lifecycle.addon import Lifecycle
 from addons.protocol import Protocol
 from addons.route import Route
 from addons.scrub import Scrub

@@ -261,6 +261,9 @@ def test_the_write_side_refuses_without_the_token_and_changes_nothing(edge, orig
     assert who(r.url) == "hello from a\n"                   # nothing was reloaded
     assert httpx.get(f"http://{r.admin[0]}:{r.admin[1]}/reload").status_code == 404    # GET is the read side
     assert r.reload().status_code == 200 and who(r.url) == "hello from b\n"
+    token_file(tmp_path, "a-rotated-token-0123456789")      # a reload reads the token file again
+    assert r.reload().status_code == 200
+    assert r.reload().status_code == 401 and r.reload("a-rotated-token-0123456789").status_code == 200
 
 
 def test_state_survives_a_reload(edge, origin, tmp_path):
