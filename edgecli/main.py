@@ -271,8 +271,9 @@ def reload(admin_url, token_file) -> None:
         with open(token_file, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
-        raise Problem(f"cannot read the admin token {token_file}: {e.strerror} (give --token-file: the "
-                      "config's admin.token_file, or the file the edge named at start)") from None
+        raise Problem(f"cannot read the admin token {token_file}: {e.strerror} (a running edge with admin: "
+                      "in its config names its token file at start; give it with --token-file, or send "
+                      "the edge SIGHUP)") from None
     parts = urlsplit(admin_url)
     if parts.scheme != "http" or not parts.hostname:
         raise click.BadParameter("expected http://HOST:PORT", param_hint="--admin")

@@ -22,11 +22,13 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from addons.config import ConfigError, Listener, load_config, parse_config
 from addons.lifecycle.rules import (Watch, authorized, changed_sections, forced_exit_code, generated_token,
                                     restart_needed)
 from addons.shield.limits import MemoryStore
+from edgecli.main import cli
 from tests.conftest import free_port, wait_for_port
 from tests.rawnet import RecordingOrigin
 
@@ -353,6 +355,14 @@ def test_an_edge_without_a_config_file_has_nothing_to_reload(edge, origin):
     applied, why, _ = asyncio.run_coroutine_threadsafe(sighup(), e.master.event_loop).result(10)
     assert not applied and why == "nothing to reload: the config came from --origin, not a file"
     assert who(e.url) == "hello from a\n"
+
+
+def test_edge_reload_says_what_is_missing(tmp_path):
+    r = CliRunner().invoke(cli, ["reload", "--token-file", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "cannot read the admin token" in r.output and "SIGHUP" in r.output
+    r = CliRunner().invoke(cli, ["reload", "--admin", f"http://127.0.0.1:{free_port()}", "--token-file",
+                                 str(token_file(tmp_path))])
+    assert r.exit_code == 1 and "cannot reach the edge's admin endpoint" in r.output and "Traceback" not in r.output
 
 
 def test_reopen_through_the_admin_endpoint(edge, origin, tmp_path):
