@@ -1,9 +1,10 @@
-"""The admin endpoint: a small read-only HTTP listener, separate from the client listener (like
+"""The admin endpoint: a small HTTP listener, separate from the client listener (like
 HAProxy's stats socket or nginx's stub_status on a private port), that `edge status` reads.
 
 GET /status answers the edge's snapshot as JSON; GET /metrics the same facts, the request counts
-and latency histograms in Prometheus' text format (addons/metrics.py). It binds only where `admin:` says (loopback in the example)
-and is off unless configured.
+and latency histograms in Prometheus' text format (addons/metrics.py). It binds only where
+`admin:` says (loopback in the example) and is off unless configured. POST requests go to the
+write side (`edge reload`), which asks for a token (addons/lifecycle).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Admin:
         self.address: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None       # the real address (port 0 picks one)
+        # the write side (addons/lifecycle): (path, request head) -> (status, JSON body, header fields)
+        self.write: Callable[[str, bytes], tuple[str, dict, dict]] | None = None
 
     def apply(self, config: EdgeConfig) -> None:
         self.address = config.admin
@@ -51,8 +54,10 @@ class Admin:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             method, target, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""]
-            path, kind = target.split("?", 1)[0], "application/json"
-            if method not in ("GET", "HEAD"):
+            path, kind, extra = target.split("?", 1)[0], "application/json", {}
+            if method == "POST" and self.write is not None and path not in ("/status", "/metrics"):
+                status, body, extra = self.write(path, head)
+            elif method not in ("GET", "HEAD"):
                 status, body = "405 Method Not Allowed", {"error": "read-only: GET /status or /metrics"}
             elif path == "/status":
                 status, body = "200 OK", self.snapshot()
@@ -61,7 +66,8 @@ class Admin:
             else:
                 status, body = "404 Not Found", {"error": "GET /status or /metrics"}
             payload = body.encode() if isinstance(body, str) else json.dumps(body, indent=1).encode() + b"\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(payload)}\r\n"
+            fields = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(payload)}\r\n{fields}"
                          f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
                          + (payload if method != "HEAD" else b""))
             await writer.drain()

@@ -17,6 +17,7 @@ from addons.compress import Compress
 from addons.console import Console
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
 from addons.geo.locate import GeoDatabaseError
+from addons.lifecycle.addon import Lifecycle
 from addons.protocol import Protocol
 from addons.route import Route
 from addons.scrub import Scrub
@@ -75,9 +76,12 @@ class Edge:
         # after stream, before the scrub: a site's answer rules reach every client, masked
         self.sites, self.site_answers = Sites(), SiteAnswers()
         self.cache.site_keys = self.sites.cache_keys
+        # lifecycle last: while stopping, it closes HTTP/1 connections after the answer all others made
+        self.lifecycle = Lifecycle(lambda: self.config, self.apply, self.trace.reopen)
+        self.admin.write = self.lifecycle.write
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
-                       self.admin]
+                       self.admin, self.lifecycle]
         self.arrival = Arrival()
         self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
         self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
@@ -150,3 +154,4 @@ class Edge:
         if config.admin is not None:
             self._metrics()
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks
+        self.lifecycle.apply(config)

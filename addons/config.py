@@ -358,6 +358,9 @@ class EdgeConfig:
     certificates: tuple[CertificateFiles, ...] = ()
     acme: AcmeConfig | None = None
     access_log_format: str = "json"         # json lines, or combined (Apache/nginx, with the request id)
+    admin_token_file: str | None = None   # the admin write side's token; None: generated under the confdir
+    shutdown_timeout: float = 30.0        # SIGTERM/SIGINT: how long in-flight requests may take to finish
+    reload_watch: bool = False            # reload when the config file changes (polled every second)
 
     @property
     def origins(self) -> list[Origin]:
@@ -842,7 +845,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
-                                    "sites", "default_site", "access_log_format"})
+                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -964,7 +967,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     if access_log is not None and (not isinstance(access_log, str) or not access_log):
         raise doc.error(("access_log",), 'expected "-" (stdout), a file path, or null')
 
-    admin = r.convert(parse_hostport, top["admin"], ("admin",)) if top.get("admin") is not None else None
+    admin, admin_token_file = _admin(r, top, source)
     shield = _shield(r, top["shield"], ("shield",), geo) if top.get("shield") is not None else None
     limits = _limits(r, top.get("shield"), ("shield",))
     if admin is not None and admin in [lst.address for lst in listeners] + [listen]:
@@ -974,7 +977,8 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
                       scrub=ScrubConfig(server_header, strip, _override_headers(r, scrub_raw),
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
-                      access_log_format=_access_log_format(r, top))
+                      access_log_format=_access_log_format(r, top),
+                      admin_token_file=admin_token_file, **_lifecycle(r, top))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -987,6 +991,57 @@ def _access_log_format(r: _Reader, top: dict) -> str:
     if value not in ACCESS_LOG_FORMATS:
         raise r.doc.error(("access_log_format",), f"expected one of {', '.join(ACCESS_LOG_FORMATS)}")
     return value
+
+
+MIN_TOKEN = 16                      # characters of an admin token file
+
+
+def _admin(r: _Reader, top: dict, source: str) -> tuple[tuple[str, int] | None, str | None]:
+    """`admin: HOST:PORT`, or `admin: {address: HOST:PORT, token_file: PATH}`: the token that
+    the write side (`edge reload`) asks for, in a file only its owner may read (like ssh's
+    keys: a token others can read is refused, not used)."""
+    raw = top.get("admin")
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        return r.convert(parse_hostport, raw, ("admin",)), None
+    raw = r.mapping(raw, ("admin",), {"address", "token_file"})
+    if "address" not in raw:
+        raise r.doc.error(("admin",), "the admin endpoint needs an address")
+    address = r.convert(parse_hostport, raw["address"], ("admin", "address"))
+    if raw.get("token_file") is None:
+        return address, None
+    path = raw["token_file"]
+    if not isinstance(path, str) or not path:
+        raise r.doc.error(("admin", "token_file"), "expected the path of a file holding the token")
+    path = _config_path(path, source)
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise r.doc.error(("admin", "token_file"), f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if mode & 0o077:
+        raise r.doc.error(("admin", "token_file"), f"{path} may be read by other users: chmod 600 it")
+    if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
+        raise r.doc.error(("admin", "token_file"), f"the token must be at least {MIN_TOKEN} characters, no spaces")
+    return address, path
+
+
+def _lifecycle(r: _Reader, top: dict) -> dict:
+    """`shutdown_timeout:` (default 30s) and `reload: {watch: true}`."""
+    out: dict = {}
+    if top.get("shutdown_timeout") is not None:
+        timeout = r.convert(parse_duration, top["shutdown_timeout"], ("shutdown_timeout",))
+        if timeout > 3600:
+            raise r.doc.error(("shutdown_timeout",), "at most 1h")
+        out["shutdown_timeout"] = timeout
+    raw = r.mapping(top.get("reload"), ("reload",), {"watch"})
+    watch = raw.get("watch", False)
+    if not isinstance(watch, bool):
+        raise r.doc.error(("reload", "watch"), "expected true or false")
+    out["reload_watch"] = watch
+    return out
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)

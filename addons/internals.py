@@ -107,6 +107,10 @@ once, is checked against the pinned mitmproxy version and is covered by an integ
   page now carries a style that keeps the comment's line breaks in the detail view and widens
   the comment column. Installed only when mitmweb's app is loaded (the lean master never
   imports it).
+- Graceful shutdown (addons/lifecycle): whether a client connection is idle is read from
+  mitmproxy's layers (no request stream open, no part of a next HTTP/1 head received), and an
+  idle HTTP/2 connection is sent GOAWAY(NO_ERROR) through its TLS layer before it is closed;
+  mitmproxy has no drain of its own (its shutdown cancels every connection's task).
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 from h11._readers import ChunkedReader
-from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 from mitmproxy import ctx, flow, http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -137,6 +141,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy import layer as layer_module
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3, _http_h2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
@@ -556,6 +561,49 @@ def close_client(master, client) -> bool:
         return False
     io.handler.cancel("edge: closed")
     return True
+
+
+def client_idle(handler, now: float, grace: float) -> bool:
+    """No request in progress on this client connection: no HTTP stream open (a response
+    still being sent keeps its stream), and no part of a next HTTP/1 head received. A
+    connection that has no HTTP layer yet (a TLS handshake, nothing sent) is given `grace`
+    seconds from its start for its request (wall-clock `now`, as mitmproxy's timestamps)."""
+    layer = _http_layer(handler)
+    if layer is None:
+        return now - handler.client.timestamp_start > grace
+    if layer.streams:
+        return False
+    server = layer.connections.get(handler.client)
+    return not (isinstance(server, _http1.Http1Server) and len(server.buf))
+
+
+def goaway(handler) -> bool:
+    """Tell an idle HTTP/2 client that no further stream will be taken: GOAWAY(NO_ERROR) with
+    the last stream it opened, written through the TLS layers above the HTTP layer (h2 goes
+    over TLS only: h2c is disabled). Sent right before the connection is closed, never while a
+    stream is open: h2 (python's, httpx's) ends every stream when a GOAWAY arrives."""
+    layer = _http_layer(handler)
+    server = layer.connections.get(handler.client) if layer is not None else None
+    io = handler.transports.get(handler.client)
+    if not isinstance(server, _http2.Http2Server) or io is None or io.writer is None or io.writer.is_closing():
+        return False
+    frame = GoAwayFrame(0)
+    frame.last_stream_id, frame.error_code = server.h2_conn.highest_inbound_stream_id, 0
+    data = frame.serialize()
+    for tls in reversed(_client_tls_layers(handler)):
+        data = b"".join(c.data for c in tls.send_data(data) if isinstance(c, commands.SendData))
+    io.writer.write(data)
+    return True
+
+
+def _client_tls_layers(handler) -> list:
+    """The client TLS layers between the top of the stack and the HTTP layer, outermost first."""
+    found, layer = [], handler.layer
+    while layer is not None and not isinstance(layer, http_layer.HttpLayer):
+        if isinstance(layer, tls_layers.ClientTLSLayer):
+            found.append(layer)
+        layer = layer.layer if isinstance(layer, layer_module.NextLayer) else getattr(layer, "child_layer", None)
+    return found
 
 
 _INTERIM_HEAD = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d\b")

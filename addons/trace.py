@@ -231,6 +231,23 @@ class Trace:
     def done(self) -> None:
         self.close()
 
+    def reopen(self) -> None:
+        """The access log's path opened anew (SIGUSR1): after logrotate's `mv`, lines go to a
+        new file at the path, not on into the renamed one (no copytruncate needed). If the
+        path cannot be opened, the log goes on where it was."""
+        old = self.out
+        if old is None or old is sys.stdout:
+            return
+        try:
+            self.out = open(old.name, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            report(self.failures, "access log reopen", e)
+            return
+        try:
+            old.close()
+        except (OSError, ValueError) as e:
+            report(self.failures, "access log", e)
+
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
 

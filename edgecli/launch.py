@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog
 from addons.chain import Edge
 from addons.config import EdgeConfig
 from addons.console import ListenerStatus
+from addons.lifecycle.addon import install_signals
 from addons.tasks import Throttle
 from addons.tls.addon import Tls, listener_modes
 from addons.tls.certs import Pair
@@ -151,6 +151,7 @@ class Launch:
     extra_addons: Sequence[object] = ()      # the embedder's own (see Edge)
     on_ready: Callable[[master.Master, tuple[str, int]], None] | None = None
     handle_signals: bool = True
+    reread: Callable[[], EdgeConfig] | None = None     # what a reload reads (edge run -c: the file again)
     failure: list[str] = field(default_factory=list)
 
 
@@ -227,6 +228,7 @@ async def serve(launch: Launch) -> None:
     ready = _Ready(launch, m)
     try:
         edge = Edge(cfg, annotate=launch.web, extra=launch.extra_addons)
+        edge.lifecycle.reader = launch.reread
         m.addons.add(edge, ready)
         m.addons.get("tlsconfig").tls = edge.tls
         updates = {"http3": False, "termlog_verbosity": "warn"}
@@ -242,9 +244,7 @@ async def serve(launch: Launch) -> None:
     except OSError as e:
         raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
     if launch.handle_signals and threading.current_thread() is threading.main_thread():
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, m.shutdown)
+        install_signals(asyncio.get_running_loop(), edge.lifecycle)
     await m.run()
     if launch.failure:
         raise LaunchError(launch.failure[0])

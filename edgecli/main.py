@@ -117,12 +117,7 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
             raise click.BadParameter(str(e), param_hint="--origin") from None
     else:
         raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
-    if listen:
-        config = dataclasses.replace(config, listen=listen, listeners=())    # one plain listener
-    if access_log:
-        config = dataclasses.replace(config, access_log=access_log)
-    if admin:
-        config = dataclasses.replace(config, admin=admin)
+    config = _overridden(config, listen, access_log, admin)
     try:
         for listener in config.all_listeners:
             launcher.check_listen(*listener.address)
@@ -134,8 +129,20 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
             launcher.check_cert(cert)
     except launcher.LaunchError as e:
         raise Problem(str(e)) from None
+    reread = (lambda: _overridden(read_config(config_path), listen, access_log, admin)) if config_path else None
     start(launcher.Launch(config=config, confdir=confdir, web=web, web_port=web_port, cert=cert,
-                          settings=settings, on_ready=_announce(config, web)))
+                          settings=settings, on_ready=_announce(config, web), reread=reread))
+
+
+def _overridden(config: EdgeConfig, listen, access_log, admin) -> EdgeConfig:
+    """The command line's settings over the file's: at start, and at every reload."""
+    if listen:
+        config = dataclasses.replace(config, listen=listen, listeners=())    # one plain listener
+    if access_log:
+        config = dataclasses.replace(config, access_log=access_log)
+    if admin:
+        config = dataclasses.replace(config, admin=admin)
+    return config
 
 
 @cli.command()
@@ -245,6 +252,52 @@ def status(admin_url, as_json) -> None:
         raise Problem(f"the admin endpoint answered {response.status}")
     snapshot = json.loads(body)
     click.echo(json.dumps(snapshot, indent=1) if as_json else format_status(snapshot))
+
+
+@cli.command()
+@click.option("--admin", "admin_url", default="http://127.0.0.1:9090", show_default=True, metavar="URL",
+              help="The running edge's admin endpoint (admin: in its config, or edge run --admin).")
+@click.option("--token-file", metavar="FILE", help="The admin token: admin.token_file of the config, else "
+              "the one the edge wrote under its confdir [~/.config/edge/mitmproxy/admin-token].")
+def reload(admin_url, token_file) -> None:
+    """Make a running edge read its config file again and apply it in place (like kill -HUP);
+    exit 2 with FILE:LINE: key: problem if it refused the file (the running config stays)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+    from addons.lifecycle.rules import TOKEN_FILE
+    token_file = token_file or os.path.join(default_confdir(), TOKEN_FILE)
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise Problem(f"cannot read the admin token {token_file}: {e.strerror} (a running edge with admin: "
+                      "in its config names its token file at start; give it with --token-file, or send "
+                      "the edge SIGHUP)") from None
+    parts = urlsplit(admin_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise click.BadParameter("expected http://HOST:PORT", param_hint="--admin")
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=30)
+    try:
+        conn.request("POST", "/reload", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        body = response.read()
+    except OSError as e:
+        raise Problem(f"cannot reach the edge's admin endpoint at {admin_url}: {e.strerror or e}") from None
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = {}
+    if response.status == 200:
+        click.echo(f"edge: {answer.get('message', 'reloaded')}")
+    elif response.status == 401:
+        raise Problem(f"the admin endpoint refused the token in {token_file}")
+    elif response.status == 409:
+        raise ConfigProblem(f"reload refused, the running config stays: {answer.get('error', '?')}")
+    else:
+        raise Problem(f"the admin endpoint answered {response.status}")
 
 
 @cli.command()

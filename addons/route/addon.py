@@ -91,7 +91,9 @@ class Route:
         self.steering: Steering | None = None
 
     def apply(self, config: EdgeConfig) -> None:
-        self.balancers = {name: PoolBalancer(pool) for name, pool in config.pools.items()}
+        # a pool that a reload left as it was keeps its balancer (its turn, weights set at run time)
+        kept = {name: b for name, b in self.balancers.items() if config.pools.get(name) == b.pool}
+        self.balancers = {name: kept.get(name) or PoolBalancer(pool) for name, pool in config.pools.items()}
         self.default_pool = config.default_pool
         self.trusted = config.trusted_proxies
         self.steering = Steering.from_config(config) if config.geo else None
@@ -112,7 +114,10 @@ class Route:
         for pool in config.pools.values():
             check = pool.health or HealthCheck()
             for o in pool.origins:
-                self.health[(o.host, o.port)] = old.get((o.host, o.port)) or Health(check.rise, check.fall)
+                kept = old.get((o.host, o.port))          # an origin a reload kept keeps its health
+                if kept is not None:
+                    kept.rise, kept.fall = check.rise, check.fall
+                self.health[(o.host, o.port)] = kept or Health(check.rise, check.fall)
 
     # -- choosing ---------------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class Route:
     def _wanted(self, flow: http.HTTPFlow, now: float) -> str:
         """The pool a request asks for: its site route's, else geo steering's, else the default."""
         pool = flow.metadata.get(POOL)
-        if pool is not None:
+        if pool in self.balancers:      # a pool a reload removed meanwhile: steered as if none was named
             return pool
         return self._steer(flow, now) if self.steering is not None else self.default_pool
 
@@ -233,6 +238,8 @@ class Route:
         tried = flow.metadata.setdefault(TRIED, set())
         tried.add(key)
         self._finished(flow)
+        if rec["pool"] not in self.balancers:       # its pool was removed by a reload: no failover
+            return False
         chosen = self.choose(rec["pool"], time.monotonic(), flow, tried)
         if chosen is None:
             return False

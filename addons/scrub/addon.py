@@ -15,6 +15,7 @@ class Scrub:
     def __init__(self) -> None:
         self.trusted: tuple = ()
         self.mask = OriginMask([])
+        self.origins: dict[tuple[str, int], None] = {}     # every origin of every config applied
         self.configure_scrub(ScrubConfig())
 
     def configure_scrub(self, settings: ScrubConfig) -> None:
@@ -24,8 +25,9 @@ class Scrub:
 
     def apply(self, config: EdgeConfig) -> None:
         self.trusted = config.trusted_proxies
-        self.mask = OriginMask(((o.host, o.port) for o in config.origins), config.scrub.internal_domains,
-                               config.scrub.internal_networks)
+        # an origin a reload removed is still masked: its answers in flight, and cached ones, name it
+        self.origins.update(dict.fromkeys((o.host, o.port) for o in config.origins))
+        self.mask = OriginMask(self.origins, config.scrub.internal_domains, config.scrub.internal_networks)
         self.configure_scrub(config.scrub)
 
     # -- towards the client -------------------------------------------------------------------------

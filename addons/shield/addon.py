@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from mitmproxy.connection import Client
 
 from addons import internals
 from addons.client import client_of
-from addons.config import EdgeConfig, Limits, RouteShield, ShieldConfig
+from addons.config import EdgeConfig, Limits, RateLimit, RouteShield, ShieldConfig, WafConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
@@ -44,6 +45,34 @@ from addons.trace import decisions
 logger = logging.getLogger("edge")
 SWEEP = 0.25        # seconds between looks at the slow-client deadlines
 PROFILE = "edge.shield.profile"     # flow metadata: the route's shield profile the request was judged by
+
+
+def _limiter(old: MemoryStore | RedisStore | None, rl: RateLimit | None) -> MemoryStore | RedisStore | None:
+    """The store for `rl`, keeping what the old one counted: in memory its buckets (at the new
+    rate), in Redis the same server's keys (a replaced client is closed)."""
+    if rl is None:
+        store = None
+    elif rl.store == "memory":
+        store = old.retuned(rl.rate, rl.burst) if isinstance(old, MemoryStore) else MemoryStore(rl.rate, rl.burst)
+    elif isinstance(old, RedisStore) and (old.url, old.rate, old.burst) == (rl.store, rl.rate, rl.burst):
+        store = old
+    else:
+        store = RedisStore(rl.store, rl.rate, rl.burst)
+    if isinstance(old, RedisStore) and store is not old:
+        try:
+            asyncio.get_running_loop().create_task(old.close())
+        except RuntimeError:            # no loop: nothing was ever sent on it
+            pass
+    return store
+
+
+def _waf_key(waf: WafConfig) -> tuple:
+    """What a built WAF depends on: its settings and the exclusions file's last change."""
+    try:
+        changed = os.stat(waf.exclusions).st_mtime_ns if waf.exclusions else None
+    except OSError:
+        changed = None
+    return waf, changed
 
 
 def head_bytes(request: http.Request) -> int:
@@ -70,6 +99,7 @@ class Shield:
         self.noted: dict[str, str] = {}             # detect mode: connection id -> what would have refused it
         self.refused: Counter[str] = Counter()      # why -> count (connection-level; requests are in the log)
         self.waf: Waf | None = None
+        self.waf_key: tuple | None = None           # what the WAF was built from (kept while unchanged)
         self.waf_skip: list = []
         self.inspecting: dict[str, object] = {}     # flow id -> WAF transaction between the phases
         self.behaviour: Behaviour | None = None
@@ -84,18 +114,7 @@ class Shield:
         internals.max_request_body = limits.max_body
         internals.h2_limits = limits.http2
         internals.on_flood = self._flooded
-        self.counts = ConnectionCounts(shield.connections_per_ip) if shield and shield.connections_per_ip else None
-        rl = shield.rate_limit if shield else None
-        if rl is None:
-            self.limiter = None
-        elif rl.store == "memory":
-            self.limiter = MemoryStore(rl.rate, rl.burst)
-        else:
-            self.limiter = RedisStore(rl.store, rl.rate, rl.burst)
-        t = limits.timeouts
-        self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle)
-        self.waf = Waf(shield.waf) if shield and shield.waf else None
-        self.behaviour = Behaviour(shield.bots.trap_paths) if shield and shield.bots else None
+        self._keep_state(shield, limits)
         if shield and shield.bots and shield.bots.challenge:
             if shield.bots.secret_file:                         # shared by every edge that reads it
                 with open(shield.bots.secret_file, "rb") as f:
@@ -105,6 +124,37 @@ class Shield:
         else:
             self.challenge = None
         self.waf_skip = compile_filters(shield.waf.skip) if shield and shield.waf else []
+
+    def _keep_state(self, shield: ShieldConfig | None, limits: Limits) -> None:
+        """What the shield has learnt outlives a reload: connections counted per IP, token
+        buckets (carried over to a new rate), deadlines of open connections, what each client
+        did; the WAF's rules are compiled again only when its settings (or its exclusions
+        file) changed."""
+        limit = shield.connections_per_ip if shield else None
+        if not limit:
+            self.counts = None
+        else:
+            self.counts = self.counts or ConnectionCounts(limit)
+            self.counts.limit = limit
+        self.limiter = _limiter(self.limiter, shield.rate_limit if shield else None)
+        t = limits.timeouts
+        if self.deadlines is None:
+            self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle)
+        else:
+            self.deadlines.request_headers, self.deadlines.request_body, self.deadlines.idle = \
+                t.request_headers, t.request_body, t.idle
+        waf = shield.waf if shield else None
+        if waf is None:
+            self.waf, self.waf_key = None, None
+        elif self.waf is None or self.waf_key != _waf_key(waf):
+            self.waf, self.waf_key = Waf(waf), _waf_key(waf)
+        traps = shield.bots.trap_paths if shield and shield.bots else None
+        if traps is None:
+            self.behaviour = None
+        elif self.behaviour is None:
+            self.behaviour = Behaviour(traps)
+        else:
+            self.behaviour.set_traps(traps)
 
     # -- connections ----------------------------------------------------------------------------
 

@@ -86,8 +86,12 @@ class Behaviour:
     """What each client IP has been doing lately, bounded in memory (idle clients forgotten)."""
 
     def __init__(self, trap_paths: tuple[str, ...], max_clients: int = 100_000) -> None:
-        self.traps = frozenset(p.rstrip("/") or "/" for p in trap_paths)
+        self.set_traps(trap_paths)
         self.seen: TTLCache[str, Seen] = TTLCache(max_clients, ttl=BAD_FOR)
+
+    def set_traps(self, trap_paths: tuple[str, ...]) -> None:
+        """The trap paths (a reload may change them; what clients did is kept)."""
+        self.traps = frozenset(p.rstrip("/") or "/" for p in trap_paths)
 
     def _get(self, ip: str, now: float) -> Seen:
         s = self.seen.get(ip)

@@ -43,6 +43,16 @@ class MemoryStore:
         self.rate, self.burst = rate, burst
         self.buckets: TTLCache[str, tuple[float, float]] = TTLCache(max_keys, ttl=burst / rate + 1.0)
 
+    def retuned(self, rate: float, burst: int) -> MemoryStore:
+        """This store at another rate or burst (a reload): the same buckets, each capped at the
+        new burst when next taken from; itself when nothing changed."""
+        if (rate, burst) == (self.rate, self.burst):
+            return self
+        store = MemoryStore(rate, burst, int(self.buckets.maxsize))
+        for key, bucket in list(self.buckets.items()):
+            store.buckets[key] = bucket
+        return store
+
     def take(self, key: str, now: float) -> Verdict:
         tokens, stamp = self.buckets.get(key, (float(self.burst), now))
         verdict, tokens = take(tokens, stamp, now, self.rate, self.burst)

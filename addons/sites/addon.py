@@ -74,8 +74,13 @@ class Sites:
         self.https_port = config.https_port
         self.trusted = config.trusted_proxies
         self.request_edits = {name: FieldEdit(site.request_headers) for name, site in config.sites.items()}
-        self.limiters = {(name, route.index): MemoryStore(route.rate_limit.rate, route.rate_limit.burst)
-                         for name, site in config.sites.items() for route in site.routes if route.rate_limit}
+        old, self.limiters = self.limiters, {}      # a reload keeps each route's buckets (at its new rate)
+        for name, site in config.sites.items():
+            for route in site.routes:
+                if (limit := route.rate_limit) is not None:
+                    key = (name, route.index)
+                    self.limiters[key] = (old[key].retuned(limit.rate, limit.burst) if key in old
+                                          else MemoryStore(limit.rate, limit.burst))
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:

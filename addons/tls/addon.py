@@ -51,13 +51,19 @@ class Tls:
             if f.pair.expired():
                 logger.warning("edge: certificate %s expired on %s; it is presented until replaced",
                                f.cert_path, f.pair.not_after)
-        self.certificates = Certificates(files)
-        self.acme = AcmeManager(config.acme, self.certificates, config.acme_names) if config.acme else None
+        issued = self.certificates.acme
+        self.certificates = Certificates(files)         # the files are read anew
+        same_acme = config.acme is not None and self.acme is not None and self.acme.config == config.acme
+        if same_acme:       # a reload with the same ACME settings: the manager goes on, with what it issued
+            self.certificates.acme = issued
+            self.acme.certificates, self.acme.names = self.certificates, config.acme_names
+        else:
+            self.acme = AcmeManager(config.acme, self.certificates, config.acme_names) if config.acme else None
         modes = listener_modes(config) if config.listeners else []
         self.tls_modes = frozenset(spec for spec, lst in modes if lst.tls)
         self.plain_modes = frozenset(spec for spec, lst in modes if not lst.tls)
         self.configured = bool(files) or self.acme is not None
-        if self.task is not None:        # a new config (mitmdump's edge_config option): a new manager
+        if self.task is not None and not same_acme:     # new ACME settings: a new manager
             self.done()
             self.running()
 
