@@ -374,5 +374,7 @@ def main() -> None:
     import sys
     if (sys.flags.optimize == 0 and not os.environ.get("EDGE_DEBUG")
             and SERVING_COMMANDS.intersection(sys.argv[1:2])):
-        os.execv(sys.executable, [sys.executable, "-O", "-m", "edgecli", *sys.argv[1:]])
+        # -P: the working directory is not put first on sys.path (an `addons/` or `edgecli/`
+        # folder where the operator happens to stand must not run instead of the edge)
+        os.execv(sys.executable, [sys.executable, "-O", "-P", "-m", "edgecli", *sys.argv[1:]])
     cli()
