@@ -897,7 +897,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     per part."""
     doc = _Doc(text, source)
     set_aside: set[tuple] = set()
-    for _ in range(len(doc.lines) + 1):
+    for _ in range(MAX_READINGS):
         try:
             config = _read_config(doc)
         except ConfigError as e:
@@ -905,10 +905,16 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
             if _set_aside(doc, getattr(e, "path", ()), set_aside):
                 continue
         break
+    else:                               # each reading costs the whole file: a file of mistakes is bounded
+        doc.mistakes.append(ConfigError(f"more mistakes may follow (the file was read {MAX_READINGS} times)",
+                                        source=source, line=max(doc.lines.values(), default=None)))
     mistakes = list({str(m): m for m in doc.mistakes}.values())     # each reading records them again
     if mistakes:
         raise ConfigError.of(mistakes)
     return config
+
+
+MAX_READINGS = 50
 
 
 def _set_aside(doc: _Doc, path: tuple, done: set[tuple]) -> bool:

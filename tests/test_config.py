@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from addons.config import ConfigError, config_from_origins, load_config, parse_config
+from addons.config import MAX_READINGS, ConfigError, config_from_origins, load_config, parse_config
 from tests.conftest import REPO
 
 GOOD = """\
@@ -199,3 +199,10 @@ default_site: blog
 ])
 def test_the_reading_goes_on_where_it_can(text, expected):
     assert mistakes(text) == expected
+
+
+def test_a_file_of_mistakes_is_read_a_bounded_number_of_times():
+    text = "pools:\n" + "".join(f"  p{i}: {{origins: [ftp://x{i}]}}\n" for i in range(200))
+    lines = mistakes(text)
+    assert len(lines) == MAX_READINGS + 1 and lines[0] == "edge.yaml:2: pools.p0.origins[0].url: 'ftp://x0': scheme must be http or https"
+    assert lines[-1] == f"edge.yaml:201: more mistakes may follow (the file was read {MAX_READINGS} times)"
