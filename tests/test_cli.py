@@ -291,3 +291,25 @@ def _connect_refused(port: int) -> bool:
         return False
     except ConnectionRefusedError:
         return True
+
+
+@pytest.mark.parametrize("section, problem", [
+    ("routing:\n  geo: {database: bad.mmdb}\n", "routing.geo.database: {dir}/bad.mmdb: not a MaxMind DB file"),
+    pytest.param("shield:\n  waf: {exclusions: excl.conf}\n", "shield.waf: the rules did not load",
+                 marks=pytest.mark.skipif(not os.path.isdir("/usr/share/modsecurity-crs/rules"),
+                                          reason="Debian's modsecurity-crs is not installed (make test installs it)")),
+])
+def test_run_says_what_its_engines_refuse_as_check_does(tmp_path, section, problem):
+    """run leaves the geo database and the WAF's rules to the edge it starts (loaded once); a
+    file they refuse is still one clear line and exit 2, the same as check's."""
+    (tmp_path / "bad.mmdb").write_text("not a database")
+    (tmp_path / "excl.conf").write_text("SecRule garbage here\n")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"pools: {{a: {{origins: [http://127.0.0.1:1]}}}}\nlisten: 127.0.0.1:{free_port()}\n"
+                   + section.replace("bad.mmdb", str(tmp_path / "bad.mmdb")).replace("excl.conf", str(tmp_path / "excl.conf")))
+    said = []
+    for command in (["check", "-c", str(cfg)], ["run", "-c", str(cfg), "--confdir", str(tmp_path / "conf")]):
+        r = subprocess.run([BIN / "edge", *command], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        said.append(r.stderr)
+    assert said[0] == said[1] and said[0].startswith(f"edge: {cfg}: {problem.format(dir=tmp_path)}")
