@@ -53,8 +53,8 @@ def read_config(path: str, engines: bool = True) -> EdgeConfig:
         raise ConfigProblem(str(e)) from None
     if not engines:
         return config
-    from addons.geo.locate import GeoDatabaseError, describe, embedded_database
     if config.geo is not None:
+        from addons.geo.locate import GeoDatabaseError, describe, embedded_database
         try:
             describe(config.geo.database or embedded_database())
         except GeoDatabaseError as e:

@@ -313,3 +313,30 @@ def test_run_says_what_its_engines_refuse_as_check_does(tmp_path, section, probl
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
         said.append(r.stderr)
     assert said[0] == said[1] and said[0].startswith(f"edge: {cfg}: {problem.format(dir=tmp_path)}")
+
+
+LOADED = """\
+import sys
+from edgecli.main import cli
+try:
+    cli.main(sys.argv[1:], prog_name="edge", standalone_mode=False)
+except Exception:
+    pass
+print("loaded:", " ".join(sorted({m.split(".")[0] + ("." + m.split(".")[1] if m.startswith("addons.") else "")
+                       for m in sys.modules if m.startswith(("mitmproxy", "addons.", "libmodsecurity")) })))
+"""
+
+
+@pytest.mark.parametrize("args, loaded", [
+    (["--help"], ""),
+    (["--version"], ""),
+    (["status", "--admin", "http://127.0.0.1:1"], "addons.admin addons.config"),
+    (["check", "-c", "{dir}/edge.yaml"], "addons.config addons.tls"),      # tls: the certificates' reader
+])
+def test_a_command_loads_only_what_it_needs(tmp_path, args, loaded):
+    """The light commands start at once because they import neither mitmproxy nor the addons
+    (bench/startup.py has the times)."""
+    (tmp_path / "edge.yaml").write_text("pools: {a: {origins: [http://127.0.0.1:1]}}\n")
+    r = subprocess.run([sys.executable, "-c", LOADED, *(a.format(dir=tmp_path) for a in args)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[-1] == f"loaded: {loaded}", r.stderr
