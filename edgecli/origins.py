@@ -213,6 +213,7 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         print(f"error: {(e.strerror or str(e)).lower()}", flush=True)
         sys.exit(1)
+    server.httpd.block_on_close = False     # a stopped origin does not wait for the edge's open connections
     print("listening", flush=True)
     try:
         server.httpd.serve_forever(0.5)
