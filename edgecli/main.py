@@ -328,7 +328,7 @@ def status(admin_url, as_json) -> None:
 @cli.command()
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The config to check.")
 def check(config_path) -> None:
-    """Validate a config file: exit 2 with FILE:LINE: key: problem if it is wrong."""
+    """Validate a config file: exit 2 with FILE:LINE: key: problem, a line for each mistake."""
     config = read_config(config_path)
     n = sum(len(p.origins) for p in config.pools.values())
     click.echo(f"{config_path}: ok ({len(config.pools)} pools, {n} origins, default pool {config.default_pool!r})")
