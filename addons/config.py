@@ -6,9 +6,11 @@ Pure (no mitmproxy imports): the CLI, the mitmdump script and the tests share it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,15 +48,48 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
-    """A problem in the config, said as `FILE:LINE: key: problem`."""
+    """A problem in the config, said as `FILE:LINE: key: problem`. One error may carry every
+    mistake of a file (`mistakes`, in file order, its str one line each); its fields are then
+    the first mistake's."""
 
     def __init__(self, problem: str, key: str = "", source: str = "<config>", line: int | None = None):
         self.problem, self.key, self.source, self.line = problem, key, source, line
+        self.mistakes: list[ConfigError] = [self]
         super().__init__(str(self))
 
     def __str__(self) -> str:
+        if len(self.mistakes) > 1:
+            return "\n".join(map(str, self.mistakes))
         where = f"{self.source}:{self.line}" if self.line else self.source
         return f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+
+    @classmethod
+    def of(cls, mistakes: list[ConfigError]) -> ConfigError:
+        """One error for a file's mistakes, in file order (a mistake without a line first)."""
+        ordered = sorted(mistakes, key=lambda m: m.line or 0)
+        if len(ordered) == 1:
+            return ordered[0]
+        first = ordered[0]
+        error = cls(first.problem, first.key, first.source, first.line)
+        error.mistakes = ordered
+        error.args = (str(error),)
+        return error
+
+
+def _part(default: Callable[[], Any]):
+    """For a function that reads one part of the file (its first argument the _Reader): a
+    mistake in the part is recorded, `default()` stands in for the part, and the rest of the
+    file is still read, so that the refusal lists every mistake (see parse_config)."""
+    def decorate(read):
+        @functools.wraps(read)
+        def reading(r: _Reader, *args, **kwargs):
+            try:
+                return read(r, *args, **kwargs)
+            except ConfigError as e:
+                r.doc.mistakes.append(e)
+                return default()
+        return reading
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -454,6 +489,7 @@ def parse_size(value: Any) -> int:
     return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
 
 
+@_part(lambda: WafConfig.body_limit)
 def _waf_body_limit(r, w, wpath) -> int:
     """shield.waf.body_limit: how much of a request body the WAF reads (the rest streams)."""
     if "body_limit" not in w:
@@ -484,6 +520,7 @@ class _Doc:
     def __init__(self, text: str, source: str):
         self.source = source
         self.lines: dict[tuple, int] = {}
+        self.mistakes: list[ConfigError] = []      # those the reading went on after
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as e:
@@ -499,9 +536,10 @@ class _Doc:
             out: dict = {}
             for knode, vnode in node.value:
                 key = self._constructor.construct_object(knode)
-                if key in out:
-                    raise ConfigError("duplicate key", self.dotted(path + (key,)), self.source,
-                                      knode.start_mark.line + 1)
+                if key in out:          # the first one is read
+                    self.mistakes.append(ConfigError("duplicate key", self.dotted(path + (key,)), self.source,
+                                                     knode.start_mark.line + 1))
+                    continue
                 self.lines[path + (key,)] = knode.start_mark.line + 1
                 out[key] = self._build(vnode, path + (key,))
             return out
@@ -518,7 +556,15 @@ class _Doc:
 
     def error(self, path: tuple, problem: str) -> ConfigError:
         line = next((self.lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in self.lines), None)
-        return ConfigError(problem, self.dotted(path), self.source, line)
+        error = ConfigError(problem, self.dotted(path), self.source, line)
+        error.path = path           # the part parse_config sets aside to read on
+        return error
+
+
+def _keys(value: Any) -> set:
+    """The keys of a mapping (whatever they are), for a table of names; none if it is not one
+    (the _Reader then says it should be)."""
+    return set(value) if isinstance(value, dict) else set()
 
 
 class _Reader:
@@ -532,10 +578,10 @@ class _Reader:
             return {}
         if not isinstance(value, dict):
             raise self.doc.error(path, "expected a mapping")
-        for key in value:
-            if key not in allowed:
-                raise self.doc.error(path + (key,), f"unknown key (known: {', '.join(sorted(allowed))})")
-        return value
+        unknown = [key for key in value if key not in allowed]
+        for key in unknown:         # recorded; the known keys are read on
+            self.doc.mistakes.append(self.doc.error(path + (key,), f"unknown key (known: {', '.join(sorted(allowed))})"))
+        return {k: v for k, v in value.items() if k in allowed} if unknown else value
 
     def listing(self, value: Any, path: tuple) -> list:
         if value is None:
@@ -567,6 +613,7 @@ def _whole(r: _Reader, raw: dict, key: str, path: tuple, default: int, top: int)
     return value
 
 
+@_part(lambda: None)
 def _health(r: _Reader, raw: Any, path: tuple) -> HealthCheck:
     raw = r.mapping(raw, path, {"path", "interval", "timeout", "rise", "fall", "expect"})
     default = HealthCheck()
@@ -591,6 +638,7 @@ def parse_percent(value: Any) -> float:
     return float(m[1]) / 100
 
 
+@_part(PassiveHealth)
 def _passive(r: _Reader, raw: Any, path: tuple) -> PassiveHealth:
     raw = r.mapping(raw, path, {"failures", "cooldown", "max_ejected", "consecutive_5xx"})
     default = PassiveHealth()
@@ -606,6 +654,7 @@ def _passive(r: _Reader, raw: Any, path: tuple) -> PassiveHealth:
     return PassiveHealth(failures, cooldown, share, errors_5xx)
 
 
+@_part(lambda: None)
 def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
     raw = r.mapping(raw, path, {"lat", "lon"})
     out = []
@@ -617,6 +666,7 @@ def _location(r: _Reader, raw: Any, path: tuple) -> tuple[float, float]:
     return out[0], out[1]
 
 
+@_part(GeoConfig)
 def _geo(r: _Reader, raw: Any, path: tuple, pools: dict[str, Pool], source: str) -> GeoConfig:
     raw = r.mapping(raw, path, {"database", "countries", "continents", "nearest"})
     database = raw.get("database")
@@ -630,7 +680,7 @@ def _geo(r: _Reader, raw: Any, path: tuple, pools: dict[str, Pool], source: str)
     rules = {}
     for key, pattern, what in (("countries", r"[A-Z]{2}", "an ISO country code like US"),
                                ("continents", "|".join(CONTINENTS), f"one of {' '.join(CONTINENTS)}")):
-        table = r.mapping(raw.get(key), path + (key,), set(raw.get(key) or {}))
+        table = r.mapping(raw.get(key), path + (key,), _keys(raw.get(key)))
         for code, pool in table.items():
             if isinstance(code, bool):          # YAML 1.1 reads NO (Norway), ON, Y... as booleans
                 raise r.doc.error(path + (key, code), 'a YAML boolean: quote country codes like "NO"')
@@ -745,6 +795,7 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
     return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, waf, bots)
 
 
+@_part(Limits)
 def _limits(r: _Reader, raw: Any, path: tuple) -> Limits:
     """The resource limits from the shield section's keys (the section is checked by _shield)."""
     raw = raw if isinstance(raw, dict) else {}
@@ -781,6 +832,7 @@ def _limits(r: _Reader, raw: Any, path: tuple) -> Limits:
 MIN_DISK_SIZE = 2**20                    # the SQLite index alone takes tens of KB
 
 
+@_part(lambda: None)
 def _cache_disk(r: _Reader, raw: Any, path: tuple) -> DiskCacheConfig:
     """cache.disk: a directory the edge can write (made if missing), and its byte bounds."""
     d = r.mapping(raw, path, {"path", "max_size", "max_object"})
@@ -807,6 +859,7 @@ def _cache_disk(r: _Reader, raw: Any, path: tuple) -> DiskCacheConfig:
     return DiskCacheConfig(folder, max_size, max_object)
 
 
+@_part(lambda: DEFAULT_OVERRIDE_HEADERS)
 def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
     """scrub.override_headers: the list replaces the default; framing and Host cannot be named."""
     if "override_headers" not in scrub_raw:
@@ -824,6 +877,7 @@ def _override_headers(r: _Reader, scrub_raw: dict) -> tuple[str, ...]:
 _DOMAIN = re.compile(r"(?i)\.?(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?")
 
 
+@_part(dict)
 def _scrub_masking(r: _Reader, raw: dict) -> dict:
     """scrub.internal_domains, internal_networks and error_bodies."""
     path = ("scrub",)
@@ -841,7 +895,67 @@ def _scrub_masking(r: _Reader, raw: dict) -> dict:
 
 
 def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
+    """The config in `text`, or one ConfigError listing every mistake of it. A mistake in a
+    part read by a function is recorded there (see _part); one the reading cannot go past
+    sets its part of the file aside (_set_aside) and the file is read again, at most once
+    per part."""
     doc = _Doc(text, source)
+    set_aside: set[tuple] = set()
+    for _ in range(MAX_READINGS):
+        try:
+            config = _read_config(doc)
+        except ConfigError as e:
+            doc.mistakes.append(e)
+            if _set_aside(doc, getattr(e, "path", ()), set_aside):
+                continue
+        break
+    else:                               # each reading costs the whole file: a file of mistakes is bounded
+        doc.mistakes.append(ConfigError(f"more mistakes may follow (the file was read {MAX_READINGS} times)",
+                                        source=source, line=max(doc.lines.values(), default=None)))
+    mistakes = list({str(m): m for m in doc.mistakes}.values())     # each reading records them again
+    if mistakes:
+        raise ConfigError.of(mistakes)
+    return config
+
+
+MAX_READINGS = 50
+
+
+def _set_aside(doc: _Doc, path: tuple, done: set[tuple]) -> bool:
+    """Take the part of the file a mistake is in out of the next reading: a pool or a site gets
+    a stand-in under its name (references to it hold), routing's default pool becomes the
+    first pool, anything else (a top-level key or one below it; a list whole) is left out and
+    its default stands. False when the mistake is in the file's structure or its part was
+    already set aside."""
+    part = path[:2]
+    for i, key in enumerate(part):
+        if isinstance(key, int):        # indexes of the items after it would shift
+            part = part[:i]
+            break
+    top = doc.value
+    if not part or part in done or part in {("pools",), ("sites",)} or not isinstance(top, dict):
+        return False
+    done.add(part)
+    pools = top.get("pools")
+    if part[0] == "routing" and part[1:] in ((), ("default_pool",)) and isinstance(pools, dict) and pools:
+        routing = top.get("routing")
+        top["routing"] = {**(routing if isinstance(routing, dict) else {}), "default_pool": next(iter(pools))}
+        return True
+    if part[0] == "pools":
+        pools[part[1]] = {"origins": ["http://127.0.0.1:1"]}
+        return True
+    if part[0] == "sites":
+        top["sites"][part[1]] = {"hosts": [f"stand-in-{len(done)}.invalid"]}
+        return True
+    parent = top if len(part) == 1 else top.get(part[0])
+    if not isinstance(parent, dict) or part[-1] not in parent:
+        return False
+    del parent[part[-1]]
+    return True
+
+
+def _read_config(doc: _Doc) -> EdgeConfig:
+    source = doc.source
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
@@ -851,7 +965,7 @@ def parse_config(text: str, source: str = "<config>") -> EdgeConfig:
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
                     for i, v in enumerate(r.listing(top.get("trusted_proxies"), ("trusted_proxies",))))
 
-    pools_raw = r.mapping(top.get("pools"), ("pools",), set(top.get("pools") or {}))
+    pools_raw = r.mapping(top.get("pools"), ("pools",), _keys(top.get("pools")))
     if not pools_raw:
         raise doc.error(("pools",), "at least one pool with one origin is required")
     pools = {}
@@ -1047,6 +1161,7 @@ def _lifecycle(r: _Reader, top: dict) -> dict:
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)
 
 
+@_part(lambda: EdgeConfig.buffer_limit)
 def _buffer_limit(r: _Reader, top: dict) -> int:
     """`buffer_limit:` the largest body of known length held whole (default 1 MiB)."""
     if "buffer_limit" not in top:
@@ -1076,6 +1191,7 @@ def config_from_origins(urls: list[str], listen: tuple[str, int] = DEFAULT_LISTE
 
 # --- listeners, certificates, ACME -------------------------------------------------------------
 
+@_part(lambda: (DEFAULT_LISTEN, ()))
 def _listen(r: _Reader, top: dict) -> tuple[tuple[str, int], tuple[Listener, ...]]:
     """`listen: ADDRESS`, or a list of `ADDRESS` / `{address: ADDRESS, tls: true}`. The first
     address is also `listen` (what `edge run` reports, the legacy single listener)."""
@@ -1113,6 +1229,7 @@ def _config_path(path: str, source: str) -> str:
     return path
 
 
+@_part(dict)
 def _tls(r: _Reader, top: dict, listeners: tuple[Listener, ...], source: str) -> dict:
     """The `certificates:` and `acme:` sections, checked against the listeners."""
     from addons.tls.certs import load_pair        # cryptography only; imported when used
@@ -1210,6 +1327,7 @@ def _flag(r: _Reader, raw: dict, key: str, path: tuple, default: bool | None) ->
     return value
 
 
+@_part(lambda: None)
 def _hsts(r: _Reader, raw: Any, path: tuple) -> str | None:
     """`365d`, or {max_age, include_subdomains, preload}: the Strict-Transport-Security value."""
     if raw is None or raw is False:
@@ -1244,13 +1362,14 @@ def _header_name(r: _Reader, name: Any, path: tuple) -> str:
     return name
 
 
+@_part(HeaderRules)
 def _header_rules(r: _Reader, raw: Any, path: tuple) -> HeaderRules:
     spec = r.mapping(raw, path, {"set", "add", "remove"})
     out = {}
     for verb in ("set", "add"):
         vpath = path + (verb,)
         pairs = []
-        for name, value in r.mapping(spec.get(verb), vpath, set(spec.get(verb) or {})).items():
+        for name, value in r.mapping(spec.get(verb), vpath, _keys(spec.get(verb))).items():
             _header_name(r, name, vpath + (name,))
             values = value if isinstance(value, list) and verb == "add" else [value]
             pairs += [(name, _header_value(r, v, vpath + (name,))) for v in values]
@@ -1269,6 +1388,7 @@ def _path_prefix(r: _Reader, value: Any, path: tuple, what: str) -> str:
     return value
 
 
+@_part(SiteRoute)
 def _route(r: _Reader, raw: Any, path: tuple, index: int, pools: dict, cache: CacheConfig) -> SiteRoute:
     spec = r.mapping(raw, path, ROUTE_KEYS)
     prefix = _path_prefix(r, spec.get("path", "/"), path + ("path",), "a path prefix")
@@ -1300,7 +1420,7 @@ def _route(r: _Reader, raw: Any, path: tuple, index: int, pools: dict, cache: Ca
             raise r.doc.error(path + ("methods", i), "expected a method in upper case, like GET")
     matches = []
     hpath = path + ("headers",)
-    for name, value in r.mapping(spec.get("headers"), hpath, set(spec.get("headers") or {})).items():
+    for name, value in r.mapping(spec.get("headers"), hpath, _keys(spec.get("headers"))).items():
         if not isinstance(name, str) or not _TOKEN.fullmatch(name):
             raise r.doc.error(hpath + (name,), "expected a header name")
         text = _header_value(r, value, hpath + (name,))
@@ -1336,7 +1456,7 @@ def _sites(r: _Reader, top: dict, pools: dict, cache: CacheConfig, compress: Com
         if top.get("default_site") is not None:
             raise r.doc.error(("default_site",), "needs a sites: section")
         return {}
-    raw = r.mapping(top["sites"], ("sites",), set(top["sites"] or {}))
+    raw = r.mapping(top["sites"], ("sites",), _keys(top["sites"]))
     if not raw:
         raise r.doc.error(("sites",), "at least one site, or leave sites: out")
     sites, owner = {}, {}

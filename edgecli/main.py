@@ -1,17 +1,23 @@
-"""The `edge` command line: run, demo, check."""
+"""The `edge` command line: run, demo, check.
+
+Start-up time matters (`edge run` should answer within about a second, `edge --help` at once):
+modules are imported by the commands that use them, so a command loads only what it needs
+(mitmproxy and the addons for run and demo; the WAF engine only where one is configured).
+bench/startup.py measures it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config, parse_hostport
-from addons.geo.locate import GeoDatabaseError, describe, embedded_database
-from edgecli import launch as launcher
-from edgecli.origins import OriginServer
+if TYPE_CHECKING:
+    from addons.config import EdgeConfig
+    from edgecli import launch as launcher
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "data" / "edge.example.yaml"
 
@@ -28,40 +34,63 @@ class Problem(click.ClickException):
 
 
 class ConfigProblem(Problem):
-    """A bad config file: FILE:LINE: key: problem, exit 2."""
+    """A bad config file: FILE:LINE: key: problem, one line per mistake, exit 2."""
     exit_code = 2
 
+    def show(self, file=None) -> None:
+        for line in self.message.splitlines():
+            click.echo(f"edge: {line}", err=True)
 
-def read_config(path: str) -> EdgeConfig:
+
+def read_config(path: str, engines: bool = True) -> EdgeConfig:
+    """The config at `path`, or ConfigProblem with every mistake. `engines`: also open what it
+    names (the geo database, the WAF's rules) to check them; run and demo leave that to the
+    edge they start (see start), which then loads each once, not twice."""
+    from addons.config import ConfigError, load_config
     try:
         config = load_config(path)
     except ConfigError as e:
         raise ConfigProblem(str(e)) from None
+    if not engines:
+        return config
     if config.geo is not None:
+        from addons.geo.locate import GeoDatabaseError, describe, embedded_database
         try:
             describe(config.geo.database or embedded_database())
         except GeoDatabaseError as e:
-            raise ConfigProblem(f"{path}: routing.geo.database: {e}") from None
+            raise engine_problem(path, e) from None
     if config.shield is not None and config.shield.waf is not None:
         from addons.shield.waf import Waf, WafError, compile_filters
         try:
             compile_filters(config.shield.waf.skip)
             Waf(config.shield.waf)
         except WafError as e:
-            raise ConfigProblem(f"{path}: shield.waf: {e}") from None
+            raise engine_problem(path, e) from None
     return config
 
 
+def engine_problem(path: str, e: Exception) -> ConfigProblem:
+    """The geo database or the WAF named by the config cannot be loaded."""
+    from addons.geo.locate import GeoDatabaseError
+    return ConfigProblem(f"{path}: {'routing.geo.database' if isinstance(e, GeoDatabaseError) else 'shield.waf'}: {e}")
+
+
 def start(launch: launcher.Launch) -> None:
+    from addons.geo.locate import GeoDatabaseError
+    from addons.shield.waf import WafError
+    from edgecli import launch as launcher
     try:
         launcher.run(launch)
     except launcher.LaunchError as e:
         raise Problem(str(e)) from None
+    except (GeoDatabaseError, WafError) as e:        # the edge loads them (read_config did not)
+        raise engine_problem(launch.config.source, e) from None
 
 
 def _listen_option(ctx, param, value):
     if value is None:
         return None
+    from addons.config import parse_hostport
     try:
         return parse_hostport(value)
     except ValueError as e:
@@ -85,7 +114,24 @@ def _announce(config: EdgeConfig, web: bool):
     return on_ready
 
 
+def _print_version(ctx: click.Context, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "(not installed)"
+    click.echo(f"edge {version('edge')} (mitmproxy {version('mitmproxy')}, Python {platform.python_version()})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print edge's version (and mitmproxy's, Python's) and exit.")
 def cli() -> None:
     """edge: a reverse-proxy edge (origin masking, balancing, cache, shield) built from mitmproxy addons."""
 
@@ -106,10 +152,12 @@ def cli() -> None:
               help="mitmproxy's private state (its CA) lives here.")
 def run(origins, listen, config_path, web, web_port, access_log, cert, settings, admin, confdir) -> None:
     """Run the edge in front of your origins."""
+    from addons.config import config_from_origins
+    from edgecli import launch as launcher
     if config_path and origins:
         raise click.UsageError("give either --origin URL ... or -c FILE, not both")
     if config_path:
-        config = read_config(config_path)
+        config = read_config(config_path, engines=False)
     elif origins:
         try:
             config = config_from_origins(list(origins))
@@ -151,17 +199,23 @@ def _overridden(config: EdgeConfig, listen, access_log, admin) -> EdgeConfig:
 @click.option("--web", is_flag=True, help="Run under mitmweb to inspect flows.")
 @click.option("--confdir", default=default_confdir, show_default="~/.config/edge/mitmproxy")
 def demo(config_path, web, confdir) -> None:
-    """Start demo origins (eu, us, ap) on loopback and the edge in front of them."""
-    config = read_config(config_path)
-    servers = []
+    """Start demo origins (eu, us, ap) on loopback, each its own process, and the edge in front
+    of them; kill one to watch the edge fail over."""
+    from edgecli import launch as launcher
+    from edgecli.origins import OriginError, OriginProcess
+    config = read_config(config_path, engines=False)
+    servers: list[OriginProcess] = []
     try:
         for pool in config.pools.values():
             for i, origin in enumerate(pool.origins):
                 name = pool.name if len(pool.origins) == 1 else f"{pool.name}-{i + 1}"
-                try:
-                    servers.append(OriginServer(name, origin.host, origin.port).start())
-                except OSError as e:
-                    raise Problem(f"demo origin {name} cannot listen on {origin.authority}: {e.strerror}") from None
+                servers.append(OriginProcess(name, origin.host, origin.port).start())
+        for server in servers:
+            try:
+                server.ready()
+            except OriginError as e:
+                raise Problem(f"demo origin {server.name} cannot listen on {_hostport(server.host, server.port)}: "
+                              f"{e}") from None
         try:
             launcher.check_listen(*config.listen)
             if config.admin:
@@ -170,8 +224,10 @@ def demo(config_path, web, confdir) -> None:
             raise Problem(str(e)) from None
         host, port = config.listen
         base = f"http://{host}:{port}"
+        status = "edge status" if config.admin in (None, (DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT)) else \
+            f"edge status --admin http://{_hostport(*config.admin)}"
         click.echo("\n".join([
-            f"edge demo: origins {', '.join(f'{s.name}={s.url}' for s in servers)}; edge on {base}",
+            f"edge demo: origins {', '.join(f'{s.name}={s.url} (pid {s.pid})' for s in servers)}; edge on {base}",
             "try:",
             f"  curl -i {base}/            # hello from eu, Server: edge, no X-Powered-By",
             f"  curl -i {base}/redirect    # Location rewritten to the edge",
@@ -179,13 +235,35 @@ def demo(config_path, web, confdir) -> None:
             f"  curl -i {base}/login       # Set-Cookie Domain rewritten to the public host",
             f"  curl -s {base}/echo        # what the origin saw: X-Forwarded-For, Forwarded, Host",
             f"  curl -s {base}/echo -H 'X-Forwarded-For: 223.5.5.5'   # a client in China: pool ap",
-            "  edge status                # pools, origins, health, requests in flight",
-            "Ctrl-C stops everything.",
+            f"  {status:<26} # pools, origins, health, requests in flight",
+            *_failover_lines(config, servers, base, status),
+            "Ctrl-C stops everything (the origins too).",
         ]), err=True)
         start(launcher.Launch(config=config, confdir=confdir, web=web, on_ready=_announce(config, web)))
     finally:
         for s in servers:
             s.stop()
+
+
+DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT = "127.0.0.1", 9090      # where `edge status` looks by default
+
+
+def _failover_lines(config: EdgeConfig, servers, base: str, status: str) -> list[str]:
+    """The try-list's failover lesson: which origin to kill, and who answers then."""
+    pool = config.pools[config.default_pool]
+    victim = next((s for s in servers if (s.host, s.port) == (pool.origins[0].host, pool.origins[0].port)), None)
+    if victim is None:
+        return []
+    if len(pool.origins) > 1:
+        then = f"the other origins of pool {pool.name} answer, without an error in between"
+    elif pool.fallback:
+        then = f"pool {pool.fallback} answers ({pool.name}'s fallback), without an error in between"
+    else:
+        then = f"pool {pool.name} has nothing else: the edge's own error page"
+    return ["failover: every origin is its own process",
+            f"  kill {victim.pid:<22}# origin {victim.name} dies",
+            f"  curl -i {base}/            # {then}",
+            f"  {status:<26} # origin {victim.name} {victim.url}: down"]
 
 
 @cli.command()
@@ -303,7 +381,7 @@ def reload(admin_url, token_file) -> None:
 @cli.command()
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE", help="The config to check.")
 def check(config_path) -> None:
-    """Validate a config file: exit 2 with FILE:LINE: key: problem if it is wrong."""
+    """Validate a config file: exit 2 with FILE:LINE: key: problem, a line for each mistake."""
     config = read_config(config_path)
     n = sum(len(p.origins) for p in config.pools.values())
     click.echo(f"{config_path}: ok ({len(config.pools)} pools, {n} origins, default pool {config.default_pool!r})")
@@ -321,7 +399,7 @@ def geoip() -> None:
 def lookup(ip, config_path) -> None:
     """Print where IP is and which pool the edge would send it to, and why."""
     import ipaddress
-    from addons.geo.locate import Locator
+    from addons.geo.locate import Locator, describe
     from addons.geo.steer import Steering, steer
     try:
         ipaddress.ip_address(ip)

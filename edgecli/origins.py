@@ -1,9 +1,17 @@
 """Small HTTP/1.1 origins on loopback, each in its own thread: the demo's eu/us/ap servers and
-the tests' origins. Each remembers what it received. Some pages leak on purpose."""
+the tests' origins. Each remembers what it received. Some pages leak on purpose.
+
+`edge demo` runs each origin as its own process (OriginProcess; `python -m edgecli.origins`),
+so that killing one shows the edge failing over."""
 
 from __future__ import annotations
 
 import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
 from collections import Counter
 import ssl
 import threading
@@ -130,3 +138,90 @@ class OriginServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class OriginError(Exception):
+    """An origin process that did not start, said in a few words (`address already in use`)."""
+
+
+class OriginProcess:
+    """A demo origin in a process of its own (the same Python), on `host:port`: `kill PID` of it
+    is a crashed origin machine. In its own session, so that a terminal's Ctrl-C reaches only
+    the edge, which stops its origins after its own shutdown; and it dies with the process
+    that started it (Linux: the parent-death signal), so no origin outlives the demo."""
+
+    START_TIMEOUT = 10.0
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self) -> OriginProcess:
+        """Spawns it; `ready()` waits until it listens (several start side by side)."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgecli.origins", self.name, self.host, str(self.port), str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        return self
+
+    def ready(self) -> None:
+        """Returns once the origin listens; OriginError (and the process stopped) if it cannot."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.process.stdout, selectors.EVENT_READ)
+            said = self.process.stdout.readline().strip() if sel.select(self.START_TIMEOUT) else ""
+        if said != "listening":
+            self.stop()
+            raise OriginError(said.removeprefix("error: ") or "it did not start")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM when the process that started this one dies (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)      # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:            # it died before that was set
+        sys.exit(0)
+
+
+def main(argv: list[str]) -> None:
+    """One origin as its own process: NAME HOST PORT PARENT_PID. Says `listening` (or
+    `error: why`) on stdout; serves until SIGTERM, SIGINT or the parent's death."""
+    name, host, port, parent = argv
+    _die_with(int(parent))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server = OriginServer(name, host, int(port))
+    except OSError as e:
+        print(f"error: {(e.strerror or str(e)).lower()}", flush=True)
+        sys.exit(1)
+    server.httpd.block_on_close = False     # a stopped origin does not wait for the edge's open connections
+    print("listening", flush=True)
+    try:
+        server.httpd.serve_forever(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

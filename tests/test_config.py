@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from addons.config import ConfigError, config_from_origins, load_config, parse_config
+from addons.config import MAX_READINGS, ConfigError, config_from_origins, load_config, parse_config
 from tests.conftest import REPO
 
 GOOD = """\
@@ -105,3 +105,104 @@ def test_origins_from_command_line():
     assert all(o.weight == 1 for o in cfg.origins)
     with pytest.raises(ValueError, match="scheme"):
         config_from_origins(["127.0.0.1:9001"])
+
+
+# -- every mistake of a file, in one refusal -------------------------------------------------------
+
+def mistakes(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "edge.yaml")
+    assert str(e.value) == "\n".join(map(str, e.value.mistakes))
+    first = e.value.mistakes[0]
+    assert (e.value.key, e.value.line, e.value.problem) == (first.key, first.line, first.problem)
+    return str(e.value).splitlines()
+
+
+def test_every_mistake_is_listed_in_file_order():
+    text = """\
+pools:
+  eu: {origins: [{url: 'http://x', weight: 0, bakup: true}], fallback: us}
+  us:
+    origins: [http://y]
+    health: {interval: soon}
+    passive: {failures: 0}
+routing: {default_pool: eu}
+scrub: {strip: ['bad name'], server_header: 5}
+cache: {max_size: lots, disk: {path: 7}}
+compress: {encodings: [deflate]}
+shield:
+  waf: {crs: /nowhere}
+  timeouts: {idle: 0s}
+  bots: {block: [robots]}
+access_log: 7
+sites:
+  a: {hosts: ['a:80']}
+  b: {hosts: [b.example], routes: [{path: nope}], hsts: {max_age: never}}
+trusted_proxies: [bogus]
+buffer_limit: 1KB
+firewall: on
+"""
+    lines = mistakes(text)
+    assert lines == [
+        "edge.yaml:2: pools.eu.origins[0].bakup: unknown key (known: backup, url, weight)",
+        "edge.yaml:2: pools.eu.origins[0].weight: weight must be a whole number from 1 to 1000",
+        "edge.yaml:5: pools.us.health.interval: 'soon': expected a duration like 500ms, 10s, 5m or 1h",
+        "edge.yaml:6: pools.us.passive.failures: expected a whole number from 1 to 100",
+        "edge.yaml:8: scrub.server_header: expected a string, or null to remove the header",     # as read
+        "edge.yaml:8: scrub.strip[0]: expected a header name",
+        "edge.yaml:9: cache.max_size: 'lots': expected a size like 512KB, 8MB or 1GB",
+        "edge.yaml:9: cache.disk.path: expected the directory to keep cached bodies in",
+        "edge.yaml:10: compress.encodings[0]: expected one of br, zstd, gzip",
+        "edge.yaml:12: shield.waf.crs: /nowhere: no rules/ folder here (Debian: apt-get install modsecurity-crs)",
+        "edge.yaml:13: shield.timeouts.idle: must be more than 0",
+        "edge.yaml:14: shield.bots.block[0]: expected one of browser, search_engine, scanner, bad, unknown",
+        "edge.yaml:15: access_log: expected \"-\" (stdout), a file path, or null",
+        "edge.yaml:17: sites.a.hosts[0]: 'a:80': without a port (hosts match whatever the port)",
+        "edge.yaml:18: sites.b.routes[0].path: expected a path prefix starting with / (no query, no %, no spaces)",
+        "edge.yaml:18: sites.b.hsts.max_age: 'never': expected a duration like 500ms, 10s, 5m or 1h",
+        "edge.yaml:19: trusted_proxies[0]: 'bogus' is not an IP address or CIDR",
+        "edge.yaml:20: buffer_limit: at least 16KB (smaller bodies are cached and compressed whole)",
+        "edge.yaml:21: firewall: unknown key (known: access_log, acme, admin, buffer_limit, cache, certificates, "
+        "compress, default_site, listen, pools, routing, scrub, shield, sites, trusted_proxies)",
+    ]
+
+
+def test_a_part_set_aside_is_not_reported_again_by_what_refers_to_it():
+    """A broken pool or site still exists for its references: one mistake, not five."""
+    text = """\
+pools:
+  eu: {origins: [http://x], fallback: us}
+  us: {origins: [ftp://y]}
+routing:
+  default_pool: us
+  geo: {countries: {US: us}, nearest: false}
+sites:
+  shop: {hosts: [shop.example], routes: [{path: /, pool: us}]}
+  blog: {hosts: [nope:1]}
+default_site: blog
+"""
+    assert mistakes(text) == [
+        "edge.yaml:3: pools.us.origins[0].url: 'ftp://y': scheme must be http or https",
+        "edge.yaml:9: sites.blog.hosts[0]: 'nope:1': without a port (hosts match whatever the port)",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pools: {a: {origins: [http://x]}, b: {origins: [http://y]}}\nrouting: {default_pool: zz}\nadmin: x\n",
+     ["edge.yaml:2: routing.default_pool: no pool named 'zz'", "edge.yaml:3: admin: 'x': expected HOST:PORT"]),
+    ("pools: {a: {origins: [http://x]}, b: {origins: [http://y]}}\nadmin: x\n",
+     ["edge.yaml:1: routing: routing.default_pool is required when there are several pools",
+      "edge.yaml:2: admin: 'x': expected HOST:PORT"]),
+    ("pools: 5\nadmin: x\n", ["edge.yaml:1: pools: expected a mapping"]),        # no pools: nothing to go on with
+    ("pools: {a: {origins: [http://x]}}\npools: {}\nlisten: [1, 1]\n",
+     ["edge.yaml:2: pools: duplicate key", "edge.yaml:3: listen[1]: 127.0.0.1:1 is listed twice"]),
+])
+def test_the_reading_goes_on_where_it_can(text, expected):
+    assert mistakes(text) == expected
+
+
+def test_a_file_of_mistakes_is_read_a_bounded_number_of_times():
+    text = "pools:\n" + "".join(f"  p{i}: {{origins: [ftp://x{i}]}}\n" for i in range(200))
+    lines = mistakes(text)
+    assert len(lines) == MAX_READINGS + 1 and lines[0] == "edge.yaml:2: pools.p0.origins[0].url: 'ftp://x0': scheme must be http or https"
+    assert lines[-1] == f"edge.yaml:201: more mistakes may follow (the file was read {MAX_READINGS} times)"
