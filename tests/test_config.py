@@ -162,8 +162,9 @@ firewall: on
         "edge.yaml:18: sites.b.hsts.max_age: 'never': expected a duration like 500ms, 10s, 5m or 1h",
         "edge.yaml:19: trusted_proxies[0]: 'bogus' is not an IP address or CIDR",
         "edge.yaml:20: buffer_limit: at least 16KB (smaller bodies are cached and compressed whole)",
-        "edge.yaml:21: firewall: unknown key (known: access_log, acme, admin, buffer_limit, cache, certificates, "
-        "compress, default_site, listen, pools, routing, scrub, shield, sites, trusted_proxies)",
+        "edge.yaml:21: firewall: unknown key (known: access_log, access_log_format, acme, admin, buffer_limit, "
+        "cache, certificates, compress, default_site, listen, pools, reload, routing, scrub, shield, "
+        "shutdown_timeout, sites, trusted_proxies)",
     ]
 
 
