@@ -405,6 +405,15 @@ def h2_events_until(sock, conn, done) -> list:
     return seen
 
 
+def refuses(host: str, port: int) -> bool:
+    """Nothing listens there any more (a reset: the connect was caught in the backlog as it closed)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return False
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+
+
 def test_stopping_closes_idle_connections_and_lets_requests_finish(edge, tls, tmp_path):
     """The drain SIGTERM starts: listeners shut, an idle HTTP/1 keep-alive connection closed,
     an idle HTTP/2 one sent GOAWAY(NO_ERROR) then closed, and a slow request completed, with
@@ -433,13 +442,7 @@ def test_stopping_closes_idle_connections_and_lets_requests_finish(edge, tls, tm
     chain = e.master.addons.get("edge")
     asyncio.run_coroutine_threadsafe(chain.lifecycle.drain(), e.master.event_loop)
 
-    def refused() -> bool:
-        try:
-            socket.create_connection((e.host, e.port), timeout=1).close()
-            return False
-        except (ConnectionRefusedError, ConnectionResetError):    # reset: caught in the backlog as it closed
-            return True
-    until(refused, what="the listener closed")
+    until(lambda: refuses(e.host, e.port), what="the listener closed")
     assert idle1.recv(1000) == b""                                    # idle HTTP/1: closed at once
     events = h2_events_until(sock, conn, lambda seen: False)          # until the edge closed it
     goaway = [x for x in events if isinstance(x, h2.events.ConnectionTerminated)]
@@ -512,11 +515,7 @@ class EdgeRun:
         self.proc.send_signal(sig)
 
     def refusing(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return False
-        except ConnectionRefusedError:
-            return True
+        return refuses("127.0.0.1", self.port)
 
     def wait(self, timeout: float = 20) -> int:
         return self.proc.wait(timeout)
