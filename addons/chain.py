@@ -82,7 +82,7 @@ class Edge:
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
                        self.admin, self.lifecycle]
-        self.arrival = Arrival()
+        self.arrival = Arrival(self.trace)
         self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
         self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
         self.annotate = annotate

@@ -181,10 +181,15 @@ def render(record: dict, log_format: str = "json") -> str:
 
 
 class Arrival:
-    """First in the chain: the request head's size as it arrived, before any addon changes it."""
+    """First in the chain: the request head's size as it arrived, before any addon changes it
+    (when something records it: the access log or the metrics)."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        flow.metadata[ARRIVED] = request_head_size(flow.request)
+        if self.trace.recording:
+            flow.metadata[ARRIVED] = request_head_size(flow.request)
 
 
 def cache_verdict(rec: dict) -> str:
@@ -266,21 +271,28 @@ class Trace:
 
     # -- what the record needs from the exchange with the origin, and the open connections -----
 
+    @property
+    def recording(self) -> bool:
+        """Something reads the records: the access log, or the metrics (once they exist)."""
+        return self.out is not None or self.observer is not None
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None and flow.request.stream:      # its head goes to the origin now
+        if flow.response is None and flow.request.stream and self.recording:    # its head goes to the origin now
             flow.metadata[SENT] = time.time()
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:                               # no addon answered: off to the origin
+        if flow.response is None and self.recording:            # no addon answered: off to the origin
             flow.metadata.setdefault(SENT, time.time())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The origin's status and time to its head, before the cache may answer for it (a 304
         becomes the stored 200). Hits, the StoreOrigin and answers made in a request hook have
         no origin in the record or were never sent."""
-        from addons.failsafe import made_by_edge      # failsafe imports this module
         sent = flow.metadata.get(SENT)
-        if sent is None or "origin" not in decisions(flow) or flow.response is None or made_by_edge(flow.response):
+        if sent is None:                                # not sent, or nothing records it
+            return
+        from addons.failsafe import made_by_edge      # failsafe imports this module
+        if "origin" not in decisions(flow) or flow.response is None or made_by_edge(flow.response):
             return
         began = max(sent, flow.server_conn.timestamp_start or 0.0)     # failover: from the connect that answered
         flow.metadata[UPSTREAM] = (flow.response.status_code, max(0.0, flow.response.timestamp_start - began))
