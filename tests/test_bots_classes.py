@@ -3,6 +3,7 @@ forward-confirmed reverse DNS against a real DNS server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from crawleruseragents import CRAWLER_USER_AGENTS_DATA
 from addons.config import BOT_CLASSES, ConfigError, parse_config
 from addons.shield.botdata import PRECEDENCE, TAG_CLASSES, Index, crs_scanner_names, package_entries
 from addons.shield.bots import Challenge, Classifier
-from addons.shield.verify import in_domains, operator_domains, parse_resolver
+from addons.shield.verify import FAILED, UNAVAILABLE, VERIFIED, Verifier, in_domains, operator_domains, parse_resolver
 from dnsserver import LoopbackDNS, SilentDNS
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
@@ -261,3 +262,37 @@ def test_a_fake_search_engine_in_detect_mode_is_only_recorded(origin, edge, dns,
     assert get(e, GPTBOT).status_code == 200
     assert [t.get("shield") for t in trace(log)] == ["detect: bots: automated clients of this kind are not served (403)"] * 2
     assert re.fullmatch(r"bad: claims a search engine.*", trace(log)[0]["bot"])
+
+
+def test_the_verifier_on_ipv6_and_ipv4_mapped_addresses(dns):
+    dns.zone.add("::1", "crawl-v6.googlebot.com")                               # PTR, then AAAA
+    dns.zone.add("127.0.0.9", "crawl-127-0-0-9.google.com")
+    google = operator_domains(GOOGLEBOT)
+
+    async def run():
+        v = Verifier(dns.address)
+        got = [await v.verify("::1", google, 2.0), await v.verify("::ffff:127.0.0.9", google, 2.0),
+               await v.verify("127.0.0.10", google, 2.0), await v.verify("not an address", google, 2.0)]
+        both = await asyncio.gather(v.verify("127.0.0.9", google, 2.0), v.verify("127.0.0.9", google, 2.0))
+        v.close()
+        return got, both, v.lookups
+
+    got, both, lookups = asyncio.run(run())
+    assert got == [VERIFIED, VERIFIED, FAILED, FAILED] and UNAVAILABLE not in both
+    assert list(both) == [VERIFIED, VERIFIED] and lookups == 5                 # two at once: one lookup
+    assert dns.zone.asked("AAAA") == ["crawl-v6.googlebot.com."]
+
+
+def test_a_reload_keeps_what_the_bots_learnt():
+    from addons.shield.addon import Shield
+    text = "pools: {a: {origins: [http://x]}}\nshield:\n  bots: {resolver: '127.0.0.1:%d', actions: {seo: rate_limit}}\n"
+    shield = Shield(lambda: None, lambda entry: None)
+    shield.apply(parse_config(text % 5353))
+    verifier, classifier, buckets = shield.verifier, shield.classifier, shield.bot_limits["seo"]
+    verifier.cache[("127.0.0.2", ("googlebot.com",))] = VERIFIED
+    shield.apply(parse_config(text % 5353))
+    assert shield.verifier is verifier and shield.classifier is classifier and shield.bot_limits["seo"] is buckets
+    shield.apply(parse_config(text % 5354))                                     # another resolver: asked afresh
+    assert shield.verifier is not verifier and shield.verifier.cached("127.0.0.2", ("googlebot.com",)) is None
+    shield.apply(parse_config(text.replace("resolver: '127.0.0.1:%d', ", "verify: false, ")))
+    assert shield.verifier is None

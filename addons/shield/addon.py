@@ -322,7 +322,7 @@ class Shield:
         label = f"bad: {why}" if why else kind
         if why is not None:
             kind = "bad"
-        elif kind == "search_engine" and self.verifier is not None \
+        elif kind == "search_engine" and self.verifier is not None and bots.action(kind) != "block" \
                 and (domains := operator_domains(user_agent)) is not None:
             outcome = self.verifier.cached(ip, domains)
             if outcome is None:

@@ -24,6 +24,8 @@ import logging
 
 from cachetools import TLRUCache
 
+from addons.net import parse_ip
+
 logger = logging.getLogger("edge")
 
 VERIFIED, FAILED, UNAVAILABLE = "verified", "failed", "unavailable"
@@ -153,10 +155,12 @@ class Verifier:
         import dns.exception
         import dns.resolver
         resolver = self.resolver()
-        address = ipaddress.ip_address(ip)
+        address = parse_ip(ip)                      # an IPv4-mapped IPv6 address is its IPv4 one
+        if address is None:
+            return FAILED
         rdtype = "AAAA" if address.version == 6 else "A"
         try:
-            names = [r.target.to_text() for r in await resolver.resolve_address(ip)]
+            names = [r.target.to_text() for r in await resolver.resolve_address(str(address))]
             for name in names:
                 if not in_domains(name, domains):
                     continue
