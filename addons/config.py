@@ -192,7 +192,17 @@ class CompressConfig:
 
 
 MODES = ("block", "detect")          # detect: record the verdict in the trace, let the request pass
-BOT_CLASSES = ("browser", "search_engine", "scanner", "bad", "unknown")
+BOT_CLASSES = ("browser", "search_engine", "scanner", "bad", "unknown",
+               # from the crawler-user-agents list's tags (addons/shield/botdata.py)
+               "ai_crawler", "seo", "advertising", "social_preview", "feed_reader", "monitoring", "archiver", "academic")
+BOT_ACTIONS = ("allow", "challenge", "block", "rate_limit")
+# safe for a stranger's traffic: scanners, known-bad scrapers and AI crawlers refused, SEO crawlers
+# slowed down, search engines (verified by reverse DNS) and everything else served
+DEFAULT_BOT_ACTIONS = (("browser", "allow"), ("search_engine", "allow"), ("scanner", "block"), ("bad", "block"),
+                       ("unknown", "allow"), ("ai_crawler", "block"), ("seo", "rate_limit"),
+                       ("advertising", "allow"), ("social_preview", "allow"), ("feed_reader", "allow"),
+                       ("monitoring", "allow"), ("archiver", "allow"), ("academic", "allow"))
+DEFAULT_BOT_BUDGET = 1.0                 # requests per second per client address for a rate_limit class (60/m)
 DEFAULT_CRS = "/usr/share/modsecurity-crs"
 
 
@@ -266,6 +276,18 @@ class BotConfig:
     secret_file: str | None = None       # the challenge's signing key (shared by several edges); None: per process
     trap_paths: tuple[str, ...] = ("/wp-login.php", "/xmlrpc.php", "/.env", "/.git/config", "/phpmyadmin")
     mode: str = "block"
+    actions: tuple[tuple[str, str], ...] = DEFAULT_BOT_ACTIONS   # every class -> allow|challenge|block|rate_limit
+    budgets: tuple[tuple[str, float], ...] = ()       # rate_limit classes: requests/s per client (else DEFAULT_BOT_BUDGET)
+    challenge_busy: bool = False         # browsers asking faster than people browse are challenged
+    verify: bool = True                  # search engines checked by forward-confirmed reverse DNS
+    resolver: str | None = None          # HOST:PORT of the DNS server for that; None: the system's
+    verify_timeout: float = 2.0          # how long a first request of an unverified address waits for it
+
+    def action(self, kind: str) -> str:
+        return dict(self.actions).get(kind, "allow")
+
+    def budget(self, kind: str) -> float:
+        return dict(self.budgets).get(kind, DEFAULT_BOT_BUDGET)
 
 
 @dataclass(frozen=True)
@@ -767,7 +789,8 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
     bots = None
     if raw.get("bots") is not None:
         bpath = path + ("bots",)
-        b = r.mapping(raw["bots"], bpath, {"block", "allow", "challenge", "trap_paths", "mode", "secret_file"})
+        b = r.mapping(raw["bots"], bpath, {"block", "allow", "challenge", "trap_paths", "mode", "secret_file",
+                                           "actions", "budgets", "verify", "resolver", "verify_timeout"})
         lists = {}
         for key in ("block", "allow"):
             lists[key] = tuple(r.listing(b[key], bpath + (key,))) if key in b else getattr(BotConfig, key)
@@ -789,10 +812,54 @@ def _shield(r: _Reader, raw: Any, path: tuple, geo: GeoConfig | None) -> ShieldC
                         raise r.doc.error(bpath + ("secret_file",), f"{secret_file}: fewer than 16 bytes of key")
             except OSError as e:
                 raise r.doc.error(bpath + ("secret_file",), f"{secret_file}: cannot read: {e.strerror}") from None
-        bots = BotConfig(lists["block"], lists["allow"], challenge, secret_file, traps, _mode(r, b, bpath, mode))
+        bots = dataclasses.replace(BotConfig(lists["block"], lists["allow"], challenge, secret_file, traps,
+                                             _mode(r, b, bpath, mode)), **_bot_table(r, b, bpath, lists))
     if countries and geo is None:
         raise r.doc.error(path + ("deny_countries",), "needs routing.geo (its database locates clients)")
     return ShieldConfig(mode, nets["allow"], nets["deny"], countries, connections, rate_limit, waf, bots)
+
+
+def _bot_table(r: _Reader, b: dict, path: tuple, lists: dict) -> dict:
+    """shield.bots: the action table (defaults, then the `block:`/`allow:`/`challenge:` keys,
+    then `actions:`; two keys that say different things about a class are an error), the
+    rate_limit budgets and the reverse DNS check."""
+    table, said = dict(DEFAULT_BOT_ACTIONS), {}
+    if "block" in b:        # as before: a class of the first five not listed is not blocked
+        table.update({kind: "allow" for kind in BOT_CLASSES[:5] if table[kind] == "block"})
+    for key, action in (("block", "block"), ("allow", "allow")):
+        for i, kind in enumerate(lists[key] if key in b else ()):
+            if said.get(kind, (action,))[0] != action:
+                raise r.doc.error(path + (key, i), f"{kind} is in {said[kind][1]} too")
+            said[kind] = (action, key)
+    actions = r.mapping(b.get("actions"), path + ("actions",), set(BOT_CLASSES))
+    for kind, action in actions.items():
+        if action not in BOT_ACTIONS:
+            raise r.doc.error(path + ("actions", kind), f"expected one of {', '.join(BOT_ACTIONS)}")
+        if said.get(kind, (action,))[0] != action:
+            raise r.doc.error(path + ("actions", kind), f"{action} here, but {said[kind][1]}: says {said[kind][0]}")
+        said[kind] = (action, "actions")
+    if b.get("challenge", False) and "unknown" not in said:
+        said["unknown"] = ("challenge", "challenge")
+    table.update({kind: action for kind, (action, _) in said.items()})
+    budgets = r.mapping(b.get("budgets"), path + ("budgets",), set(BOT_CLASSES))
+    for kind in budgets:
+        if table[kind] != "rate_limit":
+            raise r.doc.error(path + ("budgets", kind), f"{kind} is not rate limited (actions: {{{kind}: rate_limit}})")
+    verify = b.get("verify", True)
+    if not isinstance(verify, bool):
+        raise r.doc.error(path + ("verify",), "expected true or false")
+    resolver = b.get("resolver")
+    if resolver is not None:
+        from addons.shield.verify import parse_resolver
+        r.convert(parse_resolver, str(resolver), path + ("resolver",))
+        resolver = str(resolver)
+    timeout = r.convert(parse_duration, b.get("verify_timeout", BotConfig.verify_timeout), path + ("verify_timeout",))
+    if not 0 < timeout <= 30:
+        raise r.doc.error(path + ("verify_timeout",), "expected a duration from 1ms to 30s")
+    return {"actions": tuple((kind, table[kind]) for kind in BOT_CLASSES),
+            "budgets": tuple((kind, r.convert(parse_rate, v, path + ("budgets", kind))) for kind, v in budgets.items()),
+            "challenge_busy": bool(b.get("challenge", False)) and said.get("browser", ("",))[0] != "allow",
+            "verify": verify, "resolver": resolver, "verify_timeout": timeout}
 
 
 @_part(Limits)

@@ -155,7 +155,8 @@ firewall: on
         "edge.yaml:10: compress.encodings[0]: expected one of br, zstd, gzip",
         "edge.yaml:12: shield.waf.crs: /nowhere: no rules/ folder here (Debian: apt-get install modsecurity-crs)",
         "edge.yaml:13: shield.timeouts.idle: must be more than 0",
-        "edge.yaml:14: shield.bots.block[0]: expected one of browser, search_engine, scanner, bad, unknown",
+        "edge.yaml:14: shield.bots.block[0]: expected one of browser, search_engine, scanner, bad, unknown, ai_crawler, "
+        "seo, advertising, social_preview, feed_reader, monitoring, archiver, academic",
         "edge.yaml:15: access_log: expected \"-\" (stdout), a file path, or null",
         "edge.yaml:17: sites.a.hosts[0]: 'a:80': without a port (hosts match whatever the port)",
         "edge.yaml:18: sites.b.routes[0].path: expected a path prefix starting with / (no query, no %, no spaces)",

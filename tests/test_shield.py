@@ -465,8 +465,12 @@ def test_challenge_tokens_are_signed_bound_to_the_address_and_expire():
 
 
 def test_bots_blocked_by_class_and_search_engines_served(origin, edge, tmp_path):
+    from dnsserver import LoopbackDNS       # Googlebot is verified by reverse DNS: 127.0.0.1 is one here
+    dns = LoopbackDNS()
+    dns.zone.add("127.0.0.1", "crawl-127-0-0-1.googlebot.com")
     log = tmp_path / "access.log"
-    e, o = shielded(edge, origin, "bots: {block: [scanner, bad], allow: [search_engine]}", log=str(log))
+    e, o = shielded(edge, origin, f"bots: {{block: [scanner, bad], allow: [search_engine], resolver: '{dns.address}'}}",
+                    log=str(log))
     with httpx.Client() as c:
         ua = lambda agent: c.get(f"{e.url}/echo", headers={"User-Agent": agent}).status_code
         assert ua("sqlmap/1.7.2#stable (https://sqlmap.org)") == 403
@@ -475,6 +479,7 @@ def test_bots_blocked_by_class_and_search_engines_served(origin, edge, tmp_path)
     assert len(o.seen) == 3
     first = json.loads(log.read_text().splitlines()[0])["edge"]
     assert first["bot"] == "scanner" and first["shield"] == "bots: automated clients of this kind are not served (403)"
+    dns.stop()
 
 
 def test_a_client_that_springs_a_trap_is_refused_afterwards(origin, edge):

@@ -3,8 +3,10 @@
 client_connected   deny/allow lists and deny_countries (peer IP), per-IP connection limit:
                    a refused connection is closed before TLS or HTTP
 requestheaders     lists again for clients behind trusted proxies, head size (431), rate
-                   limit (429), bots (403, or a cookie challenge), then the WAF's phase 1
-                   (connection, request line, headers)
+                   limit (429), bots (the class's action: 403, a cookie challenge, 429 over the
+                   class's budget; a search engine's first request from an address waits for
+                   its reverse DNS check), then the WAF's phase 1 (connection, request line,
+                   headers)
 request            the WAF's phase 2 (body, anomaly score): for every request that will reach
                    an origin; a cache hit, answered from memory, reaches none and is not scored
 request_prefix     (internals) the WAF's phase 2 on the first `waf.body_limit` bytes of a longer
@@ -31,11 +33,13 @@ from mitmproxy.connection import Client
 
 from addons import internals
 from addons.client import client_of
-from addons.config import EdgeConfig, Limits, RateLimit, RouteShield, ShieldConfig, WafConfig
+from addons.config import DEFAULT_CRS, BotConfig, EdgeConfig, Limits, RateLimit, RouteShield, ShieldConfig, WafConfig
 from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
-from addons.shield.bots import Behaviour, Challenge, classify
+from addons.shield.botdata import crs_scanner_names
+from addons.shield.bots import Behaviour, Challenge, Classifier
+from addons.shield.verify import FAILED, VERIFIED, Verifier, operator_domains
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
@@ -45,6 +49,8 @@ from addons.trace import decisions
 logger = logging.getLogger("edge")
 SWEEP = 0.25        # seconds between looks at the slow-client deadlines
 PROFILE = "edge.shield.profile"     # flow metadata: the route's shield profile the request was judged by
+UNVERIFIED = "unverified"           # a search engine whose reverse DNS check has no answer yet
+UNVERIFIED_RETRY = 60               # seconds: Retry-After of the 503 it gets meanwhile
 
 
 def _limiter(old: MemoryStore | RedisStore | None, rl: RateLimit | None) -> MemoryStore | RedisStore | None:
@@ -64,6 +70,23 @@ def _limiter(old: MemoryStore | RedisStore | None, rl: RateLimit | None) -> Memo
         except RuntimeError:            # no loop: nothing was ever sent on it
             pass
     return store
+
+
+def _bot_bucket(old: MemoryStore | None, bots: BotConfig, kind: str) -> MemoryStore:
+    """The per-address buckets of a rate_limit class: its budget a second, ten seconds' worth
+    of burst (at least 1)."""
+    rate = bots.budget(kind)
+    burst = max(1, round(rate * 10))
+    return old.retuned(rate, burst) if old is not None else MemoryStore(rate, burst)
+
+
+def _verified(outcome: str) -> tuple[str, str]:
+    """(class, trace label) of a search engine's reverse DNS outcome."""
+    if outcome == VERIFIED:
+        return "search_engine", "search_engine: verified by reverse DNS"
+    if outcome == FAILED:
+        return "bad", "bad: claims a search engine; reverse DNS says otherwise"
+    return UNVERIFIED, "search_engine: not verified (no DNS answer in time)"
 
 
 def _waf_key(waf: WafConfig) -> tuple:
@@ -105,6 +128,10 @@ class Shield:
         self.behaviour: Behaviour | None = None
         self.challenge: Challenge | None = None
         self.closed: dict[str, str] = {}            # connections the shield closed -> why
+        self.classifier: Classifier | None = None
+        self.classifier_crs: str | None = None      # the CRS tree its scanner names came from
+        self.verifier: Verifier | None = None
+        self.bot_limits: dict[str, MemoryStore] = {}    # rate_limit class -> its per-address buckets
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -115,7 +142,7 @@ class Shield:
         internals.h2_limits = limits.http2
         internals.on_flood = self._flooded
         self._keep_state(shield, limits)
-        if shield and shield.bots and shield.bots.challenge:
+        if shield and shield.bots and (shield.bots.challenge or "challenge" in dict(shield.bots.actions).values()):
             if shield.bots.secret_file:                         # shared by every edge that reads it
                 with open(shield.bots.secret_file, "rb") as f:
                     self.challenge = Challenge(f.read().strip())
@@ -148,6 +175,7 @@ class Shield:
             self.waf, self.waf_key = None, None
         elif self.waf is None or self.waf_key != _waf_key(waf):
             self.waf, self.waf_key = Waf(waf), _waf_key(waf)
+        self._keep_bots(shield)
         traps = shield.bots.trap_paths if shield and shield.bots else None
         if traps is None:
             self.behaviour = None
@@ -155,6 +183,29 @@ class Shield:
             self.behaviour = Behaviour(traps)
         else:
             self.behaviour.set_traps(traps)
+
+    def _keep_bots(self, shield: ShieldConfig | None) -> None:
+        """The classifier (built again only for another CRS tree), the reverse DNS cache (kept
+        while the resolver is the same) and the rate_limit classes' buckets (retuned)."""
+        bots = shield.bots if shield else None
+        if bots is None:
+            self.classifier, self.classifier_crs, self.bot_limits = None, None, {}
+            self._set_verifier(None)
+            return
+        crs = shield.waf.crs if shield.waf else DEFAULT_CRS
+        if self.classifier is None or self.classifier_crs != crs:
+            self.classifier, self.classifier_crs = Classifier(crs_scanner_names(crs)), crs
+        if not bots.verify:
+            self._set_verifier(None)
+        elif self.verifier is None or self.verifier.address != bots.resolver:
+            self._set_verifier(Verifier(bots.resolver))
+        self.bot_limits = {kind: _bot_bucket(self.bot_limits.get(kind), bots, kind)
+                           for kind, action in bots.actions if action == "rate_limit"}
+
+    def _set_verifier(self, verifier: Verifier | None) -> None:
+        if self.verifier is not None and self.verifier is not verifier:
+            self.verifier.close()
+        self.verifier = verifier
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -240,7 +291,7 @@ class Shield:
             return self._limited_by_redis(flow, ip)         # async only with a shared store
         if self.limiter is None or self._rate_verdict(flow, self.limiter.take(self._rate_key(flow, ip),
                                                                               time.monotonic())):
-            self._after_rate_limit(flow, ip)
+            return self._after_rate_limit(flow, ip)     # awaitable while a search engine is verified
         return None
 
     def _head_received(self, flow: http.HTTPFlow) -> None:
@@ -254,42 +305,65 @@ class Shield:
                        for k, v in flow.request.data.headers.fields)       # one pass, not two scans
             self.deadlines.head_received(conn.id, now, body)
 
-    def _after_rate_limit(self, flow: http.HTTPFlow, ip: str) -> None:
+    def _after_rate_limit(self, flow: http.HTTPFlow, ip: str):
         """Bots, then the WAF's phase 1, for a request the rate limit let through, as the
-        route's shield profile says."""
+        route's shield profile says. Awaitable when a search engine's reverse DNS check is
+        not in the cache yet: the request waits for it (at most bots.verify_timeout)."""
         profile = flow.metadata[PROFILE] = self.route_profile(flow)
-        if self._bot_verdict(flow, ip, profile.bots):
-            self._inspect_head(flow, ip, profile.waf)
-
-    def _bot_verdict(self, flow: http.HTTPFlow, ip: str, part: str = "on") -> bool:
-        """True if the request may go on: its class is allowed, or not blocked (and, with the
-        challenge on, an `unknown` client brought a valid cookie). `part`: the route's say."""
         bots = self.config.bots
-        if bots is None:
-            return True
-        if part == "off":
-            decisions(flow)["bot"] = "not judged on this route"
-            return True
-        mode = "detect" if part == "detect" else bots.mode
-        kind = classify(flow.request.headers.get("user-agent", ""))
+        if bots is None or profile.bots == "off":
+            if bots is not None:
+                decisions(flow)["bot"] = "not judged on this route"
+            self._inspect_head(flow, ip, profile.waf)
+            return None
+        user_agent = flow.request.headers.get("user-agent", "")
+        kind = self.classifier.classify(user_agent)
         why = self.behaviour.requested(ip, flow.request.path, time.monotonic())
+        label = f"bad: {why}" if why else kind
         if why is not None:
             kind = "bad"
+        elif kind == "search_engine" and self.verifier is not None and bots.action(kind) != "block" \
+                and (domains := operator_domains(user_agent)) is not None:
+            outcome = self.verifier.cached(ip, domains)
+            if outcome is None:
+                return self._verify_then_judge(flow, ip, profile, domains)
+            kind, label = _verified(outcome)
+        if self._bot_verdict(flow, ip, profile.bots, kind, label):
+            self._inspect_head(flow, ip, profile.waf)
+        return None
+
+    async def _verify_then_judge(self, flow: http.HTTPFlow, ip: str, profile: RouteShield,
+                                 domains: tuple[str, ...]) -> None:
+        outcome = await self.verifier.verify(ip, domains, self.config.bots.verify_timeout)
+        if self._bot_verdict(flow, ip, profile.bots, *_verified(outcome)):
+            self._inspect_head(flow, ip, profile.waf)
+
+    def _bot_verdict(self, flow: http.HTTPFlow, ip: str, part: str, kind: str, label: str) -> bool:
+        """True if the request may go on, as the class's action says (with the challenge on,
+        a busy browser must bring a valid cookie too). `part`: the route's say."""
+        bots = self.config.bots
+        mode = "detect" if part == "detect" else bots.mode
         rec = decisions(flow)
-        rec["bot"] = f"bad: {why}" if why else kind
-        if kind in bots.allow:
-            return True
-        if kind in bots.block:
+        rec["bot"] = label
+        if kind == UNVERIFIED:
+            # fail closed without a 403: a crawler reads 503 as "come back later" and keeps
+            # the site's pages in its index, where a 4xx would tell it they are gone
+            return not self._refuse(flow, "bots", mode, 503, "search engine not verified yet",
+                                    {"Retry-After": str(UNVERIFIED_RETRY)})
+        action = bots.action(kind)
+        if action == "block":
             return not self._refuse(flow, "bots", mode, 403, "automated clients of this kind are not served")
-        if self.challenge is None or kind not in ("unknown", "browser"):
-            return True
-        if kind == "browser" and not self.behaviour.busy(ip):
+        if action == "rate_limit":
+            verdict = self.bot_limits[kind].take(ip, time.monotonic())
+            return verdict.allowed or not self._refuse(flow, "bots", mode, 429, f"too many requests ({kind})",
+                                                       {"Retry-After": retry_after_header(verdict.retry_after)})
+        if action != "challenge" and not (kind == "browser" and bots.challenge_busy and self.behaviour.busy(ip)):
             return True
         cookies = flow.request.cookies
         if self.challenge.valid(cookies.get(Challenge.COOKIE), ip):
             del cookies[Challenge.COOKIE]               # ours: the origin never sees it
             flow.request.cookies = cookies
-            rec["bot"] = "unknown: challenge passed"
+            rec["bot"] = f"{kind}: challenge passed"
             return True
         if mode == "detect":
             rec["shield"] = "detect: bots: challenge (403)"
@@ -304,8 +378,8 @@ class Shield:
 
     async def _limited_by_redis(self, flow: http.HTTPFlow, ip: str) -> None:
         verdict = await self.limiter.take(self._rate_key(flow, ip), time.monotonic())
-        if self._rate_verdict(flow, verdict):
-            self._after_rate_limit(flow, ip)
+        if self._rate_verdict(flow, verdict) and (judging := self._after_rate_limit(flow, ip)) is not None:
+            await judging
 
     def _rate_verdict(self, flow: http.HTTPFlow, verdict: Verdict) -> bool:
         """True if the request may go on."""
@@ -446,6 +520,7 @@ class Shield:
             self.sweeper = None
         if isinstance(self.limiter, RedisStore):
             await self.limiter.close()
+        self._set_verifier(None)
 
     async def _sweep(self) -> None:
         """Every SWEEP seconds, close the connections that missed their deadlines. Nothing in

@@ -1,11 +1,16 @@
 """Who is knocking: user-agent classes, behaviour, and a cookie challenge. Pure.
 
-Classes: browser, search_engine, scanner, bad, unknown. crawlerdetect (a maintained list of
-crawler signatures) says whether a User-Agent is automated and which signature matched;
-ua-parser says which browser a human one claims. The few names that decide the class of an
-automated client (search engines we let in, scanners, scrapers that are commonly refused) are
-ours. A User-Agent can be forged: search engines are trusted by name only (no reverse DNS
-check), which is why `allow` never bypasses the rate limit or the WAF.
+Classes: browser, search_engine, scanner, bad, unknown, and from the tags of the maintained
+`crawler-user-agents` list: ai_crawler, seo, advertising, social_preview, feed_reader,
+monitoring, archiver, academic (botdata.py matches them fast). Scanners are also the names the
+CRS tree in use lists (`scanners-user-agents.data`) and our own. crawlerdetect (another
+maintained list) catches automated clients none of these name: `unknown`, as are HTTP
+libraries and headless browsers; ua-parser says which browser a human one claims. A few names
+stay ours: search engines, scanners, and scrapers that are commonly refused (`bad`).
+
+A User-Agent can be forged: a search engine whose operator documents a reverse DNS check is
+verified (verify.py) and is `bad` when it fails; the others are believed by name, which is why
+`allow` never bypasses the rate limit or the WAF.
 
 Behaviour overrides the name: a client that asks for a trap path (a WordPress login on a site
 without WordPress, /.env, /.git/config), or whose answers are mostly 404s, is `bad` for a while;
@@ -23,6 +28,10 @@ from functools import lru_cache
 
 from cachetools import TTLCache
 
+from addons.config import DEFAULT_CRS
+from addons.shield.botdata import (DATA_CLASSES, Index, crawlerdetect_entries, crs_scanner_names, name_entries,
+                                   package_entries)
+
 SCANNERS = ("sqlmap", "nikto", "nmap", "masscan", "zgrab", "nuclei", "wpscan", "dirbuster", "gobuster", "ffuf",
             "feroxbuster", "wfuzz", "acunetix", "nessus", "openvas", "w3af", "arachni", "skipfish", "burpsuite",
             "owasp zap", "zaproxy", "jaeles", "whatweb", "commix", "netsparker", "zmeu", "morfeus")
@@ -38,32 +47,48 @@ MIN_ANSWERS, MAX_404_SHARE = 20, 0.5
 BUSY = 120                  # requests within WINDOW: faster than people browse; challenged when on
 
 
-@lru_cache(maxsize=8192)
+class Classifier:
+    """User-Agent -> class, from the package's tagged expressions, the CRS tree's scanner
+    names and ours; the last 8192 answers are remembered."""
+
+    def __init__(self, scanner_names: tuple[str, ...] = ()) -> None:
+        self.data = Index(package_entries())
+        self.names = Index(name_entries(SCANNERS + scanner_names, "scanner")
+                           + name_entries(SEARCH_ENGINES, "search_engine") + name_entries(BAD, "bad"))
+        self.exclusions, crawlers = crawlerdetect_entries()
+        self.crawlers = Index(crawlers)
+        self.classify = lru_cache(maxsize=8192)(self._classify)
+
+    def _classify(self, user_agent: str) -> str:
+        ua = user_agent.strip()
+        if not ua:
+            return "bad"                        # no browser sends none
+        named, data = self.names.kinds(ua.lower()), self.data.kinds(ua)
+        if "scanner" in named or "scanner" in data:
+            return "scanner"
+        if "ai_crawler" in data:
+            return "ai_crawler"
+        if "search_engine" in named or "search_engine" in data:
+            return "search_engine"
+        if "bad" in named:
+            return "bad"
+        for kind in DATA_CLASSES:
+            if kind in data:
+                return kind
+        if self.crawlers.kinds(self.exclusions.sub("", ua).lower()):
+            return "unknown"                    # scripts, libraries and other crawlers (crawlerdetect)
+        return "browser" if _browser(user_agent) else "unknown"
+
+
+_default: Classifier | None = None
+
+
 def classify(user_agent: str) -> str:
-    """The class a User-Agent claims."""
-    ua = user_agent.strip().lower()
-    if not ua:
-        return "bad"                        # no browser sends none
-    if any(name in ua for name in SCANNERS):
-        return "scanner"
-    if any(name in ua for name in SEARCH_ENGINES):
-        return "search_engine"
-    if any(name in ua for name in BAD):
-        return "bad"
-    if _crawler(user_agent):
-        return "unknown"                    # scripts, libraries and other crawlers
-    return "browser" if _browser(user_agent) else "unknown"
-
-
-_detector = None
-
-
-def _crawler(user_agent: str) -> bool:
-    global _detector
-    if _detector is None:
-        from crawlerdetect import CrawlerDetect
-        _detector = CrawlerDetect()
-    return _detector.isCrawler(user_agent)
+    """The class a User-Agent claims (the scanner names of Debian's CRS, if installed)."""
+    global _default
+    if _default is None:
+        _default = Classifier(crs_scanner_names(DEFAULT_CRS))
+    return _default.classify(user_agent)
 
 
 def _browser(user_agent: str) -> bool:
