@@ -115,6 +115,11 @@ def test_adblock_full_syntax_through_the_engine_when_a_url_is_given(tmp_path):
     assert not listed.matches("ok.ads.example", "https://ok.ads.example/")
     assert not listed.matches("script.example", "https://script.example/a.js")   # no resource type known
     assert listed.matches("bücher.ads.example", "https://bücher.ads.example/")
+    # the host still decides when the url says nothing: unparsable, or naming another host
+    assert listed.matches("ads.example", "not a url") and not listed.matches("z.example", "not a url")
+    assert listed.matches("ads.example", "https://front.example/")
+    assert listed.matches("front.example", "https://ads.example/")
+    assert not listed.matches("ads.example", "https://ok.ads.example/")     # the url's exception wins
 
 
 def test_adblock_list_of_host_rules_only_builds_no_engine():

@@ -18,7 +18,9 @@ Pure (no mitmproxy import): the config parser loads them, the policy asks `match
   resource type nor the page that asked, it asks with type "other" and the url as its own source,
   so rules bound to a type (`$script`) or to third parties never match. Without a url (a CONNECT
   that is not decrypted) only the `||host^` rules decide (without options, or with only
-  `$important`, `$document`, `$all`), `@@||host^` exceptions included. A list of nothing but host
+  `$important`, `$document`, `$all`), `@@||host^` exceptions included; with a url the host
+  still decides when the engine finds neither a rule nor an exception for the url (a url it
+  cannot parse, or one whose host is not the one the tunnel was opened to). A list of nothing but host
   rules builds no engine: both answers are then the same set lookup. Cosmetic rules (`##`) mean
   nothing to a proxy and are ignored.
 """
@@ -127,9 +129,13 @@ class DomainList:
         return self.rules
 
     def matches(self, host: str, url: str | None = None) -> bool:
-        """Does the list name this host (or the url, for adblock url rules when a url is given)?"""
+        """Does the list name this host, or (adblock url rules, when a url is given) this url?"""
         if url is not None and self.engine is not None:
-            return self.engine.check_network_urls(url, url, "other").matched
+            verdict = self.engine.check_network_urls(url, url, "other")
+            if verdict.matched or verdict.exception is not None:
+                return verdict.matched
+            # nothing in the url: the host still decides (a url the engine cannot parse, or one
+            # naming another host than the CONNECT did)
         host = host.lower().rstrip(".")
         if not host.isascii() or host.startswith("["):
             host = _normalise_asked(host) or ""
