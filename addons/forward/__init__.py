@@ -1,0 +1,1 @@
+"""Forward-proxy mode: the edge as an organisation's outbound proxy (lists, policy, activity log, report)."""
