@@ -71,8 +71,9 @@ def demo_config(tmp_path) -> tuple[list[int], Path]:
     """The shipped example on free ports: the edge, the origins eu, us, ap, the admin endpoint."""
     ports = [free_port() for _ in range(5)]
     text = (REPO / "data" / "edge.example.yaml").read_text()
-    for old, new in zip(["8080", "9001", "9002", "9003", "9090"], ports):
-        text = text.replace(old, str(new))
+    by_old = dict(zip(["8080", "9001", "9002", "9003", "9090"], map(str, ports)))
+    # in one pass on whole numbers: replacing one after the other could rewrite a new port again
+    text = re.sub(r"\b(8080|9001|9002|9003|9090)\b", lambda m: by_old[m[1]], text)
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(text)
     return ports, cfg

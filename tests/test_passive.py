@@ -2,6 +2,7 @@
 hang up or reset streams, and slow origins cost those requests only; consecutive origin
 failures eject within max_ejected; panic mode; the read timeout's 504."""
 
+import re
 import socket
 import threading
 import time
@@ -187,7 +188,7 @@ def test_consecutive_failures_eject_and_failover_costs_no_request(origin, edge):
             answers = [c.get(f"{e.url}/echo") for _ in range(12)]
         assert [(r.status_code, r.json()["origin"]) for r in answers] == [(200, "good")] * 12
         assert len(broken.requests) == 3                # passive.failures: then it is left alone
-        assert "ejected 10s (server closed connection)" in origin_lines(e)[0]
+        assert re.search(r"ejected (9|10)s \(server closed connection\)", origin_lines(e)[0])
     finally:
         broken.stop()
 
@@ -198,7 +199,7 @@ def test_consecutive_connect_failures_eject_and_failover_costs_no_request(origin
     answers = [httpx.get(f"{e.url}/echo") for _ in range(12)]      # a new client connection each
     assert [(r.status_code, r.json()["origin"]) for r in answers] == [(200, "good")] * 12
     assert plain.connections == 2 * 3                   # three TCP probes passed, three handshakes failed
-    assert origin_lines(e)[0].endswith(": ejected 10s (The remote server does not speak TLS.)")
+    assert re.search(r": ejected (9|10)s \(The remote server does not speak TLS\.\)$", origin_lines(e)[0])
     assert not plain.seen                               # no request ever reached it
 
 
@@ -242,7 +243,7 @@ def test_503_only_once_a_probe_shows_the_origin_unreachable(origin, edge):
     o.stop()                                            # the lone origin dies
     got = [status_of(ask(e, b"/")) for _ in range(3)]
     assert got == [502, 503, 503]                       # refused; then probed first: unreachable
-    assert "unreachable 10s (connect probe: ConnectionRefusedError)" in origin_lines(e)[0]
+    assert re.search(r"unreachable (9|10)s \(connect probe: ConnectionRefusedError\)", origin_lines(e)[0])
 
 
 def test_read_timeout_answers_504_and_the_edge_serves_others(edge):

@@ -1,5 +1,6 @@
 """Routing with health: active checks, passive marks, backups, fallback pools, 503."""
 
+import re
 import socket
 import time
 from collections import Counter
@@ -59,7 +60,7 @@ def test_an_origin_refusing_under_traffic_costs_no_request(origin, edge):
         statuses = [c.post(f"{e.url}/echo", content=b"x").status_code for _ in range(2)]
     assert statuses == [200, 200]
     assert served_by(e, 10) == {"b": 10}
-    assert "unreachable 10s (connect probe: ConnectionRefusedError)" in e.master.commands.call("edge.status")
+    assert re.search(r"unreachable (9|10)s \(connect probe: ConnectionRefusedError\)", e.master.commands.call("edge.status"))
 
 
 def hangs_up(req, o):
@@ -206,7 +207,7 @@ def test_an_origin_answering_503_in_a_row_is_taken_out_when_asked(origin, edge):
         statuses = [c.get(f"{e.url}/echo").status_code for _ in range(6)]
     assert statuses.count(503) == 3                                 # then the sick origin is out
     assert served_by(e, 6) == {"fine": 6}
-    assert "ejected 10s (3 answers of 503 in a row)" in e.master.commands.call("edge.status")
+    assert re.search(r"ejected (9|10)s \(3 answers of 503 in a row\)", e.master.commands.call("edge.status"))
 
 
 def test_edge_status_reads_a_running_edge_through_its_admin_endpoint(origin, edge):
@@ -287,7 +288,7 @@ def test_a_connect_that_hangs_times_out_and_the_request_goes_elsewhere(origin, e
             assert "up, 1 failed in a row (connect timeout)" in e.master.commands.call("edge.status")
             again = [c.get(f"{e.url}/echo") for _ in range(2)]      # its turn again: probed first
         assert [(r.status_code, r.json()["origin"]) for r in again] == [(200, "b")] * 2
-        assert "unreachable 10s (connect probe: TimeoutError)" in e.master.commands.call("edge.status")
+        assert re.search(r"unreachable (9|10)s \(connect probe: TimeoutError\)", e.master.commands.call("edge.status"))
     finally:
         for s in [listener, *fillers]:
             s.close()
