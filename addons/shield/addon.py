@@ -105,6 +105,7 @@ class Shield:
         self.behaviour: Behaviour | None = None
         self.challenge: Challenge | None = None
         self.closed: dict[str, str] = {}            # connections the shield closed -> why
+        self.shared_secret: Callable[[], bytes] | None = None    # the workers' key (addons/workers), set by the chain
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -119,6 +120,8 @@ class Shield:
             if shield.bots.secret_file:                         # shared by every edge that reads it
                 with open(shield.bots.secret_file, "rb") as f:
                     self.challenge = Challenge(f.read().strip())
+            elif self.shared_secret is not None:               # shared by the workers of this machine
+                self.challenge = Challenge(self.shared_secret())
             else:
                 self.challenge = self.challenge or Challenge()  # per process; kept across reloads
         else:
