@@ -428,7 +428,8 @@ class PurgeLog:
     where this process left off on every lookup (one stat when nothing is new). Past MAX_LOG
     bytes the file is replaced by an empty one; a process that sees a new file clears its
     memory. The disk row is removed before the line is written, so a memory tier cleared
-    late cannot be refilled with the removed entry."""
+    late cannot be refilled with the removed entry. The workers of one machine share theirs in
+    EDGE_RUNTIME_DIR, with or without a disk tier (make_store)."""
 
     MAX_LOG = 2**20
 
