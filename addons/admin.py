@@ -97,5 +97,10 @@ def format_status(snapshot: dict) -> str:
                      f"refused by route rate limits: {snapshot['route_rate_refusals']}")
     if snapshot.get("shield"):
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
+    for w in snapshot.get("workers", ()):            # the workers of one machine (addons/workers)
+        role = ", runs the health checks" if w["health_checks"] else ""
+        stale = f", no snapshot for {w['snapshot_age']:.0f}s" if w["stale"] else ""
+        lines.append(f"worker {w['index']} (pid {w['pid']}): up {w['uptime']:.0f}s, {w['in_flight']} in flight, "
+                     f"{w['connections']} connections{role}{stale}")
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from addons.sites import SiteAnswers, Sites
 from addons.stream import Stream
 from addons.tls.addon import Tls
 from addons.trace import Arrival, Trace
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 
@@ -90,6 +91,7 @@ class Edge:
         self.console = Console()
         if annotate:
             self.addons.insert(self.addons.index(self.trace) + 1, self.console)
+        self.machine = self._share_machine()   # one worker of several: they behave as one edge
         self.fixed = config is not None        # given by the CLI: options cannot replace it
         self.config: EdgeConfig | None = None
         if config is not None:
@@ -134,6 +136,35 @@ class Edge:
         store = self.cache.store
         return {"snapshot": self.snapshot(), "answered": self.trace.answered, "served_by": self.trace.served_by,
                 "cache_bytes": store.bytes, "tier_bytes": store.tiers or {}, "connections": self.trace.connections()}
+
+    def _share_machine(self):
+        """A worker (EDGE_WORKER, addons/workers/runtime.py) shares with the others of its
+        machine: the cache's removals, the health checks, the challenge key, and its counts
+        for the admin's pages. None for a single process."""
+        try:
+            rt = runtime.current()
+        except runtime.RuntimeEnvError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if rt is None:
+            return None
+        from addons.workers.checks import SharedChecks
+        from addons.workers.machine import Machine
+        self.cache.purge_log = rt.path("purge.log")
+        self.route.shared = SharedChecks(rt)
+        self.shield.shared_secret = rt.secret
+        machine = Machine(rt, self.snapshot, self._families, self._load, lambda: self.route.shared.leads,
+                          lambda: self.config is not None and self.config.admin is not None)
+        self.admin.snapshot, self.admin.metrics = machine.status, machine.metrics
+        self.addons.append(machine)
+        return machine
+
+    def _families(self) -> list[dict]:
+        from addons.metrics import families_of
+        return families_of(self.observed.registry) if self.observed is not None else []
+
+    def _load(self) -> tuple[int, int]:
+        """Requests in flight to origins, open client connections."""
+        return sum(self.route.in_flight.values()), sum(self.trace.connections().values())
 
     def apply(self, config: EdgeConfig) -> None:
         self.config = config

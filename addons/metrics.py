@@ -122,3 +122,27 @@ class _Held:
                                       value=snapshot["misdirected"])
             yield CounterMetricFamily("edge_route_rate_refusals", "Requests a site route's rate limit refused (429).",
                                       value=snapshot["route_rate_refusals"])
+
+
+# -- the workers of one machine (addons/workers/snapshots.py) -------------------------------------------
+
+def families_of(registry) -> list[dict]:
+    """A registry's samples in the form a worker's snapshot keeps them (JSON)."""
+    return [{"name": f.name, "type": f.type, "help": f.documentation,
+             "samples": [[s.name, s.labels, s.value] for s in f.samples]} for f in registry.collect()]
+
+
+def exposition_of(families: list[dict]) -> str:
+    """Prometheus text of families in snapshot form (the machine's sums)."""
+    import prometheus_client as pc
+    from prometheus_client.metrics_core import Metric
+
+    class Families:
+        def collect(self):
+            for family in families:
+                metric = Metric(family["name"], family["help"], family["type"])
+                for name, labels, value in family["samples"]:
+                    metric.add_sample(name, labels, value)
+                yield metric
+
+    return pc.generate_latest(Families()).decode()

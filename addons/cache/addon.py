@@ -139,6 +139,10 @@ class Cache:
         self.buffer_limit = 2**20                            # larger answers from a file go through it
         # addons/sites: (host, target) -> (key prefix, key path) of every route of its site
         self.site_keys: Callable[[str, str], list[tuple[str, str]] | None] = lambda host, target: None
+        # told of every purge and invalidation here (the key, `*`: everything), after the store
+        # dropped it: for what shares removals beyond this process (addons/cluster's fan-out)
+        self.removal_listeners: list[Callable[[str], None]] = []
+        self.purge_log: str | None = None       # the workers' shared PurgeLog (addons/workers), set by the chain
 
     async def running(self) -> None:
         await self.origin.start()
@@ -155,7 +159,7 @@ class Cache:
         tiers = (config.cache.max_size, config.cache.max_object, config.cache.disk)
         if tiers != self.tiers:
             try:
-                store = make_store(config.cache)
+                store = make_store(config.cache, self.purge_log)
             except (OSError, sqlite3.Error, diskcache.Timeout) as e:
                 raise ConfigError(f"cannot open the disk cache: {e}", "cache.disk.path", config.source) from None
             self.store.close()
@@ -167,8 +171,8 @@ class Cache:
     def purge(self, url: str) -> str:
         """Drop a URL (all its variants) from the cache, memory and disk; `*` empties both."""
         if url == "*":
-            return f"purged {self.store.clear()} URLs"
-        removed = [self.store.remove(key) for key in self._purge_keys(url)]
+            return f"purged {self._remove('*')} URLs"
+        removed = [self._remove(key) for key in self._purge_keys(url)]
         return "purged" if any(removed) else "not cached"
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -810,7 +814,7 @@ class Cache:
     def _invalidate(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """RFC 9111 4.4: a successful unsafe request invalidates its URI and, on the same
         origin, the URIs in Location and Content-Location."""
-        self.store.remove(state.key)
+        self._remove(state.key)
         base = public_base(flow, self.trusted)
         public_host = split_host(base.split("://", 1)[1])
         for name in ("location", "content-location"):
@@ -819,7 +823,7 @@ class Cache:
                 url = self.mask.rewrite_url(urljoin(base + flow.request.path, target), base, public_host)
                 if urlsplit(url).netloc == urlsplit(base).netloc:
                     for key in self._purge_keys(url):
-                        self.store.remove(key)
+                        self._remove(key)
         state.status.detail = "invalidated"
 
     @staticmethod
@@ -835,12 +839,32 @@ class Cache:
         client = parse_ip(client_of(flow, self.trusted))
         if not in_networks(client, self.settings.purge_from):
             flow.response = edge_answer(flow, 403, "purge is not allowed from this address")
-        elif any([self.store.remove(key) for key in self._request_purge_keys(flow, state)]):
+        elif any([self._remove(key) for key in self._request_purge_keys(flow, state)]):
             flow.response = edge_answer(flow, 200, "purged")
         else:
             flow.response = edge_answer(flow, 404, "not in cache")
         state.answered = True
         state.status.detail = "purge"
+
+    def _remove(self, key: str) -> bool | int:
+        """A purge or invalidation of `key` (`*`: everything; then how many URLs were held),
+        told to the removal listeners, whose failure is logged and never the purge's."""
+        removed = self.store.clear() if key == "*" else self.store.remove(key)
+        for listener in self.removal_listeners:
+            try:
+                listener(key)
+            except Exception as e:
+                logger.warning("edge: a cache removal listener failed on %s: %s", key, e)
+        return removed
+
+    def forget(self, key: str) -> None:
+        """Drop `key` (`*`: everything) from the memory tier only, telling nobody: another
+        process or node removed it and told everyone else itself."""
+        memory = getattr(self.store, "memory", self.store)     # TieredStore, SharedMemory or Store
+        if key == "*":
+            memory.clear()
+        else:
+            memory.remove(key)
 
     @staticmethod
     def _tell_revalidation(flow: http.HTTPFlow, outcome) -> None:

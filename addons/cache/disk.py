@@ -428,7 +428,8 @@ class PurgeLog:
     where this process left off on every lookup (one stat when nothing is new). Past MAX_LOG
     bytes the file is replaced by an empty one; a process that sees a new file clears its
     memory. The disk row is removed before the line is written, so a memory tier cleared
-    late cannot be refilled with the removed entry."""
+    late cannot be refilled with the removed entry. The workers of one machine share theirs in
+    EDGE_RUNTIME_DIR, with or without a disk tier (make_store)."""
 
     MAX_LOG = 2**20
 
@@ -491,11 +492,13 @@ class TieredStore:
     (the disk copy survives restarts and is shared with the other processes), larger ones up to
     disk.max_object on disk only; a disk hit small enough for memory is promoted to it."""
 
-    def __init__(self, memory: Store, memory_max_object: int, disk: DiskStore) -> None:
+    def __init__(self, memory: Store, memory_max_object: int, disk: DiskStore, purge_log: str | None = None) -> None:
+        """`purge_log`: where the removals are shared (the workers' runtime directory, see
+        make_store); by default in the disk directory, for every process sharing it."""
         self.memory, self.disk = memory, disk
         self.memory_max_object = memory_max_object
         self.max_object = max(memory_max_object, disk.max_object)
-        self.purged = PurgeLog(os.path.join(disk.settings.path, PURGE_LOG))
+        self.purged = PurgeLog(purge_log or os.path.join(disk.settings.path, PURGE_LOG))
 
     @property
     def bytes(self) -> int:
@@ -551,9 +554,55 @@ class TieredStore:
         self.disk.close()
 
 
-def make_store(settings: CacheConfig) -> Store | TieredStore:
-    """The store `cache:` describes: memory only, or memory in front of `cache.disk`."""
+class SharedMemory:
+    """The memory tier alone, for workers of one machine (addons/workers): its removals are
+    written to the machine's PurgeLog and the other workers' removals are applied before each
+    lookup, as TieredStore does with a disk tier."""
+
+    def __init__(self, memory: Store, purged: PurgeLog) -> None:
+        self.memory, self.purged = memory, purged
+        self.max_object = memory.max_object
+
+    @property
+    def bytes(self) -> int:
+        return self.memory.bytes
+
+    @property
+    def tiers(self) -> dict[str, int]:
+        return self.memory.tiers
+
+    def lookup(self, key: str, request: Mapping[str, str]) -> tuple[Entry | None, bool]:
+        self.purged.apply(self.memory)
+        return self.memory.lookup(key, request)
+
+    def writer(self, key: str, expected: int | None = None):
+        return self.memory.writer(key, expected)
+
+    def put(self, key: str, entry: Entry) -> bool:
+        return self.memory.put(key, entry)
+
+    def remove(self, key: str) -> bool:
+        removed = self.memory.remove(key)
+        self.purged.record(key)
+        return removed
+
+    def clear(self) -> int:
+        urls = self.memory.clear()
+        self.purged.record("*")
+        return urls
+
+    def close(self) -> None:
+        """Nothing to release, as for the memory Store."""
+
+
+def make_store(settings: CacheConfig, purge_log: str | None = None) -> Store | SharedMemory | TieredStore:
+    """The store `cache:` describes: memory only, or memory in front of `cache.disk`.
+    `purge_log`: the PurgeLog the workers of a machine share (EDGE_RUNTIME_DIR/purge.log), one
+    log for every removal with or without a disk tier (the disk directory's own is then not
+    written: one bookkeeping, not two); None for a single process."""
     memory = Store(settings.max_size, settings.max_object)
-    if settings.disk is None or not settings.enabled:      # a disabled cache leaves the directory alone
+    if not settings.enabled:                # a disabled cache leaves the directory alone
         return memory
-    return TieredStore(memory, settings.max_object, DiskStore(settings.disk))
+    if settings.disk is not None:
+        return TieredStore(memory, settings.max_object, DiskStore(settings.disk), purge_log)
+    return memory if purge_log is None else SharedMemory(memory, PurgeLog(purge_log))

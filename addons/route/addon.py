@@ -31,6 +31,7 @@ from addons.route.balance import SmoothWeighted, least_loaded, rendezvous
 from addons.route.health import CONNECT_TIMEOUT, READ_TIMEOUT, Failure, Health, classify, ejection_allowed
 from addons.tasks import Throttle, report
 from addons.trace import decisions
+from addons.workers.checks import checks_here, origin_key, stale_after, to_adopt
 
 logger = logging.getLogger("edge")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
@@ -89,6 +90,7 @@ class Route:
         self.passive: dict[tuple[str, int], PassiveHealth] = {}
         self.pools_of: dict[tuple[str, int], list[Pool]] = {}
         self.steering: Steering | None = None
+        self.shared = None      # addons/workers/checks.SharedChecks: checks once per machine (a worker's)
 
     def apply(self, config: EdgeConfig) -> None:
         # a pool that a reload left as it was keeps its balancer (its turn, weights set at run time)
@@ -356,23 +358,61 @@ class Route:
         if self.checker is not None:
             self.checker.cancel()
             self.checker = None
+        if self.shared is not None:
+            self.shared.close()         # another worker leads from its next round
 
     async def _check_forever(self) -> None:
         """Every pool with `health` in the current config (it may be reloaded). An exception
         is logged and the next round runs: a dead checker would keep a dead origin in."""
         while True:
             pools = [p for b in self.balancers.values() if (p := b.pool).health is not None]
-            done = await asyncio.gather(*(self._check(o, p.health) for p in pools for o in p.origins),
-                                        return_exceptions=True)
+            checks = [(o, p.health) for p in pools for o in p.origins]
+            if self.shared is not None and checks:
+                checks = self._machine_checks(checks)
+            done = await asyncio.gather(*(self._check(o, check) for o, check in checks), return_exceptions=True)
             for error in done:
                 if isinstance(error, Exception):
                     report(self.check_errors, "a health check", error)
+            if self.shared is not None and self.shared.leads:
+                self._publish_verdicts(checks, done)
             await asyncio.sleep(min((p.health.interval for p in pools), default=1.0))
 
-    async def _check(self, origin: Origin, check: HealthCheck) -> None:
+    def _machine_checks(self, checks: list[tuple[Origin, HealthCheck]]) -> list[tuple[Origin, HealthCheck]]:
+        """A worker of several (addons/workers/checks.py): all checks when it leads the
+        machine's or the leader is stuck; else the leader's new verdicts adopted, and only the
+        origins they do not name are checked here."""
+        shared, now = self.shared, time.time()
+        if shared.lead():
+            return checks
+        verdicts = shared.read()
+        stale = stale_after(min(c.interval for _, c in checks), max(c.timeout for _, c in checks))
+        if checks_here(False, verdicts, now, stale):
+            return checks
+        if to_adopt(verdicts, shared.adopted):
+            shared.adopted = (verdicts["pid"], verdicts["round"])
+            for o, _ in checks:
+                verdict = verdicts["origins"].get(origin_key(o.host, o.port))
+                health = self.health.get((o.host, o.port))
+                if verdict is not None and health is not None:
+                    health.adopt(verdict["up"], verdict["passed"], verdict["why"], time.monotonic())
+        return [(o, c) for o, c in checks if origin_key(o.host, o.port) not in verdicts["origins"]]
+
+    def _publish_verdicts(self, checks: list[tuple[Origin, HealthCheck]], done: list) -> None:
+        origins = {}
+        for (o, _), result in zip(checks, done):
+            health = self.health.get((o.host, o.port))
+            if health is not None and isinstance(result, tuple):
+                origins[origin_key(o.host, o.port)] = {"up": health.up, "passed": result[0], "why": result[1]}
+        try:
+            self.shared.publish(origins, time.time())
+        except OSError as e:
+            report(self.check_errors, "publishing the health verdicts", e)
+
+    async def _check(self, origin: Origin, check: HealthCheck) -> tuple[bool, str] | None:
+        """One check; (passed, why), None for an origin a reload removed."""
         health = self.health.get((origin.host, origin.port))
         if health is None:
-            return                          # the config was reloaded without this origin
+            return None                     # the config was reloaded without this origin
         try:
             status = await asyncio.wait_for(probe(origin, check.path), check.timeout)
             ok = check.expect[0] <= status <= check.expect[1]
@@ -385,6 +425,7 @@ class Route:
             logger.warning("edge: origin %s is up again", origin.url)
         elif not ok and health.check_failed(why):
             logger.warning("edge: origin %s is down: %s", origin.url, why)
+        return ok, why
 
     def snapshot(self) -> dict:
         """Each pool's origins: current weight, role, health, requests in flight."""

@@ -143,6 +143,23 @@ class Health:
             return True
         return False
 
+    def adopt(self, up: bool, passed: bool, why: str, now: float) -> bool:
+        """The verdict of the machine's health checker, another worker (addons/workers/checks.py):
+        `up` after its rise/fall counting, `passed` its last check. The marks a check here would
+        leave: a passing check lifts this worker's probe marks and ejections. True if the
+        origin's state changed."""
+        was = self.up
+        if passed:
+            self.check_passed(now)
+            self.last_ok = now
+        else:
+            self.last_error = why
+        self.successes = self.failures = 0
+        self.up = up
+        if up and not was:
+            self.back_at = now
+        return up != was
+
     def probe_failed(self, why: str, now: float, cooldown: float) -> bool:
         """A connect probe failed: unreachable for `cooldown`. True if it was available."""
         was = self.available(now)

@@ -132,6 +132,7 @@ class Shield:
         self.classifier_crs: str | None = None      # the CRS tree its scanner names came from
         self.verifier: Verifier | None = None
         self.bot_limits: dict[str, MemoryStore] = {}    # rate_limit class -> its per-address buckets
+        self.shared_secret: Callable[[], bytes] | None = None    # the workers' key (addons/workers), set by the chain
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -146,6 +147,8 @@ class Shield:
             if shield.bots.secret_file:                         # shared by every edge that reads it
                 with open(shield.bots.secret_file, "rb") as f:
                     self.challenge = Challenge(f.read().strip())
+            elif self.shared_secret is not None:               # shared by the workers of this machine
+                self.challenge = Challenge(self.shared_secret())
             else:
                 self.challenge = self.challenge or Challenge()  # per process; kept across reloads
         else:
