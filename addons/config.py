@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -372,6 +373,18 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The `cluster:` section: this node among others (INTERFACES.md, session 5)."""
+    node: str                                    # this node's name (default: the host name)
+    redis: str | None = None                     # shared state and membership
+    advertise: tuple[str, int] | None = None     # where peers reach this node's client listener
+    ttl: float = 10.0                            # membership lifetime; heartbeat every ttl/3
+    secret_file: str | None = None               # the peer-request signing key
+    tiered: bool = False                         # shard cache misses over the live nodes
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)   # static members: name -> host:port
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
@@ -396,6 +409,7 @@ class EdgeConfig:
     admin_token_file: str | None = None   # the admin write side's token; None: generated under the confdir
     shutdown_timeout: float = 30.0        # SIGTERM/SIGINT: how long in-flight requests may take to finish
     reload_watch: bool = False            # reload when the config file changes (polled every second)
+    cluster: ClusterConfig | None = None  # many machines as one edge; None: this node alone
 
     @property
     def origins(self) -> list[Origin]:
@@ -959,7 +973,8 @@ def _read_config(doc: _Doc) -> EdgeConfig:
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
-                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload"})
+                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload",
+                                    "cluster"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -1092,7 +1107,7 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
                       access_log_format=_access_log_format(r, top),
-                      admin_token_file=admin_token_file, **_lifecycle(r, top))
+                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1156,6 +1171,58 @@ def _lifecycle(r: _Reader, top: dict) -> dict:
         raise r.doc.error(("reload", "watch"), "expected true or false")
     out["reload_watch"] = watch
     return out
+
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MIN_SECRET = 16                     # bytes of a peer-signing key file
+
+
+@_part(lambda: None)
+def _cluster(r: _Reader, top: dict, source: str) -> ClusterConfig | None:
+    """`cluster:` this node's name, its Redis, the address peers reach it at, the membership
+    TTL, the signing key, the tiered cache, and `peers:` a static member list (name: host:port,
+    this node among them) for clusters without Redis."""
+    if top.get("cluster") is None:
+        return None
+    path = ("cluster",)
+    raw = r.mapping(top["cluster"], path, {"node", "redis", "advertise", "ttl", "secret_file", "tiered", "peers"})
+    node = raw.get("node", socket.gethostname().split(".")[0])
+    if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+        raise r.doc.error(path + ("node",), "expected a name of letters, digits, '.', '_' or '-'")
+    redis = raw.get("redis")
+    if redis is not None and (not isinstance(redis, str) or not re.fullmatch(r"rediss?://\S+", redis)):
+        raise r.doc.error(path + ("redis",), "expected a redis:// or rediss:// URL")
+    advertise = r.convert(parse_hostport, raw["advertise"], path + ("advertise",)) if "advertise" in raw else None
+    ttl = r.convert(parse_duration, raw["ttl"], path + ("ttl",)) if "ttl" in raw else ClusterConfig.ttl
+    if not 1 <= ttl <= 3600:
+        raise r.doc.error(path + ("ttl",), "must be from 1s to 1h")
+    secret_file = raw.get("secret_file")
+    if secret_file is not None:
+        if not isinstance(secret_file, str) or not secret_file:
+            raise r.doc.error(path + ("secret_file",), "expected the path of a file holding the key")
+        secret_file = _config_path(secret_file, source)
+        try:
+            with open(secret_file, "rb") as f:
+                if len(f.read().strip()) < MIN_SECRET:
+                    raise r.doc.error(path + ("secret_file",), f"{secret_file}: fewer than {MIN_SECRET} bytes of key")
+        except OSError as e:
+            raise r.doc.error(path + ("secret_file",), f"{secret_file}: cannot read: {e.strerror}") from None
+    tiered = raw.get("tiered", False)
+    if not isinstance(tiered, bool):
+        raise r.doc.error(path + ("tiered",), "expected true or false")
+    table = r.mapping(raw.get("peers"), path + ("peers",), _keys(raw.get("peers")))
+    peers = {}
+    for name, address in table.items():
+        if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+            raise r.doc.error(path + ("peers", name), "expected a node name of letters, digits, '.', '_' or '-'")
+        peers[name] = r.convert(parse_hostport, address, path + ("peers", name))
+    if peers and node not in peers:
+        raise r.doc.error(path + ("peers",), f"this node ({node}) must be in its own peer list")
+    if tiered and not peers and redis is None:
+        raise r.doc.error(path + ("tiered",), "needs the members: cluster.redis or a static cluster.peers list")
+    if tiered and redis is None and secret_file is None:
+        raise r.doc.error(path + ("secret_file",), "tiered without Redis needs a secret_file shared by the peers")
+    return ClusterConfig(node, redis, advertise, ttl, secret_file, tiered, peers)
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)
