@@ -1107,7 +1107,7 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
                       access_log_format=_access_log_format(r, top),
-                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source))
+                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source, [lst.address for lst in listeners] or [listen]))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1178,7 +1178,7 @@ MIN_SECRET = 16                     # bytes of a peer-signing key file
 
 
 @_part(lambda: None)
-def _cluster(r: _Reader, top: dict, source: str) -> ClusterConfig | None:
+def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]]) -> ClusterConfig | None:
     """`cluster:` this node's name, its Redis, the address peers reach it at, the membership
     TTL, the signing key, the tiered cache, and `peers:` a static member list (name: host:port,
     this node among them) for clusters without Redis."""
@@ -1216,6 +1216,11 @@ def _cluster(r: _Reader, top: dict, source: str) -> ClusterConfig | None:
         if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
             raise r.doc.error(path + ("peers", name), "expected a node name of letters, digits, '.', '_' or '-'")
         peers[name] = r.convert(parse_hostport, address, path + ("peers", name))
+        host, port = peers[name]
+        if name != node and host in ("localhost", "127.0.0.1", "::1") and port in {p for _, p in listening}:
+            # mitmproxy's loop guard (proxyserver.server_connect): never to its own port there
+            raise r.doc.error(path + ("peers", name), f"this node listens on port {port} too: mitmproxy refuses "
+                              "to connect to its own port on 127.0.0.1; give one of the two another port")
     if peers and node not in peers:
         raise r.doc.error(path + ("peers",), f"this node ({node}) must be in its own peer list")
     if tiered and not peers and redis is None:

@@ -71,32 +71,34 @@ class CountingOrigin:
         return sum(n for path, n in self.counts.items() if path.startswith(prefix))
 
 
-def cluster_block(name: str, port: int, tiered: bool, key: Path, redis: str | None) -> str:
+def cluster_block(name: str, ports: dict[str, int], tiered: bool, key: Path, redis: str | None) -> str:
     """The node's cluster section: Redis membership, or the static peer list."""
     if redis is not None:
-        return (f"cluster: {{node: {name}, redis: '{redis}', advertise: '{NODES[name]}:{port}', "
+        return (f"cluster: {{node: {name}, redis: '{redis}', advertise: '{NODES[name]}:{ports[name]}', "
                 f"tiered: {str(tiered).lower()}}}\n")
-    peers = ", ".join(f"{n}: '{ip}:{port}'" for n, ip in NODES.items())
+    peers = ", ".join(f"{n}: '{ip}:{ports[n]}'" for n, ip in NODES.items())
     return f"cluster: {{node: {name}, tiered: {str(tiered).lower()}, secret_file: '{key}', peers: {{{peers}}}}}\n"
 
 
 class Cluster:
     def __init__(self, work: Path, origin: str, tiered: bool, redis: str | None) -> None:
-        self.port = free_port()
+        # a port of its own each: mitmproxy refuses to connect to its own port on 127.0.0.1
+        # whatever address it listens on (its loop guard), so b and c could not reach a
+        self.ports = {name: free_port() for name in NODES}
         key = work / "cluster.key"
         key.write_bytes(b"bench-cluster-secret-0123456789")
         self.procs: dict[str, subprocess.Popen] = {}
         for name, ip in NODES.items():
             path = work / f"{name}-{tiered}.yaml"
-            path.write_text(f"listen: {ip}:{self.port}\npools: {{main: {{origins: ['{origin}']}}}}\n"
-                            + cluster_block(name, self.port, tiered, key, redis))
+            path.write_text(f"listen: {ip}:{self.ports[name]}\npools: {{main: {{origins: ['{origin}']}}}}\n"
+                            + cluster_block(name, self.ports, tiered, key, redis))
             self.procs[name] = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for ip in NODES.values():
-            wait_for(ip, self.port)
+        for name, ip in NODES.items():
+            wait_for(ip, self.ports[name])
 
     def url(self, name: str) -> str:
-        return f"http://{NODES[name]}:{self.port}"
+        return f"http://{NODES[name]}:{self.ports[name]}"
 
     def kill(self, name: str) -> None:
         self.procs[name].kill()
