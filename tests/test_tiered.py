@@ -176,12 +176,12 @@ def node_config(node: str, origin: str, peers: dict[str, str], key: Path, extra:
             f"cluster: {{node: {node}, tiered: true, secret_file: '{key}', peers: {{{table}}}}}\n" + extra)
 
 
-def paths_owned(by: str, names: list[str], count: int, prefix: str = "/object/") -> list[str]:
+def paths_owned(by: str, names: list[str], count: int, prefix: str = "/object/", base: str = f"http://{HOST}") -> list[str]:
     ring = [Peer(n, "127.0.0.1", 1) for n in names]
     out, i = [], 0
     while len(out) < count:
         path = f"{prefix}{i}"
-        if owner(f"http://{HOST}{path}", ring).name == by:
+        if owner(base + path, ring).name == by:
             out.append(path)
         i += 1
     return out
@@ -224,6 +224,27 @@ def test_a_miss_owned_by_a_peer_goes_there_signed_with_the_clients_head(edge, tm
     claim = verify(SECRET, value, "GET", HOST, f"{theirs}?q=1", sent)
     assert claim is not None and (claim.node, claim.client, claim.base) == ("a", "127.0.0.1", f"http://{HOST}")
     assert b"edge-peer" not in origin.received.lower()
+    origin.stop(), peer.stop()
+
+
+def test_an_http2_client_over_tls_is_signed_for_its_https_base(edge, tmp_path):
+    from tests.test_tls import CA
+    cert, key, _ = CA().issue(tmp_path, "shop", HOST)
+    origin, peer = RecordingOrigin(cacheable), RecordingOrigin(from_peer)
+    tls = free_port()
+    text = node_config("a", origin.url, {"a": "127.0.0.1:1", "b": f"127.0.0.1:{peer.port}"}, secret_file(tmp_path),
+                       f"certificates: [{{cert: '{cert}', key: '{key}'}}]\n")
+    edge(text.replace("listen: 127.0.0.1:0\n", f"listen: [127.0.0.1:0, {{address: 127.0.0.1:{tls}, tls: true}}]\n"))
+    authority = f"{HOST}:{tls}"
+    theirs = paths_owned("b", ["a", "b"], 1, prefix="/tls/", base=f"https://{authority}")[0]
+    out = subprocess.run(["curl", "-sk", "--http2", "-o", "-", "-w", " %{http_version}", "--resolve",
+                          f"{authority}:127.0.0.1", f"https://{authority}{theirs}"], capture_output=True, timeout=20)
+    assert out.stdout.decode() == f"from the owner {theirs} 2"
+    [request] = peer.requests
+    assert field(request, "host") == [authority]          # :authority, as the Host of an HTTP/1.1 request
+    claim = verify(SECRET, field(request, "edge-peer")[0], "GET", authority, theirs, time.time())
+    assert claim is not None and claim.base == f"https://{authority}"
+    assert origin.requests == []
     origin.stop(), peer.stop()
 
 
@@ -282,6 +303,21 @@ def test_a_signed_request_is_served_here_and_never_sent_to_another_peer(edge, tm
     assert b"edge-peer" not in origin.received.lower()
     # the owner trusts the client the peer signed for: the origin is told of it, not of the peer
     assert [field(req, "x-forwarded-for") for req in origin.requests] == [["198.51.100.7"]] * 2
+    origin.stop(), trap.stop()
+
+
+def test_the_owner_limits_the_client_a_peer_signed_for_not_the_peer(edge, tmp_path):
+    e, origin, trap = beside(edge, tmp_path, "b", "c", "shield: {rate_limit: {rate: 1/m, burst: 2}}\n")
+    paths = [f"/limited/{i}" for i in range(8)]
+
+    def as_peer(path: str, client: str) -> int:
+        value = sign(SECRET, "a", client, f"http://{HOST}", "GET", HOST, path, time.time())
+        return c.get(path, headers={"Edge-Peer": value}).status_code
+
+    with httpx.Client(base_url=e.url, headers={"Host": HOST}) as c:
+        assert [as_peer(p, f"198.51.100.{i}") for i, p in enumerate(paths[:5])] == [200] * 5   # five clients
+        assert [as_peer(p, "203.0.113.9") for p in paths[5:]] == [200, 200, 429]                 # one client
+    assert trap.requests == []
     origin.stop(), trap.stop()
 
 
