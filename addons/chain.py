@@ -13,6 +13,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from addons import failsafe, internals
 from addons.admin import Admin
 from addons.cache import Cache
+from addons.cluster.tiered import PeerArrival, Tiered
 from addons.compress import Compress
 from addons.console import Console
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -83,6 +84,12 @@ class Edge:
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
                        self.admin, self.lifecycle]
+        # the tiered cache: a peer's signed request is known before the shield judges it (its
+        # client is the one the peer signed for); a miss goes to its owner node after the cache
+        # looked it up, instead of being routed to an origin
+        self.tiered = Tiered(self.cache, self.route, self.request_scrub)
+        self.addons.insert(self.addons.index(self.tls) + 1, PeerArrival(self.tiered))
+        self.addons.insert(self.addons.index(self.route), self.tiered)
         self.arrival = Arrival(self.trace)
         self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
         self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
@@ -100,7 +107,7 @@ class Edge:
     def load(self, loader: Loader) -> None:
         loader.add_option("edge_config", Optional[str], None,
                           "Path of the edge YAML config. Without it, the reverse-mode target is the one origin.")
-        internals.install(interim=self.scrub.interim_fields, failover=self.route.failover)
+        internals.install(interim=self.scrub.interim_fields, failover=self.tiered.failover)
         opts = loader.master.options
         opts.update(**{k: v for k, v in SAFE_DEFAULTS.items() if k in opts})
 
@@ -169,6 +176,7 @@ class Edge:
     def apply(self, config: EdgeConfig) -> None:
         self.config = config
         self.route.apply(config)            # first: the shield uses its geo database
+        self.tiered.apply(config)
         self.tls.apply(config)
         self.shield.apply(config)
         self.compress.apply(config)

@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,6 +395,18 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The `cluster:` section: this node among others (INTERFACES.md, session 5)."""
+    node: str                                    # this node's name (default: the host name)
+    redis: str | None = None                     # shared state and membership
+    advertise: tuple[str, int] | None = None     # where peers reach this node's client listener
+    ttl: float = 10.0                            # membership lifetime; heartbeat every ttl/3
+    secret_file: str | None = None               # the peer-request signing key
+    tiered: bool = False                         # shard cache misses over the live nodes
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)   # static members: name -> host:port
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
@@ -418,6 +431,7 @@ class EdgeConfig:
     admin_token_file: str | None = None   # the admin write side's token; None: generated under the confdir
     shutdown_timeout: float = 30.0        # SIGTERM/SIGINT: how long in-flight requests may take to finish
     reload_watch: bool = False            # reload when the config file changes (polled every second)
+    cluster: ClusterConfig | None = None  # many machines as one edge; None: this node alone
 
     @property
     def origins(self) -> list[Origin]:
@@ -1026,7 +1040,8 @@ def _read_config(doc: _Doc) -> EdgeConfig:
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
-                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload"})
+                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload",
+                                    "cluster"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -1159,7 +1174,7 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
                       access_log_format=_access_log_format(r, top),
-                      admin_token_file=admin_token_file, **_lifecycle(r, top))
+                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source, [lst.address for lst in listeners] or [listen]))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1223,6 +1238,63 @@ def _lifecycle(r: _Reader, top: dict) -> dict:
         raise r.doc.error(("reload", "watch"), "expected true or false")
     out["reload_watch"] = watch
     return out
+
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MIN_SECRET = 16                     # bytes of a peer-signing key file
+
+
+@_part(lambda: None)
+def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]]) -> ClusterConfig | None:
+    """`cluster:` this node's name, its Redis, the address peers reach it at, the membership
+    TTL, the signing key, the tiered cache, and `peers:` a static member list (name: host:port,
+    this node among them) for clusters without Redis."""
+    if top.get("cluster") is None:
+        return None
+    path = ("cluster",)
+    raw = r.mapping(top["cluster"], path, {"node", "redis", "advertise", "ttl", "secret_file", "tiered", "peers"})
+    node = raw.get("node", socket.gethostname().split(".")[0])
+    if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+        raise r.doc.error(path + ("node",), "expected a name of letters, digits, '.', '_' or '-'")
+    redis = raw.get("redis")
+    if redis is not None and (not isinstance(redis, str) or not re.fullmatch(r"rediss?://\S+", redis)):
+        raise r.doc.error(path + ("redis",), "expected a redis:// or rediss:// URL")
+    advertise = r.convert(parse_hostport, raw["advertise"], path + ("advertise",)) if "advertise" in raw else None
+    ttl = r.convert(parse_duration, raw["ttl"], path + ("ttl",)) if "ttl" in raw else ClusterConfig.ttl
+    if not 1 <= ttl <= 3600:
+        raise r.doc.error(path + ("ttl",), "must be from 1s to 1h")
+    secret_file = raw.get("secret_file")
+    if secret_file is not None:
+        if not isinstance(secret_file, str) or not secret_file:
+            raise r.doc.error(path + ("secret_file",), "expected the path of a file holding the key")
+        secret_file = _config_path(secret_file, source)
+        try:
+            with open(secret_file, "rb") as f:
+                if len(f.read().strip()) < MIN_SECRET:
+                    raise r.doc.error(path + ("secret_file",), f"{secret_file}: fewer than {MIN_SECRET} bytes of key")
+        except OSError as e:
+            raise r.doc.error(path + ("secret_file",), f"{secret_file}: cannot read: {e.strerror}") from None
+    tiered = raw.get("tiered", False)
+    if not isinstance(tiered, bool):
+        raise r.doc.error(path + ("tiered",), "expected true or false")
+    table = r.mapping(raw.get("peers"), path + ("peers",), _keys(raw.get("peers")))
+    peers = {}
+    for name, address in table.items():
+        if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+            raise r.doc.error(path + ("peers", name), "expected a node name of letters, digits, '.', '_' or '-'")
+        peers[name] = r.convert(parse_hostport, address, path + ("peers", name))
+        host, port = peers[name]
+        if name != node and host in ("localhost", "127.0.0.1", "::1") and port in {p for _, p in listening}:
+            # mitmproxy's loop guard (proxyserver.server_connect): never to its own port there
+            raise r.doc.error(path + ("peers", name), f"this node listens on port {port} too: mitmproxy refuses "
+                              "to connect to its own port on 127.0.0.1; give one of the two another port")
+    if peers and node not in peers:
+        raise r.doc.error(path + ("peers",), f"this node ({node}) must be in its own peer list")
+    if tiered and not peers and redis is None:
+        raise r.doc.error(path + ("tiered",), "needs the members: cluster.redis or a static cluster.peers list")
+    if tiered and redis is None and secret_file is None:
+        raise r.doc.error(path + ("secret_file",), "tiered without Redis needs a secret_file shared by the peers")
+    return ClusterConfig(node, redis, advertise, ttl, secret_file, tiered, peers)
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)

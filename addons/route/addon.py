@@ -38,6 +38,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 IN_FLIGHT = "edge.route.origin"   # the origin a flow counts against until it ends
 TRIED = "edge.route.tried"        # origins a flow already failed on: failover tries each once
 POOL = "edge.route.pool"          # the pool a site's route names (addons/sites), before geo steering
+ELSEWHERE = "edge.route.elsewhere"  # another addon chose this flow's destination (the tiered cache's peer)
 # RFC 9110 9.2.2: safe to send again after bytes may have reached an origin (nginx's rule too)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 QUIET = 5.0             # an origin not heard from for this long is probed before use
@@ -151,8 +152,8 @@ class Route:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow):
-        if flow.response or not self.balancers or FROM_STORE in flow.metadata:    # the cache serves it
-            return None
+        if flow.response or not self.balancers or FROM_STORE in flow.metadata or ELSEWHERE in flow.metadata:
+            return None                     # the cache serves it, or a peer node does
         now = time.monotonic()
         wanted = self._wanted(flow, now)
         chosen = self.choose(wanted, now, flow)
@@ -246,6 +247,18 @@ class Route:
         if chosen is None:
             return False
         wanted = flow.metadata.get(POOL) or (rec["geo"]["pool"] if "geo" in rec else self.default_pool)
+        self._route(flow, wanted, chosen)
+        return True
+
+    def to_origin(self, flow: http.HTTPFlow) -> bool:
+        """Route now, without a probe, a flow another addon had sent elsewhere (a tiered-cache
+        peer that failed before answering); False when no origin is available."""
+        flow.metadata.pop(ELSEWHERE, None)
+        now = time.monotonic()
+        wanted = self._wanted(flow, now)
+        chosen = self.choose(wanted, now, flow)
+        if chosen is None:
+            return False
         self._route(flow, wanted, chosen)
         return True
 
