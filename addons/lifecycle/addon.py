@@ -35,6 +35,7 @@ from addons.config import EdgeConfig, load_config
 from addons.lifecycle.rules import (STOP_SIGNALS, Watch, authorized, changed_sections, forced_exit_code,
                                     generated_token, read_token, restart_needed, stamp)
 from addons.tasks import Throttle, every, report
+from addons.workers.supervise import READY, REFUSED, RELOAD, RELOADED, encode_report
 
 logger = logging.getLogger("edge")
 WATCH_EVERY = 1.0       # seconds between two looks at the config file
@@ -64,6 +65,7 @@ class Lifecycle:
         self.stopping: asyncio.Task | None = None
         self.draining = False
         self.refusals = Throttle()
+        self.supervisor = SupervisorLink.from_env()     # a worker's report channel; None: a single edge
 
     def apply(self, config: EdgeConfig) -> None:
         """The lifecycle's own settings (called by the chain with every config it applies)."""
@@ -117,13 +119,9 @@ class Lifecycle:
         at = stamp(running.source) if _is_file(running.source) else None
         if self.watch is not None:
             self.watch.read(at)             # a watched file is not read again for the same change
-        try:
-            new = self.reader() if self.reader is not None else load_config(running.source)
-        except Exception as e:          # the reader's own words: FILE:LINE: key: problem
-            return self._refused(trigger, str(e))
-        why = restart_needed(running, new)
-        if why is not None:
-            return self._refused(trigger, f"{new.source}: {why}")
+        new, why = self._read_again(running)
+        if new is None:
+            return self._refused(trigger, why)
         try:
             self.apply_config(new)
         except Exception as e:          # an addon could not take it: every addon goes back
@@ -134,6 +132,15 @@ class Lifecycle:
                                                                else "nothing changed")
         logger.warning("edge: %s", message)
         return True, message, changed
+
+    def _read_again(self, running: EdgeConfig) -> tuple[EdgeConfig | None, str]:
+        """The config read again, or None and why it cannot replace the running one."""
+        try:
+            new = self.reader() if self.reader is not None else load_config(running.source)
+        except Exception as e:          # the reader's own words: FILE:LINE: key: problem
+            return None, str(e)
+        why = restart_needed(running, new)
+        return (new, "") if why is None else (None, f"{new.source}: {why}")
 
     def _refused(self, trigger: str, why: str) -> tuple[bool, str, list[str]]:
         logger.error("edge: reload (%s) refused, the running config stays: %s", trigger, why)
@@ -174,6 +181,8 @@ class Lifecycle:
                 logger.warning("edge: admin write refused: no or wrong token (%d since the last report)", count)
             return ("401 Unauthorized", {"error": "send Authorization: Bearer TOKEN"},
                     {"WWW-Authenticate": 'Bearer realm="edge admin"'})
+        if path == "/reload" and self.supervisor is not None:
+            return self._roll()
         if path == "/reload":
             applied, message, changed = self.reload("edge reload")
             if applied:
@@ -197,6 +206,8 @@ class Lifecycle:
     # -- signals -------------------------------------------------------------------------------------
 
     def on_stop_signal(self, signum: int) -> None:
+        if self.stopping is not None and self.supervisor is not None:
+            return          # a worker: the supervisor forces the end (it got the signal too)
         if self.stopping is not None:
             logger.warning("edge: %s again: exiting now", signal.Signals(signum).name)
             for stream in (sys.stdout, sys.stderr):     # the log (and a `-` access log) are printed there
@@ -210,10 +221,35 @@ class Lifecycle:
         self.stopping = asyncio.get_running_loop().create_task(self.drain())
 
     def on_reload_signal(self) -> None:
-        self.reload("SIGHUP")
+        applied, message, _ = self.reload("SIGHUP")
+        if self.supervisor is not None:     # its rolling reload waits for this answer
+            self.supervisor.send(RELOADED if applied else REFUSED, message)
 
     def on_reopen_signal(self) -> None:
         self.reopen_log()
+
+    # -- under a supervisor (workers: N) -------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The listeners are bound: the supervisor starts the next worker."""
+        if self.supervisor is not None:
+            self.supervisor.send(READY)
+
+    def _roll(self) -> tuple[str, dict, dict]:
+        """`edge reload` landed in this worker: the file is checked here (a bad one is answered
+        as by a single edge), then the supervisor reloads the workers one at a time."""
+        running = self.current()
+        if running is None or self.draining:
+            return "409 Conflict", {"reloaded": False, "error": "the edge is shutting down"}, {}
+        new, why = self._read_again(running)
+        if new is None:
+            logger.error("edge: reload (edge reload) refused, the running config stays: %s", why)
+            return "409 Conflict", {"reloaded": False, "error": why}, {}
+        self.supervisor.send(RELOAD)
+        changed = changed_sections(running, new)
+        message = (f"{new.source} is valid ({', '.join(changed) + ' changed' if changed else 'nothing changed'}): "
+                   f"rolling reload of {self.supervisor.count} workers started (the edge's log reports each)")
+        return "200 OK", {"reloaded": True, "message": message, "changed": changed}, {}
 
     # -- graceful shutdown ---------------------------------------------------------------------------
 
@@ -269,3 +305,26 @@ def install_signals(loop: asyncio.AbstractEventLoop, lifecycle: Lifecycle) -> No
         loop.add_signal_handler(sig, lifecycle.on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.on_reload_signal)
     loop.add_signal_handler(signal.SIGUSR1, lifecycle.on_reopen_signal)
+
+
+class SupervisorLink:
+    """A worker's reports to its supervisor (edgecli/supervisor.py) on the pipe EDGE_SUPERVISOR_FD
+    names: ready, each reload's outcome, a reload asked for. The pipe is non-blocking: a report
+    the supervisor is not reading is dropped, the worker never waits."""
+
+    def __init__(self, index: int, count: int, fd: int) -> None:
+        self.index, self.count, self.fd = index, count, fd
+
+    @classmethod
+    def from_env(cls) -> SupervisorLink | None:
+        try:
+            return cls(int(os.environ["EDGE_WORKER"]), int(os.environ["EDGE_WORKERS"]),
+                       int(os.environ["EDGE_SUPERVISOR_FD"]))
+        except (KeyError, ValueError):
+            return None
+
+    def send(self, kind: str, text: str = "") -> None:
+        try:
+            os.write(self.fd, encode_report(self.index, os.getpid(), kind, text))
+        except OSError as e:
+            logger.error("edge: worker %d cannot report %s to its supervisor: %s", self.index, kind, e.strerror)
