@@ -18,11 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from addons.config import ConfigError, parse_config
 from addons.lifecycle.rules import restart_needed
 from addons.workers.supervise import (FIRST_DELAY, MAX_DELAY, START_ATTEMPTS, Finish, Say, Send, Start, Supervision,
                                       encode_report, next_delay, parse_report)
+from edgecli.main import cli
 from edgecli.origins import OriginServer, demo_pages
 from tests.conftest import free_port
 from tests.rawnet import RecordingOrigin
@@ -104,7 +106,8 @@ def test_a_rolling_reload_goes_one_worker_at_a_time_and_stops_at_a_refusal():
     assert plan.report(0, 100, "reloaded", "pools changed", 20.2) == [Send(1, signal.SIGHUP)]
     assert plan.exited(2, -9, 20.3)[0].text.startswith("edge: worker 2")       # restarts: it reads the file
     done = plan.report(1, 101, "reloaded", "pools changed", 20.4)
-    assert "rolling reload done (workers reloaded: 0, 1" in done[0].text and done[1:] == [Send(0, signal.SIGHUP)]
+    assert done[0] == Say("edge: rolling reload done (workers reloaded: 0, 1; not 2: not serving, read the file as "
+                          "they start)") and done[1:] == [Send(0, signal.SIGHUP)]
     assert plan.report(0, 100, "refused", "edge.yaml:3: buffer_limit: at least 16KB", 20.5) == [
         Say("edge: rolling reload stopped: worker 0 refused the config (edge.yaml:3: buffer_limit: at least 16KB); "
             "workers 0, 1, 2 keep the running one")]
@@ -130,9 +133,10 @@ def test_a_stop_drains_every_worker_and_a_second_one_kills_them():
     assert plan.exited(1, 0, 6.0) == [Finish(0)]
     plan = Supervision(2)
     started(plan, 2)
+    assert plan.forward(signal.SIGUSR1) == [Send(0, signal.SIGUSR1), Send(1, signal.SIGUSR1)]
+    assert plan.report(1, 101, "reopen", "", 7.0) == [Send(0, signal.SIGUSR1), Send(1, signal.SIGUSR1)]
     plan.stop(signal.SIGINT)
     assert plan.stop(signal.SIGINT)[1:] == [Send(0, signal.SIGKILL), Send(1, signal.SIGKILL), Finish(130)]
-    assert plan.forward(signal.SIGUSR1) == [Send(0, signal.SIGUSR1), Send(1, signal.SIGUSR1)]
 
 
 def test_reports_are_single_lines_shorter_than_pipe_buf():
@@ -141,6 +145,16 @@ def test_reports_are_single_lines_shorter_than_pipe_buf():
     index, pid, kind, text = parse_report(line)
     assert (index, pid, kind) == (3, 4242, "refused") and text.startswith("edge.yaml:6: buffer_limit: at least 16KB")
     assert parse_report(b"garbage") is None and parse_report(b"1 x ready") is None
+
+
+def test_workers_need_a_port_of_their_own_and_no_console():
+    base = ["run", "--origin", "http://127.0.0.1:1", "--workers", "2", "--confdir", "/nonexistent/conf"]
+    for extra, said in ((["--listen", "127.0.0.1:0"], "workers share a port: listen on a port other than 0"),
+                        (["--web"], "--web runs one process: not with workers")):
+        r = CliRunner().invoke(cli, base + extra)
+        assert r.exit_code == 1 and said in r.output
+    r = CliRunner().invoke(cli, base + ["--workers", "0"])
+    assert r.exit_code == 2 and "expected auto or a whole number" in r.output
 
 
 def test_the_workers_key():
@@ -299,7 +313,7 @@ def test_a_rolling_reload_loses_no_request_and_a_bad_config_is_refused_by_all(tm
         w.rewrite(f"pools: {{main: {{origins: [{b.url}]}}}}\n")
         done = w.reload()
         assert done.returncode == 0 and "is valid (pools changed): rolling reload of 2 workers started" in done.stdout
-        until(lambda: "rolling reload done (workers reloaded: 0, 1;" in w.log(), what="the roll")
+        until(lambda: "rolling reload done (workers reloaded: 0, 1)" in w.log(), what="the roll")
         assert {r.text for r in both_answer(w, "after").values()} == {"hello from b\n"}
         # a bad file: `edge reload` answers its mistake, SIGHUP's roll stops at the first worker
         w.rewrite(f"pools: {{main: {{origins: [{a.url}]}}}}\nbuffer_limit: 1KB\n")

@@ -35,7 +35,7 @@ from addons.config import EdgeConfig, load_config
 from addons.lifecycle.rules import (STOP_SIGNALS, Watch, authorized, changed_sections, forced_exit_code,
                                     generated_token, read_token, restart_needed, stamp)
 from addons.tasks import Throttle, every, report
-from addons.workers.supervise import READY, REFUSED, RELOAD, RELOADED, encode_report
+from addons.workers.supervise import READY, REFUSED, RELOAD, RELOADED, REOPEN, encode_report
 
 logger = logging.getLogger("edge")
 WATCH_EVERY = 1.0       # seconds between two looks at the config file
@@ -188,6 +188,9 @@ class Lifecycle:
             if applied:
                 return "200 OK", {"reloaded": True, "message": message, "changed": changed}, {}
             return "409 Conflict", {"reloaded": False, "error": message}, {}
+        if path == "/reopen" and self.supervisor is not None:
+            self.supervisor.send(REOPEN)        # every worker's log, not this one's only (SIGUSR1 to all)
+            return "200 OK", {"reopened": True}, {}
         if path == "/reopen":
             self.reopen_log()
             return "200 OK", {"reopened": True}, {}

@@ -14,6 +14,8 @@ line, finish with an exit code).
   refusal stops the roll there (the others keep their config); a reload asked for during a
   roll runs once after it. A worker that is not serving (restarting) is skipped: it reads the
   file when it starts.
+- SIGUSR1 (and `POST /reopen` landing in any worker) reaches every worker: each reopens its
+  access log.
 - Stop (SIGTERM, SIGINT): SIGTERM to every worker, each drains as a single edge does; the
   supervisor finishes with 0 when the last one exited. A second stop signal: SIGKILL to all,
   exit 128 + the signal's number.
@@ -34,7 +36,7 @@ START_ATTEMPTS = 5          # failed starts in a row (never ready) before the ed
 ROLL_WAIT = 120.0           # seconds a worker is given to report its reload
 MAX_REPORT = 3072           # bytes of a report line (below PIPE_BUF: written whole)
 
-READY, RELOADED, REFUSED, RELOAD = "ready", "reloaded", "refused", "reload"   # report kinds
+READY, RELOADED, REFUSED, RELOAD, REOPEN = "ready", "reloaded", "refused", "reload", "reopen"   # report kinds
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -143,6 +145,8 @@ class Supervision:
             return self._reloaded(index, kind == RELOADED, text, now)
         if kind == RELOAD:
             return self.reload(now)
+        if kind == REOPEN:              # POST /reopen landed in one worker: every worker's access log
+            return self.forward(signal.SIGUSR1)
         return []
 
     def _ready(self, index: int) -> list[Action]:
@@ -228,8 +232,10 @@ class Supervision:
                 return [Send(index, signal.SIGHUP)]
         self.rolling = None
         done = ", ".join(map(str, self.roll_done)) or "none"
-        actions: list[Action] = [Say(f"edge: rolling reload done (workers reloaded: {done}; one restarting "
-                                     "reads the file as it starts)")]
+        skipped = ", ".join(str(w.index) for w in self.workers if w.index not in self.roll_done)
+        actions: list[Action] = [Say(f"edge: rolling reload done (workers reloaded: {done}"
+                                     + (f"; not {skipped}: not serving, read the file as they start)" if skipped
+                                        else ")"))]
         if self.roll_again:
             self.roll_again = False
             actions += self.reload(now)
