@@ -264,7 +264,7 @@ def pages() -> dict:
 def test_two_workers_share_the_port_share_the_disk_cache_and_a_killed_one_comes_back(tmp_path):
     o = OriginServer("a", pages=pages()).start()
     w = Workers(tmp_path, f"pools: {{main: {{origins: [{o.url}]}}}}\n"
-                          f"cache: {{disk: {{path: {tmp_path / 'cache'}, max_size: 4MB}}}}\n")
+                          f"cache: {{disk: {{path: {tmp_path / 'cache'}, max_size: 4MB}}}}\nreload: {{watch: true}}\n")
     try:
         assert sorted(both_answer(w, "spread")) == [0, 1]
         # an object stored by the worker that missed is a disk hit in the other one
@@ -288,6 +288,10 @@ def test_two_workers_share_the_port_share_the_disk_cache_and_a_killed_one_comes_
         assert set(statuses) == {200} and "killed by SIGKILL" in w.log()
         assert survivor in w.children() and victim not in w.children() and len(w.children()) == 2
         assert sorted(both_answer(w, "again")) == [0, 1]
+        # the file watch (worker 0's) reloads the workers one at a time too
+        w.rewrite(f"pools: {{main: {{origins: [{o.url}]}}}}\nreload: {{watch: true}}\nshutdown_timeout: 5s\n")
+        until(lambda: "rolling reload done (workers reloaded: 0, 1)" in w.log(), what="the watch's roll")
+        assert w.log().count("(SIGHUP): cache, shutdown_timeout changed") == 2
         w.proc.send_signal(signal.SIGINT)
         assert w.proc.wait(30) == 0
         assert "Traceback" not in w.log()

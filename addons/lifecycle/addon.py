@@ -16,6 +16,11 @@ requests and streams in flight get `shutdown_timeout` to finish; what is left th
 stop signal ends the process at once, with 128 + the signal's number.
 
 SIGUSR1 reopens the access log (logrotate without copytruncate).
+
+A worker (`workers:` above 1, edgecli/supervisor.py) reports to its supervisor (SupervisorLink):
+ready once its listeners are bound, and the outcome of each SIGHUP; `edge reload` landing in it
+checks the file there and asks the supervisor to roll the reload over the workers, as does worker
+0's file watch; a repeated stop signal is left to the supervisor, which kills.
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ class Lifecycle:
     def _watch(self) -> None:
         """Start or stop the file watch as the config says (a reload may turn it on or off)."""
         config = self.current()
-        wanted = self.watching and config is not None and _is_file(config.source)
+        wanted = self.watching and config is not None and _is_file(config.source) and \
+            (self.supervisor is None or self.supervisor.index == 0)     # workers: worker 0 watches for all
         if wanted and self.watcher is None:
             self.watch = Watch(stamp(config.source))
             self.watcher = asyncio.get_running_loop().create_task(
@@ -169,6 +175,10 @@ class Lifecycle:
     def _look(self) -> None:
         config = self.current()
         if self.watch is not None and config is not None and self.watch.poll(stamp(config.source)):
+            if self.supervisor is not None:         # rolled over the workers, one at a time
+                self.watch.read(stamp(config.source))
+                self.supervisor.send(RELOAD)
+                return
             self.reload("file watch")
 
     # -- the admin endpoint's write side -------------------------------------------------------------

@@ -9,7 +9,7 @@ line, finish with an exit code).
 - A worker that dies is restarted after a back-off: 0.5 s, doubling to 30 s, back to 0.5 s
   once a worker had lived 60 s. One that fails START_ATTEMPTS times in a row before it is
   ready (the file was edited into a config it cannot start with) stops the edge.
-- Rolling reload (SIGHUP to the supervisor, or a worker's request after `edge reload`): one
+- Rolling reload (SIGHUP to the supervisor; `edge reload` or the file watch, worker 0's, asking it): one
   worker at a time gets SIGHUP; the next one only after this one reported its outcome. A
   refusal stops the roll there (the others keep their config); a reload asked for during a
   roll runs once after it. A worker that is not serving (restarting) is skipped: it reads the
