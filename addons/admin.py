@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 
 from addons.config import EdgeConfig
@@ -38,7 +39,8 @@ class Admin:
         if self.address is None or self.server is not None:
             return
         try:
-            self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD)
+            self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD,
+                                                     reuse_port=int(os.environ.get("EDGE_WORKERS", "1")) > 1)
         except OSError as e:
             logger.error("edge: admin endpoint cannot listen on %s:%s: %s", *self.address, e.strerror)
             return

@@ -432,6 +432,7 @@ class EdgeConfig:
     shutdown_timeout: float = 30.0        # SIGTERM/SIGINT: how long in-flight requests may take to finish
     reload_watch: bool = False            # reload when the config file changes (polled every second)
     cluster: ClusterConfig | None = None  # many machines as one edge; None: this node alone
+    workers: int = 1                      # processes sharing the listeners (SO_REUSEPORT); 1: no supervisor
 
     @property
     def origins(self) -> list[Origin]:
@@ -1041,7 +1042,7 @@ def _read_config(doc: _Doc) -> EdgeConfig:
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
                                     "sites", "default_site", "access_log_format", "shutdown_timeout", "reload",
-                                    "cluster"})
+                                    "cluster", "workers"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -1174,7 +1175,8 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
                       access_log_format=_access_log_format(r, top),
-                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source, [lst.address for lst in listeners] or [listen]))
+                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source, [lst.address for lst in listeners] or [listen]),
+                      workers=_workers(r, top))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1295,6 +1297,26 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
     if tiered and redis is None and secret_file is None:
         raise r.doc.error(path + ("secret_file",), "tiered without Redis needs a secret_file shared by the peers")
     return ClusterConfig(node, redis, advertise, ttl, secret_file, tiered, peers)
+MAX_WORKERS = 256
+
+
+def parse_workers(value: Any) -> int:
+    """`workers:` / `edge run --workers`: a whole number from 1, or `auto` (one per CPU)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected auto or a whole number from 1 to {MAX_WORKERS}")
+    return value
+
+
+@_part(lambda: EdgeConfig.workers)
+def _workers(r: _Reader, top: dict) -> int:
+    """`workers: auto|N` (default 1): N processes of the edge under a supervisor."""
+    if top.get("workers") is None:
+        return EdgeConfig.workers
+    return r.convert(parse_workers, top["workers"], ("workers",))
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)

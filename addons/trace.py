@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -33,6 +34,8 @@ ARRIVED = "edge.arrived"        # flow metadata: the request head's size as rece
 SENT = "edge.upstream.sent"     # flow metadata: when the request was handed over for an origin
 UPSTREAM = "edge.upstream"      # flow metadata: (origin's status, seconds to its response head)
 FORWARDED_ID = "edge.request_id"    # flow metadata: a trusted proxy's X-Request-Id the origin got
+# the worker that answered (`workers:` above 1, edgecli/supervisor.py); None: a single edge
+WORKER = int(os.environ["EDGE_WORKER"]) if os.environ.get("EDGE_WORKER", "").isdigit() else None
 
 
 def decisions(flow: http.HTTPFlow) -> dict:
@@ -68,6 +71,8 @@ def access_record(flow: http.HTTPFlow) -> dict:
         "edge": {k: v for k, v in rec.items() if k not in FACTS},
     }
     out.update(observed(flow, size))
+    if WORKER is not None:
+        out["worker"] = WORKER
     if flow.error:
         out["error"] = flow.error.msg
     return out

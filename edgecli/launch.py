@@ -169,8 +169,25 @@ class _Ready:
             self.launch.failure.append(f"cannot listen on {wanted}")
             m.shutdown()
             return
+        m.addons.get("edge").lifecycle.ready()      # a worker tells its supervisor
         if self.launch.on_ready:
             self.launch.on_ready(m, addrs[0][:2])
+
+
+def share_listeners() -> None:
+    """A worker (EDGE_WORKERS > 1) binds every listening socket with SO_REUSEPORT: the workers
+    of one edge listen on the same ports and the kernel spreads the connections over them.
+    mitmproxy has no option for it (its issue 3409) and binds with asyncio.start_server, so
+    that is wrapped, in this process only, before mitmproxy binds."""
+    if getattr(asyncio.start_server, "reuse_port", False):
+        return
+    plain = asyncio.start_server
+
+    async def start_server(*args, **kwargs):
+        kwargs.setdefault("reuse_port", True)
+        return await plain(*args, **kwargs)
+    start_server.reuse_port = True
+    asyncio.start_server = start_server
 
 
 def check_listen(host: str, port: int) -> None:
@@ -245,6 +262,8 @@ async def serve(launch: Launch) -> None:
         raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
     if launch.handle_signals and threading.current_thread() is threading.main_thread():
         install_signals(asyncio.get_running_loop(), edge.lifecycle)
+    if int(os.environ.get("EDGE_WORKERS", "1")) > 1:
+        share_listeners()
     await m.run()
     if launch.failure:
         raise LaunchError(launch.failure[0])

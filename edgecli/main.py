@@ -97,6 +97,16 @@ def _listen_option(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _workers_option(ctx, param, value):
+    if value is None:
+        return None
+    from addons.config import parse_workers
+    try:
+        return parse_workers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -150,7 +160,9 @@ def cli() -> None:
               help="Serve the status endpoint that `edge status` reads here [admin: in the config; off].")
 @click.option("--confdir", default=default_confdir, show_default="~/.config/edge/mitmproxy",
               help="mitmproxy's private state (its CA) lives here.")
-def run(origins, listen, config_path, web, web_port, access_log, cert, settings, admin, confdir) -> None:
+@click.option("--workers", callback=_workers_option, metavar="N|auto",
+              help="Processes sharing the listeners, under a supervisor [workers: in the config; 1].")
+def run(origins, listen, config_path, web, web_port, access_log, cert, settings, admin, confdir, workers) -> None:
     """Run the edge in front of your origins."""
     from addons.config import config_from_origins
     from edgecli import launch as launcher
@@ -165,11 +177,16 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
             raise click.BadParameter(str(e), param_hint="--origin") from None
     else:
         raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
-    config = _overridden(config, listen, access_log, admin)
+    config = _overridden(config, listen, access_log, admin, workers)
+    worker = os.environ.get("EDGE_WORKER") is not None      # one of a supervisor's (edgecli/supervisor.py)
     try:
-        for listener in config.all_listeners:
+        if config.workers > 1 and web:
+            raise launcher.LaunchError("--web runs one process: not with workers (give --workers 1)")
+        if config.workers > 1 and any(lst.address[1] == 0 for lst in config.all_listeners):
+            raise launcher.LaunchError("workers share a port: listen on a port other than 0")
+        for listener in config.all_listeners if not worker else ():    # the supervisor checked
             launcher.check_listen(*listener.address)
-        if config.admin:
+        if config.admin and not worker:
             launcher.check_listen(*config.admin)
         if cert:
             if config.certificates or config.acme:
@@ -177,12 +194,29 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
             launcher.check_cert(cert)
     except launcher.LaunchError as e:
         raise Problem(str(e)) from None
-    reread = (lambda: _overridden(read_config(config_path), listen, access_log, admin)) if config_path else None
+    if config.workers > 1 and not worker:
+        raise SystemExit(_supervise(config, confdir))
+    reread = (lambda: _overridden(read_config(config_path), listen, access_log, admin, workers)) if config_path else None
+    announce = None if os.environ.get("EDGE_WORKER", "0") != "0" else _announce(config, web)   # worker 0 says it
     start(launcher.Launch(config=config, confdir=confdir, web=web, web_port=web_port, cert=cert,
-                          settings=settings, on_ready=_announce(config, web), reread=reread))
+                          settings=settings, on_ready=announce, reread=reread))
 
 
-def _overridden(config: EdgeConfig, listen, access_log, admin) -> EdgeConfig:
+def _supervise(config: EdgeConfig, confdir: str) -> int:
+    """`edge run` with workers: this process supervises the same command run N times. The
+    admin token is made here first, so that every worker reads the same one."""
+    import sys
+    from addons.lifecycle.rules import generated_token
+    from edgecli.supervisor import supervise
+    if config.admin and config.admin_token_file is None:
+        try:
+            generated_token(confdir)
+        except OSError as e:
+            raise Problem(f"cannot write the admin token under {confdir}: {e.strerror}") from None
+    return supervise(config, confdir, sys.argv[1:])
+
+
+def _overridden(config: EdgeConfig, listen, access_log, admin, workers=None) -> EdgeConfig:
     """The command line's settings over the file's: at start, and at every reload."""
     if listen:
         config = dataclasses.replace(config, listen=listen, listeners=())    # one plain listener
@@ -190,6 +224,8 @@ def _overridden(config: EdgeConfig, listen, access_log, admin) -> EdgeConfig:
         config = dataclasses.replace(config, access_log=access_log)
     if admin:
         config = dataclasses.replace(config, admin=admin)
+    if workers:
+        config = dataclasses.replace(config, workers=workers)
     return config
 
 

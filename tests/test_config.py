@@ -165,7 +165,7 @@ firewall: on
         "edge.yaml:20: buffer_limit: at least 16KB (smaller bodies are cached and compressed whole)",
         "edge.yaml:21: firewall: unknown key (known: access_log, access_log_format, acme, admin, buffer_limit, "
         "cache, certificates, cluster, compress, default_site, listen, pools, reload, routing, scrub, shield, "
-        "shutdown_timeout, sites, trusted_proxies)",
+        "shutdown_timeout, sites, trusted_proxies, workers)",
     ]
 
 

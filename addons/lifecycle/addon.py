@@ -16,6 +16,11 @@ requests and streams in flight get `shutdown_timeout` to finish; what is left th
 stop signal ends the process at once, with 128 + the signal's number.
 
 SIGUSR1 reopens the access log (logrotate without copytruncate).
+
+A worker (`workers:` above 1, edgecli/supervisor.py) reports to its supervisor (SupervisorLink):
+ready once its listeners are bound, and the outcome of each SIGHUP; `edge reload` landing in it
+checks the file there and asks the supervisor to roll the reload over the workers, as does worker
+0's file watch; a repeated stop signal is left to the supervisor, which kills.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from addons.config import EdgeConfig, load_config
 from addons.lifecycle.rules import (STOP_SIGNALS, Watch, authorized, changed_sections, forced_exit_code,
                                     generated_token, read_token, restart_needed, stamp)
 from addons.tasks import Throttle, every, report
+from addons.workers.supervise import READY, REFUSED, RELOAD, RELOADED, REOPEN, encode_report
 
 logger = logging.getLogger("edge")
 WATCH_EVERY = 1.0       # seconds between two looks at the config file
@@ -64,6 +70,7 @@ class Lifecycle:
         self.stopping: asyncio.Task | None = None
         self.draining = False
         self.refusals = Throttle()
+        self.supervisor = SupervisorLink.from_env()     # a worker's report channel; None: a single edge
 
     def apply(self, config: EdgeConfig) -> None:
         """The lifecycle's own settings (called by the chain with every config it applies)."""
@@ -117,13 +124,9 @@ class Lifecycle:
         at = stamp(running.source) if _is_file(running.source) else None
         if self.watch is not None:
             self.watch.read(at)             # a watched file is not read again for the same change
-        try:
-            new = self.reader() if self.reader is not None else load_config(running.source)
-        except Exception as e:          # the reader's own words: FILE:LINE: key: problem
-            return self._refused(trigger, str(e))
-        why = restart_needed(running, new)
-        if why is not None:
-            return self._refused(trigger, f"{new.source}: {why}")
+        new, why = self._read_again(running)
+        if new is None:
+            return self._refused(trigger, why)
         try:
             self.apply_config(new)
         except Exception as e:          # an addon could not take it: every addon goes back
@@ -134,6 +137,15 @@ class Lifecycle:
                                                                else "nothing changed")
         logger.warning("edge: %s", message)
         return True, message, changed
+
+    def _read_again(self, running: EdgeConfig) -> tuple[EdgeConfig | None, str]:
+        """The config read again, or None and why it cannot replace the running one."""
+        try:
+            new = self.reader() if self.reader is not None else load_config(running.source)
+        except Exception as e:          # the reader's own words: FILE:LINE: key: problem
+            return None, str(e)
+        why = restart_needed(running, new)
+        return (new, "") if why is None else (None, f"{new.source}: {why}")
 
     def _refused(self, trigger: str, why: str) -> tuple[bool, str, list[str]]:
         logger.error("edge: reload (%s) refused, the running config stays: %s", trigger, why)
@@ -148,7 +160,8 @@ class Lifecycle:
     def _watch(self) -> None:
         """Start or stop the file watch as the config says (a reload may turn it on or off)."""
         config = self.current()
-        wanted = self.watching and config is not None and _is_file(config.source)
+        wanted = self.watching and config is not None and _is_file(config.source) and \
+            (self.supervisor is None or self.supervisor.index == 0)     # workers: worker 0 watches for all
         if wanted and self.watcher is None:
             self.watch = Watch(stamp(config.source))
             self.watcher = asyncio.get_running_loop().create_task(
@@ -162,6 +175,10 @@ class Lifecycle:
     def _look(self) -> None:
         config = self.current()
         if self.watch is not None and config is not None and self.watch.poll(stamp(config.source)):
+            if self.supervisor is not None:         # rolled over the workers, one at a time
+                self.watch.read(stamp(config.source))
+                self.supervisor.send(RELOAD)
+                return
             self.reload("file watch")
 
     # -- the admin endpoint's write side -------------------------------------------------------------
@@ -174,11 +191,16 @@ class Lifecycle:
                 logger.warning("edge: admin write refused: no or wrong token (%d since the last report)", count)
             return ("401 Unauthorized", {"error": "send Authorization: Bearer TOKEN"},
                     {"WWW-Authenticate": 'Bearer realm="edge admin"'})
+        if path == "/reload" and self.supervisor is not None:
+            return self._roll()
         if path == "/reload":
             applied, message, changed = self.reload("edge reload")
             if applied:
                 return "200 OK", {"reloaded": True, "message": message, "changed": changed}, {}
             return "409 Conflict", {"reloaded": False, "error": message}, {}
+        if path == "/reopen" and self.supervisor is not None:
+            self.supervisor.send(REOPEN)        # every worker's log, not this one's only (SIGUSR1 to all)
+            return "200 OK", {"reopened": True}, {}
         if path == "/reopen":
             self.reopen_log()
             return "200 OK", {"reopened": True}, {}
@@ -197,6 +219,8 @@ class Lifecycle:
     # -- signals -------------------------------------------------------------------------------------
 
     def on_stop_signal(self, signum: int) -> None:
+        if self.stopping is not None and self.supervisor is not None:
+            return          # a worker: the supervisor forces the end (it got the signal too)
         if self.stopping is not None:
             logger.warning("edge: %s again: exiting now", signal.Signals(signum).name)
             for stream in (sys.stdout, sys.stderr):     # the log (and a `-` access log) are printed there
@@ -210,10 +234,35 @@ class Lifecycle:
         self.stopping = asyncio.get_running_loop().create_task(self.drain())
 
     def on_reload_signal(self) -> None:
-        self.reload("SIGHUP")
+        applied, message, _ = self.reload("SIGHUP")
+        if self.supervisor is not None:     # its rolling reload waits for this answer
+            self.supervisor.send(RELOADED if applied else REFUSED, message)
 
     def on_reopen_signal(self) -> None:
         self.reopen_log()
+
+    # -- under a supervisor (workers: N) -------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The listeners are bound: the supervisor starts the next worker."""
+        if self.supervisor is not None:
+            self.supervisor.send(READY)
+
+    def _roll(self) -> tuple[str, dict, dict]:
+        """`edge reload` landed in this worker: the file is checked here (a bad one is answered
+        as by a single edge), then the supervisor reloads the workers one at a time."""
+        running = self.current()
+        if running is None or self.draining:
+            return "409 Conflict", {"reloaded": False, "error": "the edge is shutting down"}, {}
+        new, why = self._read_again(running)
+        if new is None:
+            logger.error("edge: reload (edge reload) refused, the running config stays: %s", why)
+            return "409 Conflict", {"reloaded": False, "error": why}, {}
+        self.supervisor.send(RELOAD)
+        changed = changed_sections(running, new)
+        message = (f"{new.source} is valid ({', '.join(changed) + ' changed' if changed else 'nothing changed'}): "
+                   f"rolling reload of {self.supervisor.count} workers started (the edge's log reports each)")
+        return "200 OK", {"reloaded": True, "message": message, "changed": changed}, {}
 
     # -- graceful shutdown ---------------------------------------------------------------------------
 
@@ -269,3 +318,26 @@ def install_signals(loop: asyncio.AbstractEventLoop, lifecycle: Lifecycle) -> No
         loop.add_signal_handler(sig, lifecycle.on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.on_reload_signal)
     loop.add_signal_handler(signal.SIGUSR1, lifecycle.on_reopen_signal)
+
+
+class SupervisorLink:
+    """A worker's reports to its supervisor (edgecli/supervisor.py) on the pipe EDGE_SUPERVISOR_FD
+    names: ready, each reload's outcome, a reload asked for. The pipe is non-blocking: a report
+    the supervisor is not reading is dropped, the worker never waits."""
+
+    def __init__(self, index: int, count: int, fd: int) -> None:
+        self.index, self.count, self.fd = index, count, fd
+
+    @classmethod
+    def from_env(cls) -> SupervisorLink | None:
+        try:
+            return cls(int(os.environ["EDGE_WORKER"]), int(os.environ["EDGE_WORKERS"]),
+                       int(os.environ["EDGE_SUPERVISOR_FD"]))
+        except (KeyError, ValueError):
+            return None
+
+    def send(self, kind: str, text: str = "") -> None:
+        try:
+            os.write(self.fd, encode_report(self.index, os.getpid(), kind, text))
+        except OSError as e:
+            logger.error("edge: worker %d cannot report %s to its supervisor: %s", self.index, kind, e.strerror)

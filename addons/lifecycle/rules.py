@@ -39,6 +39,8 @@ def restart_needed(running: EdgeConfig, new: EdgeConfig) -> str | None:
     if running.admin != new.admin:
         show = lambda a: _address(*a) if a else "off"
         return f"admin: {show(running.admin)} -> {show(new.admin)}: the admin endpoint changes only with a restart"
+    if running.workers != new.workers:
+        return f"workers: {running.workers} -> {new.workers}: the number of workers changes only with a restart"
     return None
 
 
