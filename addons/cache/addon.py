@@ -139,6 +139,9 @@ class Cache:
         self.buffer_limit = 2**20                            # larger answers from a file go through it
         # addons/sites: (host, target) -> (key prefix, key path) of every route of its site
         self.site_keys: Callable[[str, str], list[tuple[str, str]] | None] = lambda host, target: None
+        # told of every purge and invalidation (the key, or "*": everything), after it is done
+        # here: other processes and nodes drop it too (addons/cluster)
+        self.removal_listeners: list[Callable[[str], None]] = []
 
     async def running(self) -> None:
         await self.origin.start()
@@ -167,9 +170,30 @@ class Cache:
     def purge(self, url: str) -> str:
         """Drop a URL (all its variants) from the cache, memory and disk; `*` empties both."""
         if url == "*":
-            return f"purged {self.store.clear()} URLs"
-        removed = [self.store.remove(key) for key in self._purge_keys(url)]
+            return f"purged {self._remove('*')} URLs"
+        removed = [self._remove(key) for key in self._purge_keys(url)]
         return "purged" if any(removed) else "not cached"
+
+    def forget(self, key: str, disk: bool = False) -> None:
+        """Drop `key` (`*`: everything) from the memory tier, without telling the removal
+        listeners: a removal another process or node made and announced. `disk`: this
+        process's disk tier too (a removal made on another machine, whose disk is its own)."""
+        target = self.store if disk else getattr(self.store, "memory", self.store)
+        if key == "*":
+            target.clear()
+        else:
+            target.remove(key)
+
+    def _remove(self, key: str) -> int:
+        """A purge or invalidation of `key` (`*`: everything): here, then told to the listeners
+        (whether or not this process held it: another may). What the store removed."""
+        removed = self.store.clear() if key == "*" else self.store.remove(key)
+        for listener in self.removal_listeners:
+            try:
+                listener(key)
+            except Exception:           # the removal here is done; a listener never undoes it
+                logger.exception("edge: a cache removal listener failed")
+        return removed
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -810,7 +834,7 @@ class Cache:
     def _invalidate(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """RFC 9111 4.4: a successful unsafe request invalidates its URI and, on the same
         origin, the URIs in Location and Content-Location."""
-        self.store.remove(state.key)
+        self._remove(state.key)
         base = public_base(flow, self.trusted)
         public_host = split_host(base.split("://", 1)[1])
         for name in ("location", "content-location"):
@@ -819,7 +843,7 @@ class Cache:
                 url = self.mask.rewrite_url(urljoin(base + flow.request.path, target), base, public_host)
                 if urlsplit(url).netloc == urlsplit(base).netloc:
                     for key in self._purge_keys(url):
-                        self.store.remove(key)
+                        self._remove(key)
         state.status.detail = "invalidated"
 
     @staticmethod
@@ -835,7 +859,7 @@ class Cache:
         client = parse_ip(client_of(flow, self.trusted))
         if not in_networks(client, self.settings.purge_from):
             flow.response = edge_answer(flow, 403, "purge is not allowed from this address")
-        elif any([self.store.remove(key) for key in self._request_purge_keys(flow, state)]):
+        elif any([self._remove(key) for key in self._request_purge_keys(flow, state)]):
             flow.response = edge_answer(flow, 200, "purged")
         else:
             flow.response = edge_answer(flow, 404, "not in cache")
