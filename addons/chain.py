@@ -13,6 +13,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from addons import failsafe, internals
 from addons.admin import Admin
 from addons.cache import Cache
+from addons.cluster.addon import Cluster
 from addons.compress import Compress
 from addons.console import Console
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -79,9 +80,14 @@ class Edge:
         # lifecycle last: while stopping, it closes HTTP/1 connections after the answer all others made
         self.lifecycle = Lifecycle(lambda: self.config, self.apply, self.trace.reopen)
         self.admin.write = self.lifecycle.write
+        # many machines as one edge (addons/cluster): told of the cache's removals, it applies
+        # the other nodes' with the cache's forget; the shield's challenge key comes from it
+        self.cluster = Cluster(self.cache.forget, lambda: ctx.master.addons.get("proxyserver").listen_addrs())
+        self.cache.removal_listeners.append(self.cluster.removed)
+        self.shield.shared_key = self.cluster.bot_secret
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
-                       self.admin, self.lifecycle]
+                       self.admin, self.cluster, self.lifecycle]
         self.arrival = Arrival(self.trace)
         self.addons.insert(0, self.arrival)     # the request as received, before any addon changes it
         self.observed = None                    # addons/metrics.EdgeMetrics, made when first needed
@@ -115,7 +121,8 @@ class Edge:
 
     def snapshot(self) -> dict:
         """What `edge status` shows: the pools, and what the shield refused, by kind."""
-        return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot()}
+        return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot(),
+                **self.cluster.snapshot()}
 
     def metrics(self) -> str:
         """The /metrics page (Prometheus text)."""
@@ -155,3 +162,4 @@ class Edge:
             self._metrics()
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks
         self.lifecycle.apply(config)
+        self.cluster.apply(config)

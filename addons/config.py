@@ -372,6 +372,18 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`cluster:` many machines as one edge (addons/cluster): this node's name, the Redis they
+    share, where peers reach this node, how long a membership lives without a heartbeat."""
+    node: str
+    redis: str
+    advertise: tuple[str, int] | None = None     # None: the first listener's bound address
+    ttl: float = 10.0
+    secret_file: str | None = None       # peer-request signing key; None: one shared through Redis
+    tiered: bool = False                 # shard cache misses over the live nodes (addons/cluster/tiered)
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     pools: dict[str, Pool]
     default_pool: str
@@ -396,6 +408,7 @@ class EdgeConfig:
     admin_token_file: str | None = None   # the admin write side's token; None: generated under the confdir
     shutdown_timeout: float = 30.0        # SIGTERM/SIGINT: how long in-flight requests may take to finish
     reload_watch: bool = False            # reload when the config file changes (polled every second)
+    cluster: ClusterConfig | None = None  # many machines as one edge; None: this process alone
 
     @property
     def origins(self) -> list[Origin]:
@@ -959,7 +972,8 @@ def _read_config(doc: _Doc) -> EdgeConfig:
     r = _Reader(doc)
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
-                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload"})
+                                    "sites", "default_site", "access_log_format", "shutdown_timeout", "reload",
+                                    "cluster"})
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -1092,7 +1106,7 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                                         **_scrub_masking(r, scrub_raw)), cache=cache, compress=compress,
                       access_log=access_log, source=source, **_sites(r, top, pools, cache, compress),
                       access_log_format=_access_log_format(r, top),
-                      admin_token_file=admin_token_file, **_lifecycle(r, top))
+                      admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source))
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1156,6 +1170,52 @@ def _lifecycle(r: _Reader, top: dict) -> dict:
         raise r.doc.error(("reload", "watch"), "expected true or false")
     out["reload_watch"] = watch
     return out
+
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+@_part(lambda: None)
+def _cluster(r: _Reader, top: dict, source: str) -> ClusterConfig | None:
+    """`cluster:` {node, redis, advertise, ttl, secret_file, tiered}; absent: no cluster."""
+    if top.get("cluster") is None:
+        return None
+    from addons.cluster.urls import parse_redis_url
+    raw = r.mapping(top["cluster"], ("cluster",), {"node", "redis", "advertise", "ttl", "secret_file", "tiered"})
+    node = raw.get("node")
+    if node is None:
+        import socket
+        node = socket.gethostname().split(".")[0] or "edge"
+    if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+        raise r.doc.error(("cluster", "node"), "expected a name of letters, digits, '.', '_' or '-' (at most 63)")
+    if "redis" not in raw:
+        raise r.doc.error(("cluster",), "a cluster needs redis: the URL of the Redis its nodes share")
+    r.convert(parse_redis_url, raw["redis"], ("cluster", "redis"))
+    advertise = None
+    if raw.get("advertise") is not None:
+        advertise = r.convert(parse_hostport, raw["advertise"], ("cluster", "advertise"))
+        if advertise[1] == 0 or advertise[0] in ("0.0.0.0", "::", ""):
+            raise r.doc.error(("cluster", "advertise"), "expected the address peers reach (not a wildcard, not port 0)")
+    ttl = ClusterConfig.ttl
+    if raw.get("ttl") is not None:
+        ttl = r.convert(parse_duration, raw["ttl"], ("cluster", "ttl"))
+        if not 1 <= ttl <= 3600:
+            raise r.doc.error(("cluster", "ttl"), "at least 1s and at most 1h (heartbeats go every ttl/3)")
+    secret_file = raw.get("secret_file")
+    if secret_file is not None:
+        if not isinstance(secret_file, str) or not secret_file:
+            raise r.doc.error(("cluster", "secret_file"), "expected the path of a file holding the key")
+        secret_file = _config_path(secret_file, source)
+        try:
+            with open(secret_file, "rb") as f:
+                if len(f.read().strip()) < 16:
+                    raise r.doc.error(("cluster", "secret_file"), f"{secret_file}: fewer than 16 bytes of key")
+        except OSError as e:
+            raise r.doc.error(("cluster", "secret_file"), f"{secret_file}: cannot read: {e.strerror}") from None
+    tiered = raw.get("tiered", False)
+    if not isinstance(tiered, bool):
+        raise r.doc.error(("cluster", "tiered"), "expected true or false")
+    return ClusterConfig(node, raw["redis"], advertise, ttl, secret_file, tiered)
 
 
 MIN_BUFFER_LIMIT = 16 * 2**10       # below it every small page would stream (no cache, no compression)

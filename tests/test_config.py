@@ -163,7 +163,7 @@ firewall: on
         "edge.yaml:19: trusted_proxies[0]: 'bogus' is not an IP address or CIDR",
         "edge.yaml:20: buffer_limit: at least 16KB (smaller bodies are cached and compressed whole)",
         "edge.yaml:21: firewall: unknown key (known: access_log, access_log_format, acme, admin, buffer_limit, "
-        "cache, certificates, compress, default_site, listen, pools, reload, routing, scrub, shield, "
+        "cache, certificates, cluster, compress, default_site, listen, pools, reload, routing, scrub, shield, "
         "shutdown_timeout, sites, trusted_proxies)",
     ]
 

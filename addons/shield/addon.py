@@ -105,6 +105,9 @@ class Shield:
         self.behaviour: Behaviour | None = None
         self.challenge: Challenge | None = None
         self.closed: dict[str, str] = {}            # connections the shield closed -> why
+        # the cluster's challenge key (addons/cluster), None until Redis gave one: used when no
+        # bots.secret_file is set, so a cookie earned on one node passes on every node
+        self.shared_key: Callable[[], bytes | None] = lambda: None
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -261,6 +264,12 @@ class Shield:
         if self._bot_verdict(flow, ip, profile.bots):
             self._inspect_head(flow, ip, profile.waf)
 
+    def _challenge_key(self) -> None:
+        if not self.config.bots.secret_file:
+            key = self.shared_key()
+            if key is not None and key != self.challenge.secret:
+                self.challenge.secret = key
+
     def _bot_verdict(self, flow: http.HTTPFlow, ip: str, part: str = "on") -> bool:
         """True if the request may go on: its class is allowed, or not blocked (and, with the
         challenge on, an `unknown` client brought a valid cookie). `part`: the route's say."""
@@ -285,6 +294,7 @@ class Shield:
             return True
         if kind == "browser" and not self.behaviour.busy(ip):
             return True
+        self._challenge_key()
         cookies = flow.request.cookies
         if self.challenge.valid(cookies.get(Challenge.COOKIE), ip):
             del cookies[Challenge.COOKIE]               # ours: the origin never sees it
