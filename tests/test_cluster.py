@@ -460,3 +460,40 @@ def test_a_reload_joins_and_leaves_the_cluster(origin, edge, redis_url, tmp_path
     reload(alone)
     until(lambda: not members(), what="left by a reload")
     assert chain.cluster.live() == []
+
+
+def test_a_node_reaching_redis_through_sentinel(origin, edge, nodes, redis_server, tmp_path):
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor main 127.0.0.1 {redis_server.port} 1\n")
+    sentinel = subprocess.Popen([redis_server.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, sentinel)
+        ob = origin("b", pages=pages("b"))
+        a = edge(node_yaml(origin("a", pages=pages("a")), f"redis+sentinel://127.0.0.1:{port}/main", "a"))
+        b = nodes(node_yaml(ob, redis_server.url, "b"))
+        until(lambda: names(a) == ["a", "b"], what="A (through Sentinel) sees B")
+        get(b.url, "/page")
+        assert is_hit(get(b.url, "/page"))
+        assert httpx.request("PURGE", a.url + "/page", headers=HOST).status_code == 404
+        until(lambda: not is_hit(get(b.url, "/page")), what="B drops what A purged")
+        assert a.master.addons.get("edge").cluster.secret() == redis_client(redis_server.url).get("edge:{edge}:secret")
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+
+
+def test_a_node_started_while_redis_is_down_serves_and_empties_its_memory_once_it_is_back(origin, edge,
+                                                                                          redis_server):
+    o = origin("a", pages=pages("a"))
+    redis_server.stop()
+    a = edge(node_yaml(o, redis_server.url, "a"))
+    cluster = a.master.addons.get("edge").cluster
+    get(a.url, "/page")
+    assert is_hit(get(a.url, "/page")) and names(a) == ["a"] and cluster.secret() is None
+    redis_server.start()              # what the others purged meanwhile is unknown: memory emptied
+    until(lambda: not is_hit(get(a.url, "/page")), what="A empties its memory")
+    assert fetches(o, "/page") == 2 and cluster.snapshot()["cluster"]["purges"]["emptied"] == 1
+    until(lambda: cluster.secret() is not None, what="the shared key once Redis answers")

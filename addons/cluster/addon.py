@@ -101,6 +101,7 @@ class Cluster:
         self.missed = False                 # removals may have been missed before the first connection
         self.shared: bytes | None = None    # the key shared through Redis
         self.file_secret: bytes | None = None
+        self.bot_key: tuple[bytes | None, bytes] = (None, b"")
         self.instance = secrets.token_hex(8)    # this process, in messages: its own are not applied
         self.counts: Counter[str] = Counter()
         self.first_beat: float | None = None
@@ -129,7 +130,11 @@ class Cluster:
     def bot_secret(self) -> bytes | None:
         """The bot challenge's key, derived from secret() (one key never serves two purposes)."""
         key = self.secret()
-        return None if key is None else hmac.new(key, b"edge bot challenge", hashlib.sha256).digest()
+        if key is None:
+            return None
+        if self.bot_key[0] != key:          # asked on every challenged request: derived once a key
+            self.bot_key = (key, hmac.new(key, b"edge bot challenge", hashlib.sha256).digest())
+        return self.bot_key[1]
 
     def removed(self, key: str) -> None:
         """A Cache.removal_listener: this node removed `key` (`*`: everything); tell the others."""
@@ -203,8 +208,8 @@ class Cluster:
         if self.client is None:
             return
         client, self.client = self.client, None
-        if leave and self.me is not None:
-            try:        # a graceful stop: gone from the members at once, not after ttl
+        if leave and self.me is not None and self.link.down_since is None:
+            try:        # a graceful stop: gone from the members at once, not after ttl (Redis down: after ttl)
                 await asyncio.wait_for(self._flush(client), 1.0)
                 await asyncio.wait_for(client.eval(LEAVE, 2, member_key(self.me), INDEX), 1.0)
             except Exception as e:
