@@ -97,6 +97,10 @@ def format_status(snapshot: dict) -> str:
     if snapshot.get("sites"):
         lines.append(f"misdirected (no site for the host): {snapshot['misdirected']}, "
                      f"refused by route rate limits: {snapshot['route_rate_refusals']}")
+    if snapshot.get("cluster"):
+        part = snapshot["cluster"]
+        lines.append(f"cluster node {part['node']}: {len(part['members'])} live members"
+                     + ("" if part["connected"] else ", redis unreachable") + " (edge status --cluster)")
     if snapshot.get("shield"):
         lines.append("shield refusals: " + ", ".join(f"{k} {v}" for k, v in sorted(snapshot["shield"].items())))
     for w in snapshot.get("workers", ()):            # the workers of one machine (addons/workers)

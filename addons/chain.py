@@ -14,6 +14,7 @@ from addons import failsafe, internals
 from addons.admin import Admin
 from addons.cache import Cache
 from addons.cluster.tiered import PeerArrival, Tiered
+from addons.cluster.addon import Cluster
 from addons.compress import Compress
 from addons.console import Console
 from addons.config import ConfigError, EdgeConfig, config_from_origins, load_config
@@ -81,13 +82,19 @@ class Edge:
         # lifecycle last: while stopping, it closes HTTP/1 connections after the answer all others made
         self.lifecycle = Lifecycle(lambda: self.config, self.apply, self.trace.reopen)
         self.admin.write = self.lifecycle.write
+        # many machines as one edge (addons/cluster): told of the cache's removals, it applies
+        # the other nodes' with the cache's forget; the shield's challenge key comes from it
+        self.cluster = Cluster(self.cache.forget, lambda: ctx.master.addons.get("proxyserver").listen_addrs())
+        self.cache.removal_listeners.append(self.cluster.removed)
+        self.shield.shared_key = self.cluster.bot_secret
         self.addons = [self.protocol, self.tls, self.shield, self.request_scrub, self.sites, self.compress,
                        self.cache, self.route, self.stream, *extra, self.site_answers, self.scrub, self.trace,
-                       self.admin, self.lifecycle]
+                       self.admin, self.cluster, self.lifecycle]
         # the tiered cache: a peer's signed request is known before the shield judges it (its
         # client is the one the peer signed for); a miss goes to its owner node after the cache
-        # looked it up, instead of being routed to an origin
-        self.tiered = Tiered(self.cache, self.route, self.request_scrub)
+        # looked it up, instead of being routed to an origin. Its members and key: the cluster's
+        self.tiered = Tiered(self.cache, self.route, self.request_scrub,
+                             members=self.cluster.live, secret=self.cluster.secret)
         self.addons.insert(self.addons.index(self.tls) + 1, PeerArrival(self.tiered))
         self.addons.insert(self.addons.index(self.route), self.tiered)
         self.arrival = Arrival(self.trace)
@@ -124,7 +131,8 @@ class Edge:
 
     def snapshot(self) -> dict:
         """What `edge status` shows: the pools, and what the shield refused, by kind."""
-        return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot()}
+        return {**self.route.snapshot(), "shield": dict(self.shield.refused), **self.sites.snapshot(),
+                **self.cluster.snapshot()}
 
     def metrics(self) -> str:
         """The /metrics page (Prometheus text)."""
@@ -194,3 +202,4 @@ class Edge:
             self._metrics()
         failsafe.configure(config.scrub.server_header, self.trace.write)    # answers made below the hooks
         self.lifecycle.apply(config)
+        self.cluster.apply(config)

@@ -396,7 +396,9 @@ class AcmeConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """The `cluster:` section: this node among others (INTERFACES.md, session 5)."""
+    """`cluster:` many machines as one edge (addons/cluster): this node's name, the Redis they
+    share, where peers reach this node, how long a membership lives without a heartbeat, the
+    tiered cache, and static members for clusters without Redis."""
     node: str                                    # this node's name (default: the host name)
     redis: str | None = None                     # shared state and membership
     advertise: tuple[str, int] | None = None     # where peers reach this node's client listener
@@ -1255,16 +1257,23 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
         return None
     path = ("cluster",)
     raw = r.mapping(top["cluster"], path, {"node", "redis", "advertise", "ttl", "secret_file", "tiered", "peers"})
-    node = raw.get("node", socket.gethostname().split(".")[0])
+    node = raw.get("node") or socket.gethostname().split(".")[0] or "edge"
     if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
-        raise r.doc.error(path + ("node",), "expected a name of letters, digits, '.', '_' or '-'")
+        raise r.doc.error(path + ("node",), "expected a name of letters, digits, '.', '_' or '-' (at most 63)")
     redis = raw.get("redis")
-    if redis is not None and (not isinstance(redis, str) or not re.fullmatch(r"rediss?://\S+", redis)):
-        raise r.doc.error(path + ("redis",), "expected a redis:// or rediss:// URL")
-    advertise = r.convert(parse_hostport, raw["advertise"], path + ("advertise",)) if "advertise" in raw else None
+    if redis is None and not raw.get("peers"):
+        raise r.doc.error(path, "a cluster needs redis: the URL of the Redis its nodes share (or a static peers: list)")
+    if redis is not None:
+        from addons.cluster.urls import parse_redis_url
+        r.convert(parse_redis_url, redis, path + ("redis",))
+    advertise = None
+    if raw.get("advertise") is not None:
+        advertise = r.convert(parse_hostport, raw["advertise"], path + ("advertise",))
+        if advertise[1] == 0 or advertise[0] in ("0.0.0.0", "::", ""):
+            raise r.doc.error(path + ("advertise",), "expected the address peers reach (not a wildcard, not port 0)")
     ttl = r.convert(parse_duration, raw["ttl"], path + ("ttl",)) if "ttl" in raw else ClusterConfig.ttl
     if not 1 <= ttl <= 3600:
-        raise r.doc.error(path + ("ttl",), "must be from 1s to 1h")
+        raise r.doc.error(path + ("ttl",), "at least 1s and at most 1h (heartbeats go every ttl/3)")
     secret_file = raw.get("secret_file")
     if secret_file is not None:
         if not isinstance(secret_file, str) or not secret_file:
@@ -1297,6 +1306,8 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
     if tiered and redis is None and secret_file is None:
         raise r.doc.error(path + ("secret_file",), "tiered without Redis needs a secret_file shared by the peers")
     return ClusterConfig(node, redis, advertise, ttl, secret_file, tiered, peers)
+
+
 MAX_WORKERS = 256
 
 

@@ -343,7 +343,8 @@ def purge(url, edge_url, insecure) -> None:
 @click.option("--admin", "admin_url", default="http://127.0.0.1:9090", show_default=True, metavar="URL",
               help="The running edge's admin endpoint (admin: in its config, or edge run --admin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status(admin_url, as_json) -> None:
+@click.option("--cluster", "cluster", is_flag=True, help="List the cluster's members, with the age of their last beat.")
+def status(admin_url, as_json, cluster) -> None:
     """Print each pool's origins of a running edge: weight, health, requests in flight."""
     import http.client
     import json
@@ -365,6 +366,13 @@ def status(admin_url, as_json) -> None:
     if response.status != 200:
         raise Problem(f"the admin endpoint answered {response.status}")
     snapshot = json.loads(body)
+    if cluster:
+        from addons.cluster.members import format_cluster
+        if "cluster" not in snapshot:
+            raise Problem("this edge is not in a cluster (no cluster: section in its config)")
+        part = snapshot["cluster"]
+        click.echo(json.dumps(part, indent=1) if as_json else format_cluster(part))
+        return
     click.echo(json.dumps(snapshot, indent=1) if as_json else format_status(snapshot))
 
 

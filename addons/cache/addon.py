@@ -175,6 +175,27 @@ class Cache:
         removed = [self._remove(key) for key in self._purge_keys(url)]
         return "purged" if any(removed) else "not cached"
 
+    def forget(self, key: str, disk: bool = False) -> None:
+        """Drop `key` (`*`: everything) from the memory tier, without telling the removal
+        listeners: a removal another process or node made and announced. `disk`: this
+        process's disk tier too (a removal made on another machine, whose disk is its own)."""
+        target = self.store if disk else getattr(self.store, "memory", self.store)
+        if key == "*":
+            target.clear()
+        else:
+            target.remove(key)
+
+    def _remove(self, key: str) -> int:
+        """A purge or invalidation of `key` (`*`: everything): here, then told to the listeners
+        (whether or not this process held it: another may). What the store removed."""
+        removed = self.store.clear() if key == "*" else self.store.remove(key)
+        for listener in self.removal_listeners:
+            try:
+                listener(key)
+            except Exception:           # the removal here is done; a listener never undoes it
+                logger.exception("edge: a cache removal listener failed")
+        return removed
+
     # -- hooks ------------------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow):
@@ -845,26 +866,6 @@ class Cache:
             flow.response = edge_answer(flow, 404, "not in cache")
         state.answered = True
         state.status.detail = "purge"
-
-    def _remove(self, key: str) -> bool | int:
-        """A purge or invalidation of `key` (`*`: everything; then how many URLs were held),
-        told to the removal listeners, whose failure is logged and never the purge's."""
-        removed = self.store.clear() if key == "*" else self.store.remove(key)
-        for listener in self.removal_listeners:
-            try:
-                listener(key)
-            except Exception as e:
-                logger.warning("edge: a cache removal listener failed on %s: %s", key, e)
-        return removed
-
-    def forget(self, key: str) -> None:
-        """Drop `key` (`*`: everything) from the memory tier only, telling nobody: another
-        process or node removed it and told everyone else itself."""
-        memory = getattr(self.store, "memory", self.store)     # TieredStore, SharedMemory or Store
-        if key == "*":
-            memory.clear()
-        else:
-            memory.remove(key)
 
     @staticmethod
     def _tell_revalidation(flow: http.HTTPFlow, outcome) -> None:

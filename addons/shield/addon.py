@@ -133,6 +133,9 @@ class Shield:
         self.verifier: Verifier | None = None
         self.bot_limits: dict[str, MemoryStore] = {}    # rate_limit class -> its per-address buckets
         self.shared_secret: Callable[[], bytes] | None = None    # the workers' key (addons/workers), set by the chain
+        # the cluster's challenge key (addons/cluster), None until Redis gave one: used when no
+        # bots.secret_file is set, so a cookie earned on one node passes on every node
+        self.shared_key: Callable[[], bytes | None] = lambda: None
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -335,6 +338,12 @@ class Shield:
             self._inspect_head(flow, ip, profile.waf)
         return None
 
+    def _challenge_key(self) -> None:
+        if not self.config.bots.secret_file:
+            key = self.shared_key()
+            if key is not None and key != self.challenge.secret:
+                self.challenge.secret = key
+
     async def _verify_then_judge(self, flow: http.HTTPFlow, ip: str, profile: RouteShield,
                                  domains: tuple[str, ...]) -> None:
         outcome = await self.verifier.verify(ip, domains, self.config.bots.verify_timeout)
@@ -362,6 +371,7 @@ class Shield:
                                                        {"Retry-After": retry_after_header(verdict.retry_after)})
         if action != "challenge" and not (kind == "browser" and bots.challenge_busy and self.behaviour.busy(ip)):
             return True
+        self._challenge_key()
         cookies = flow.request.cookies
         if self.challenge.valid(cookies.get(Challenge.COOKIE), ip):
             del cookies[Challenge.COOKIE]               # ours: the origin never sees it
