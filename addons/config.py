@@ -1261,8 +1261,6 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
     if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
         raise r.doc.error(path + ("node",), "expected a name of letters, digits, '.', '_' or '-' (at most 63)")
     redis = raw.get("redis")
-    if redis is None and not raw.get("peers"):
-        raise r.doc.error(path, "a cluster needs redis: the URL of the Redis its nodes share (or a static peers: list)")
     if redis is not None:
         from addons.cluster.urls import parse_redis_url
         r.convert(parse_redis_url, redis, path + ("redis",))
@@ -1305,6 +1303,8 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
         raise r.doc.error(path + ("tiered",), "needs the members: cluster.redis or a static cluster.peers list")
     if tiered and redis is None and secret_file is None:
         raise r.doc.error(path + ("secret_file",), "tiered without Redis needs a secret_file shared by the peers")
+    if redis is None and not peers:
+        raise r.doc.error(path, "a cluster needs redis: the URL of the Redis its nodes share (or a static peers: list)")
     return ClusterConfig(node, redis, advertise, ttl, secret_file, tiered, peers)
 
 

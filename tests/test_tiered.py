@@ -149,7 +149,7 @@ def test_the_cluster_section_and_its_mistakes(tmp_path):
              "test.yaml:3: cluster.peers.b: this node listens on port 8080 too"),
             ("cluster: {node: 'a b'}", "cluster.node: expected a name"),
             (f"cluster: {{node: a, secret_file: {short}}}", "fewer than 16 bytes of key"),
-            ("cluster: {node: a, redis: 'http://x'}", "cluster.redis: expected a redis://"),
+            ("cluster: {node: a, redis: 'http://x'}", "cluster.redis: 'http://x': unknown scheme 'http'"),
             ("cluster: {node: a, peer: {}}", "test.yaml:2: cluster.peer: unknown key")):
         with pytest.raises(ConfigError) as e:
             parse_config(pools + text + "\n", "test.yaml")
