@@ -661,3 +661,47 @@ def test_alt_svc_and_own_address_rules():
     assert policy.is_own_address("anything", 3128, ("0.0.0.0", 3128), ["127.0.1.1"])
     assert not policy.is_own_address("127.0.0.1", 3129, ("127.0.0.1", 3128))
     assert not policy.is_own_address("10.0.0.5", 3128, ("127.0.0.1", 3128))
+
+
+def test_a_client_hello_sent_in_slivers_is_not_spliced_unjudged(forward, origins):
+    fwd = forward()
+    connections = origins["https"].connections
+    sock, answer = connect(fwd, "allowed.example:443")
+    assert answer.startswith(b"HTTP/1.1 200")
+    sock.sendall(b"\x16")
+    sock.settimeout(5)
+    assert sock.recv(1) == b""
+    sock.close()
+    assert origins["https"].connections == connections
+    assert fwd.lines(1)[0]["action"] == "block"
+
+
+def test_curl_through_the_proxy_with_a_user_and_interception(forward, pki, origins, tmp_path):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    fwd = forward(users_yaml(tmp_path), GROUP_POLICY.replace("  - {group: guests, action: allow}\n",
+                                                             "  - {group: guests, action: intercept}\n"))
+    run = lambda *args: subprocess.run([curl, "-s", "-o", "-", "-w", "\n%{http_code} %{ssl_verify_result}",
+                                        "--proxy", fwd.proxy, *args], capture_output=True, text=True, timeout=20)
+    out = run("--proxy-user", "bob:bob-pw", "--cacert", str(pki.edge_ca_cert), "https://allowed.example/static.css")
+    assert out.stdout.endswith("body{color:#123}\n\n200 0"), out
+    denied = run("https://allowed.example/")
+    assert "407" in denied.stdout or denied.returncode != 0
+    lines = fwd.lines(2)
+    assert [(l["user"], l["group"], l["scheme"], l["action"], l["status"]) for l in lines] == [
+        ("bob", "guests", "https", "intercept", 200), (None, None, "tunnel", "block", 407)]
+
+
+def test_the_example_config_and_its_lists_parse(tmp_path, pki):
+    example = Path(__file__).resolve().parent.parent / "data"
+    shutil.copytree(example / "lists", tmp_path / "lists")
+    shutil.copy(example / "forward.example.yaml", tmp_path / "forward.yaml")
+    (tmp_path / "ca").mkdir()
+    shutil.copy(pki.edge_ca, tmp_path / "ca" / "edge-ca.pem")
+    config = parse_forward_config((tmp_path / "forward.yaml").read_text(), str(tmp_path / "forward.yaml"))
+    assert [r.action for r in config.policy] == ["block", "block", "log", "allow"]
+    assert config.lists["malware"].matches("dropper.malware.example")
+    assert config.lists["ads"].matches("news.example", "http://news.example/ads/1.js")
+    assert not config.lists["ads"].matches("news.example", "http://news.example/story")
+    assert config.cache.enabled and config.cache.max_size == 2**30

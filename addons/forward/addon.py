@@ -30,6 +30,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.tls import ClientHello
 
 from addons import failsafe
+from addons.failsafe import fail_closed
 from addons.client import split_host
 from addons.forward import policy
 from addons.forward.config import ForwardConfig
@@ -267,6 +268,7 @@ class Gate:
 
     # -- CONNECT --------------------------------------------------------------------------------
 
+    @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
@@ -296,15 +298,28 @@ class Gate:
         self.by_client.setdefault(flow.client_conn.id, set()).add(flow.server_conn.id)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """The tunnel's first bytes: pass through, close, or leave to mitmproxy to decrypt."""
+        """The tunnel's first bytes: pass through, close, or leave to mitmproxy to decrypt.
+        Should the decision fail, the tunnel is closed (never decrypted nor passed unjudged)."""
         if nextlayer.layer is not None:
             return
         seen = self.tunnels.get(nextlayer.context.server.id)
         if seen is None or seen.decrypted or nextlayer.context.client.tls_established:
             return
+        try:
+            self._choose_layer(nextlayer, seen)
+        except Exception:
+            logger.exception("edge: forward tunnel to %s:%d: no decision; closed", seen.host, seen.port)
+            self.tunnels.pop(nextlayer.context.server.id, None)
+            nextlayer.layer = Refused(nextlayer.context)
+
+    def _choose_layer(self, nextlayer: layer.NextLayer, seen: Seen) -> None:
         data = nextlayer.data_client()
         sni = None
-        if starts_like_tls_record(data):
+        if data[:1] == b"\x16" and len(data) < 3:
+            # a TLS record in slivers: mitmproxy would pick a layer before the ClientHello is
+            # read, so its SNI would go unjudged; no client splits its first three bytes
+            seen.decision = policy.Decision("block", None, None, seen.decision.group)
+        elif starts_like_tls_record(data):
             try:
                 hello = layers.tls.parse_client_hello(data)
             except ValueError:
@@ -358,6 +373,7 @@ class Gate:
 
     # -- plain HTTP and decrypted requests ------------------------------------------------------
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
