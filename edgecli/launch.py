@@ -337,6 +337,7 @@ async def serve_forward(launch: ForwardLaunch) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, chain.reload)
     await m.run()
     if launch.failure:
         raise LaunchError(launch.failure[0])

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -705,3 +706,44 @@ def test_the_example_config_and_its_lists_parse(tmp_path, pki):
     assert config.lists["ads"].matches("news.example", "http://news.example/ads/1.js")
     assert not config.lists["ads"].matches("news.example", "http://news.example/story")
     assert config.cache.enabled and config.cache.max_size == 2**30
+
+
+def test_edge_forward_command_runs_and_reloads_its_lists_on_sighup(tmp_path):
+    """The CLI as users run it (a process of its own); SIGHUP reads the config and its lists
+    again. reloaded.example resolves nowhere: allowed it is a 502, listed a block page."""
+    from tests.conftest import free_port, wait_for_port
+    port = free_port()
+    (tmp_path / "l.txt").write_text("social.example\n")
+    (tmp_path / "forward.yaml").write_text(f"mode: forward\nlisten: 127.0.0.1:{port}\nlists: {{l: l.txt}}\n"
+                                           "policy:\n  - {list: l, action: block}\n  - {action: allow}\n")
+    proc = subprocess.Popen([str(Path(__file__).resolve().parent.parent / ".venv/bin/edge"), "forward", "-c",
+                             str(tmp_path / "forward.yaml"), "--confdir", str(tmp_path / "confdir")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for_port(port, proc)
+        fwd = Forward(None, port, Hosts({}), tmp_path / "none", tmp_path)
+        assert get(fwd, "http://reloaded.example/").status_code == 502
+        (tmp_path / "l.txt").write_text("social.example\nreloaded.example\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while get(fwd, "http://reloaded.example/").status_code != 403:
+            assert time.monotonic() < deadline, "the list was not reloaded"
+            time.sleep(0.1)
+        (tmp_path / "l.txt").write_text("bad..name\n")          # a broken list: the running one stays
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("forward reload refused, the running config stays" in line for line in output):
+            assert time.monotonic() < deadline, f"no refusal reported: {output}"
+            time.sleep(0.05)
+        assert get(fwd, "http://social.example/").status_code == 403
+        assert get(fwd, "http://reloaded.example/").status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        reader.join(5)
+    err = "".join(output)
+    assert f"forward proxy on 127.0.0.1:{port}" in err
+    assert "forward reload refused, the running config stays" in err and "l.txt:1" in err

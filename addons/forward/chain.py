@@ -11,12 +11,15 @@ when the cache's verdict is known.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from addons.cache import Cache
 from addons.config import CompressConfig, EdgeConfig
 from addons.forward.addon import ActivityLog, Gate, Guard
 from addons.forward.config import ForwardConfig
 from addons.stream import Stream
+
+logger = logging.getLogger("edge")
 
 
 def cache_config(config: ForwardConfig) -> EdgeConfig:
@@ -45,6 +48,21 @@ class ForwardChain:
         edge = cache_config(config)
         self.cache.apply(edge)
         self.stream.apply(edge.buffer_limit, web=False)
+
+    def reload(self) -> None:
+        """SIGHUP: the config file read again, lists included; on a mistake the running config
+        stays (and the mistakes are logged). The listen address is not changed by a reload."""
+        from addons.config import ConfigError
+        from addons.forward.config import load_forward_config
+        try:
+            config = load_forward_config(self.config.source)
+            listen = self.config.listen
+            self.apply(dataclasses.replace(config, listen=listen))
+        except (ConfigError, OSError) as e:
+            logger.warning("edge: forward reload refused, the running config stays:\n%s", e)
+            return
+        logger.info("edge: forward config reloaded from %s (%d rules, %d lists)", config.source,
+                    len(config.policy), len(config.lists))
 
     def listening(self, address: tuple[str, int]) -> None:
         """The address the proxy is bound to (the config's port may be 0)."""
