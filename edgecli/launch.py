@@ -323,6 +323,8 @@ async def serve_forward(launch: ForwardLaunch) -> None:
         chain = ForwardChain(cfg)
     except OSError as e:
         raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
+    except ValueError as e:         # the LDAP server refused the bind
+        raise LaunchError(str(e)) from None
     m = ForwardMaster(opts, chain)
     m.addons.add(*launch.extra_addons, _ForwardReady(launch, m, chain))
     try:

@@ -447,6 +447,15 @@ def test_sni_naming_a_blocked_site_closes_the_tunnel(forward, pki, origins):
         ("CONNECT", "allowed.example", "block", "policy[0]")
 
 
+def test_connect_only_to_the_connect_ports(forward, origins):
+    fwd = forward()
+    sock, answer = connect(fwd, "allowed.example:25")
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 403") and b"CONNECT is allowed to port 443 only" in answer
+    line = fwd.lines(1)[0]
+    assert (line["port"], line["status"], line["action"], line["rule"]) == (25, 403, "block", None)
+
+
 def test_malformed_connect_gets_400_and_the_proxy_keeps_serving(forward, origins):
     fwd = forward()
     for bad in (b"CONNECT nonsense HTTP/1.1\r\n\r\n", b"CONNECT :443 HTTP/1.1\r\n\r\n",
@@ -608,9 +617,21 @@ def test_config_mistakes_are_named_by_file_and_line(tmp_path):
         f"{path}:6: policy[1].list: no list named 'nothing' (lists:)",
         f"{path}:7: policy[2]: decrypting needs intercept.ca (make one: edge forward ca init)",
         f"{path}:8: policy[3].group: no group named 'staff' (users.groups)",
-        f"{path}:9: bogus: unknown key (known: activity_log, allow_clients, buffer_limit, cache, intercept, lists, "
-        "listen, mode, policy, rate_limit, users)",
-    ] or lines
+        f"{path}:9: bogus: unknown key (known: activity_log, allow_clients, buffer_limit, cache, connect_ports, "
+        "intercept, listen, lists, mode, policy, rate_limit, users)",
+    ]
+
+
+def test_ldap_users_are_read_into_mitmproxys_proxyauth_spec():
+    """Parsing only: no LDAP server is started by the tests (mitmproxy's validator binds at start)."""
+    config = parse_forward_config("mode: forward\nusers:\n  ldap: {url: 'ldaps://ldap.example:636', "
+                                  "bind_dn: 'cn=proxy,dc=example', password: s3cret, base: 'ou=people,dc=example'}\n"
+                                  "  groups: {staff: ['*']}\n", "f.yaml")
+    assert config.users.ldap == "ldaps:ldap.example:636:cn=proxy,dc=example:s3cret:ou=people,dc=example"
+    with pytest.raises(ConfigError) as e:
+        parse_forward_config("mode: forward\nusers:\n  ldap: {url: 'ldap://x', bind_dn: a, password: 'p:w', "
+                             "base: b}\n", "f.yaml")
+    assert "f.yaml:3: users.ldap.password: expected a string without a colon" in str(e.value)
 
 
 def test_config_checks_the_ca_the_htpasswd_and_lists(tmp_path, pki):

@@ -212,7 +212,10 @@ class Gate:
         elif users.htpasswd is not None:
             self.validator = proxyauth.Htpasswd("@" + users.htpasswd)
         else:
-            self.validator = proxyauth.Ldap(users.ldap)
+            try:
+                self.validator = proxyauth.Ldap(users.ldap)     # binds now: a wrong password is said at start
+            except Exception as e:
+                raise ValueError(f"users.ldap: cannot bind to the LDAP server: {e}") from None
         self.checked.clear()
         limit = config.rate_limit
         if limit is None:
@@ -285,6 +288,11 @@ class Gate:
             return
         if policy.is_own_address(seen.host, seen.port, self.config.listen):
             flow.response = failsafe.edge_answer(flow, 403, "the proxy does not forward to itself")
+            self.log.write(seen, 403)
+            return
+        if seen.port not in self.config.connect_ports:
+            ports = ", ".join(map(str, self.config.connect_ports))
+            flow.response = failsafe.edge_answer(flow, 403, f"CONNECT is allowed to port {ports} only")
             self.log.write(seen, 403)
             return
         seen.decision = self._decide(seen, seen.host, None)

@@ -23,7 +23,10 @@ DEFAULT_LISTEN = ("127.0.0.1", 3128)
 DEFAULT_CLIENTS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10"))
 TOP_KEYS = {"mode", "listen", "users", "intercept", "lists", "policy", "cache", "activity_log", "allow_clients",
-            "rate_limit", "buffer_limit"}
+            "rate_limit", "buffer_limit", "connect_ports"}
+# Squid's SSL_ports: a CONNECT tunnel elsewhere (25: mail) would make the proxy a relay for
+# whatever protocol the client speaks.
+DEFAULT_CONNECT_PORTS = (443,)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOST_GLOB = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
 
@@ -63,6 +66,7 @@ class ForwardConfig:
     rate_limit: UserRateLimit | None = None
     buffer_limit: int = 2**20            # larger bodies (and those of unknown length) stream
     source: str = "<config>"
+    connect_ports: tuple[int, ...] = DEFAULT_CONNECT_PORTS    # where CONNECT tunnels may go
 
 
 def is_forward(text: str) -> bool:
@@ -94,7 +98,7 @@ def _read(r: _Reader, source: str) -> ForwardConfig:
     top = r.mapping(r.doc.value, (), TOP_KEYS)
     if top.get("mode", "forward") != "forward":
         raise r.doc.error(("mode",), "a forward-proxy config says mode: forward (a reverse one is run by edge run)")
-    listen = r.convert(parse_hostport, top["listen"], ("listen",)) if top.get("listen") is not None else DEFAULT_LISTEN
+    listen = _listen(r, top)
     users = _users(r, top.get("users"), source) if top.get("users") is not None else None
     intercept = _intercept(r, top.get("intercept"), source)
     lists = _lists(r, top.get("lists"), source)
@@ -115,7 +119,25 @@ def _read(r: _Reader, source: str) -> ForwardConfig:
     if top.get("buffer_limit") is not None:
         buffer_limit = r.convert(parse_size, top["buffer_limit"], ("buffer_limit",))
     return ForwardConfig(listen, users, intercept, lists, policy, _cache(r, top.get("cache")), log, clients,
-                         _rate_limit(r, top.get("rate_limit")), buffer_limit, source)
+                         _rate_limit(r, top.get("rate_limit")), buffer_limit, source, _connect_ports(r, top))
+
+
+@_part(lambda: DEFAULT_CONNECT_PORTS)
+def _connect_ports(r: _Reader, top: dict) -> tuple[int, ...]:
+    if top.get("connect_ports") is None:
+        return DEFAULT_CONNECT_PORTS
+    ports = tuple(r.listing(top["connect_ports"], ("connect_ports",)))
+    for i, port in enumerate(ports):
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise r.doc.error(("connect_ports", i), "expected a port number from 1 to 65535")
+    if not ports:
+        raise r.doc.error(("connect_ports",), "expected at least one port, like [443]")
+    return ports
+
+
+@_part(lambda: DEFAULT_LISTEN)
+def _listen(r: _Reader, top: dict) -> tuple[str, int]:
+    return r.convert(parse_hostport, top["listen"], ("listen",)) if top.get("listen") is not None else DEFAULT_LISTEN
 
 
 @_part(lambda: None)
@@ -169,8 +191,9 @@ def _ldap(r: _Reader, raw: Any, path: tuple) -> str:
     if m is None:
         raise r.doc.error(path + ("url",), "expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]")
     for key in ("bind_dn", "password", "base"):
-        if not isinstance(spec.get(key), str) or not spec[key] or (key != "password" and ":" in spec[key]):
-            raise r.doc.error(path + (key,), "expected a string (no : in a DN)")
+        if not isinstance(spec.get(key), str) or not spec[key] or ":" in spec[key]:
+            # mitmproxy's proxyauth spec is colon-separated
+            raise r.doc.error(path + (key,), "expected a string without a colon")
     server = f"{m[2]}:{m[3]}" if m[3] else m[2]
     return f"{m[1]}:{server}:{spec['bind_dn']}:{spec['password']}:{spec['base']}"
 
@@ -238,28 +261,35 @@ def _policy(r: _Reader, raw: Any, users: Users | None, lists: Mapping, intercept
     path = ("policy",)
     rules = []
     for i, item in enumerate(r.listing(raw, path)):
-        rpath = path + (i,)
-        spec = r.mapping(item, rpath, {"group", "list", "action", "intercept"})
-        action = spec.get("action")
-        if action not in ACTIONS:
-            raise r.doc.error(rpath + ("action",), f"expected one of {', '.join(ACTIONS)}")
-        group = spec.get("group")
-        if group is not None and (users is None or group not in users.groups):
-            raise r.doc.error(rpath + ("group",), f"no group named {group!r} (users.groups)")
-        listed = spec.get("list")
-        if listed is not None and listed not in lists:
-            raise r.doc.error(rpath + ("list",), f"no list named {listed!r} (lists:)")
-        page = spec.get("intercept", False)
-        if not isinstance(page, bool):
-            raise r.doc.error(rpath + ("intercept",), "expected true or false")
-        if page and action != "block":
-            raise r.doc.error(rpath + ("intercept",), "only a block rule takes intercept: true (its page inside TLS)")
-        if (page or action == "intercept") and intercept.ca is None:
-            raise r.doc.error(rpath, "decrypting needs intercept.ca (make one: edge forward ca init)")
-        rules.append(Rule(i, action, group, listed, page))
+        rule = _rule(r, item, path + (i,), users, lists, intercept)
+        rules.append(rule or Rule(i, "block"))      # a bad rule (recorded) stands as a block
     if not rules:
         raise r.doc.error(path, "expected at least one rule, like {action: allow} (or leave policy: out)")
     return tuple(rules)
+
+
+@_part(lambda: None)
+def _rule(r: _Reader, item: Any, rpath: tuple, users: Users | None, lists: Mapping, intercept: Intercept) -> Rule:
+    """One rule: {group, list, action, intercept}, checked against the groups, lists and CA."""
+    i = rpath[-1]
+    spec = r.mapping(item, rpath, {"group", "list", "action", "intercept"})
+    action = spec.get("action")
+    if action not in ACTIONS:
+        raise r.doc.error(rpath + ("action",), f"expected one of {', '.join(ACTIONS)}")
+    group = spec.get("group")
+    if group is not None and (users is None or group not in users.groups):
+        raise r.doc.error(rpath + ("group",), f"no group named {group!r} (users.groups)")
+    listed = spec.get("list")
+    if listed is not None and listed not in lists:
+        raise r.doc.error(rpath + ("list",), f"no list named {listed!r} (lists:)")
+    page = spec.get("intercept", False)
+    if not isinstance(page, bool):
+        raise r.doc.error(rpath + ("intercept",), "expected true or false")
+    if page and action != "block":
+        raise r.doc.error(rpath + ("intercept",), "only a block rule takes intercept: true (its page inside TLS)")
+    if (page or action == "intercept") and intercept.ca is None:
+        raise r.doc.error(rpath, "decrypting needs intercept.ca (make one: edge forward ca init)")
+    return Rule(i, action, group, listed, page)
 
 
 @_part(lambda: CacheConfig(enabled=False, purge_from=()))
