@@ -736,6 +736,7 @@ def test_edge_forward_command_runs_and_reloads_its_lists_on_sighup(tmp_path):
     port = free_port()
     (tmp_path / "l.txt").write_text("social.example\n")
     (tmp_path / "forward.yaml").write_text(f"mode: forward\nlisten: 127.0.0.1:{port}\nlists: {{l: l.txt}}\n"
+                                           "activity_log: a.jsonl\n"
                                            "policy:\n  - {list: l, action: block}\n  - {action: allow}\n")
     proc = subprocess.Popen([str(Path(__file__).resolve().parent.parent / ".venv/bin/edge"), "forward", "-c",
                              str(tmp_path / "forward.yaml"), "--confdir", str(tmp_path / "confdir")],
@@ -747,6 +748,7 @@ def test_edge_forward_command_runs_and_reloads_its_lists_on_sighup(tmp_path):
         wait_for_port(port, proc)
         fwd = Forward(None, port, Hosts({}), tmp_path / "none", tmp_path)
         assert get(fwd, "http://reloaded.example/").status_code == 502
+        (tmp_path / "a.jsonl").rename(tmp_path / "a.jsonl.1")      # logrotate
         (tmp_path / "l.txt").write_text("social.example\nreloaded.example\n")
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -767,4 +769,6 @@ def test_edge_forward_command_runs_and_reloads_its_lists_on_sighup(tmp_path):
         reader.join(5)
     err = "".join(output)
     assert f"forward proxy on 127.0.0.1:{port}" in err
+    assert [json.loads(l)["status"] for l in (tmp_path / "a.jsonl.1").read_text().splitlines()] == [502]
+    assert [json.loads(l)["status"] for l in (tmp_path / "a.jsonl").read_text().splitlines()][-2:] == [403, 403]
     assert "forward reload refused, the running config stays" in err and "l.txt:1" in err

@@ -14,6 +14,7 @@ never matches, which makes it wait (it reads the ClientHello to test hosts again
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import logging
@@ -92,12 +93,17 @@ class ActivityLog:
     def apply(self, path: str | None) -> None:
         if path == self.path:
             return
-        self.done()
-        self.path = path
-        if path == "-":
-            self.out = sys.stdout
-        elif path is not None:
-            self.out = open(path, "a", buffering=1, encoding="utf-8")
+        out = sys.stdout if path == "-" else open(path, "a", buffering=1, encoding="utf-8") if path else None
+        self.done()                     # after the new one opened: should that fail, the old one stays
+        self.out, self.path = out, path
+
+    def reopen(self) -> None:
+        """A reload: the file opened again by its name (logrotate moved the old one away)."""
+        if self.path in (None, "-"):
+            return
+        out = open(self.path, "a", buffering=1, encoding="utf-8")
+        old, self.out = self.out, out
+        old.close()
 
     def write(self, seen: Seen, status: int | None, cache: str | None = None) -> None:
         if self.out is None:
@@ -132,7 +138,11 @@ class ActivityLog:
             return
         seen.bytes_in = len(flow.request.raw_content or b"")
         seen.bytes_out = body_size(flow) if flow.response is not None else 0
-        self.write(seen, flow.response.status_code if flow.response is not None else None, cache_verdict(flow))
+        if flow.response is not None:
+            status = flow.response.status_code
+        else:           # mitmproxy answered 502 when the site could not be reached; else the client left
+            status = 502 if flow.server_conn.timestamp_tcp_setup is None else None
+        self.write(seen, status, cache_verdict(flow))
 
 
 def cache_verdict(flow: http.HTTPFlow) -> str | None:
@@ -235,7 +245,8 @@ class Gate:
             return True, None
         if flow.client_conn in self.authenticated:          # a request inside an authenticated tunnel
             return True, self.authenticated[flow.client_conn]
-        user = self.checked.get(value)
+        key = hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()     # no password kept
+        user = self.checked.get(key)
         if user is not None:
             return True, user
         try:
@@ -245,7 +256,7 @@ class Gate:
             valid = False
         if not valid:
             return False, None
-        self.checked[value] = name
+        self.checked[key] = name
         return True, name
 
     def _refuse_auth(self, flow: http.HTTPFlow) -> None:

@@ -57,6 +57,7 @@ class ForwardChain:
         try:
             config = load_forward_config(self.config.source)
             listen = self.config.listen
+            self.log.reopen()
             self.apply(dataclasses.replace(config, listen=listen))
         except (ConfigError, OSError) as e:
             logger.warning("edge: forward reload refused, the running config stays:\n%s", e)
