@@ -772,3 +772,21 @@ def test_edge_forward_command_runs_and_reloads_its_lists_on_sighup(tmp_path):
     assert [json.loads(l)["status"] for l in (tmp_path / "a.jsonl.1").read_text().splitlines()] == [502]
     assert [json.loads(l)["status"] for l in (tmp_path / "a.jsonl").read_text().splitlines()][-2:] == [403, 403]
     assert "forward reload refused, the running config stays" in err and "l.txt:1" in err
+
+
+def test_http2_inside_a_decrypted_tunnel_and_a_misdirected_authority(forward, pki, origins):
+    """A client speaking HTTP/2 inside the tunnel (curl) is decided the same way; a request
+    whose authority names another host than the tunnel's gets 421 (it would be judged, and
+    cached, as a site it is not sent to)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    fwd = forward()
+    run = lambda *args: subprocess.run([curl, "-s", "--http2", "-o", "-", "-w", "\n%{http_version} %{http_code}",
+                                        "--proxy", fwd.proxy, "--cacert", str(pki.edge_ca_cert), *args],
+                                       capture_output=True, text=True, timeout=20).stdout
+    assert run("https://inspected.example/static.css") == "body{color:#123}\n\n2 200"
+    assert run("-H", "Host: social.example", "https://inspected.example/").endswith("\n2 421")
+    line = fwd.lines(2)[0]
+    assert (line["scheme"], line["url"], line["action"]) == ("https", "https://inspected.example/static.css",
+                                                             "intercept")
