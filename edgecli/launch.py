@@ -21,7 +21,7 @@ from mitmproxy import certs, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog, tlsconfig
 
 from addons.chain import Edge
-from addons.config import EdgeConfig
+from addons.config import ConfigError, EdgeConfig
 from addons.console import ListenerStatus
 from addons.lifecycle.addon import install_signals
 from addons.tasks import Throttle
@@ -323,7 +323,7 @@ async def serve_forward(launch: ForwardLaunch) -> None:
         chain = ForwardChain(cfg)
     except OSError as e:
         raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
-    except ValueError as e:         # the LDAP server refused the bind
+    except (ValueError, ConfigError) as e:      # the users' file or LDAP server, the disk cache
         raise LaunchError(str(e)) from None
     m = ForwardMaster(opts, chain)
     m.addons.add(*launch.extra_addons, _ForwardReady(launch, m, chain))

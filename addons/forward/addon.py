@@ -215,17 +215,9 @@ class Gate:
         self.via = f"1.1 edge-{secrets.token_hex(6)}"
 
     def apply(self, config: ForwardConfig) -> None:
+        """Raises ValueError (nothing changed) when the users' file or server cannot be used."""
+        self.validator = self._validator(config.users)
         self.config = config
-        users = config.users
-        if users is None:
-            self.validator = None
-        elif users.htpasswd is not None:
-            self.validator = proxyauth.Htpasswd("@" + users.htpasswd)
-        else:
-            try:
-                self.validator = proxyauth.Ldap(users.ldap)     # binds now: a wrong password is said at start
-            except Exception as e:
-                raise ValueError(f"users.ldap: cannot bind to the LDAP server: {e}") from None
         self.checked.clear()
         limit = config.rate_limit
         if limit is None:
@@ -234,6 +226,18 @@ class Gate:
             self.limits = MemoryStore(limit.rate, limit.burst)
         else:
             self.limits = self.limits.retuned(limit.rate, limit.burst)
+
+    @staticmethod
+    def _validator(users) -> proxyauth.Validator | None:
+        if users is None:
+            return None
+        try:
+            if users.htpasswd is not None:
+                return proxyauth.Htpasswd("@" + users.htpasswd)
+            return proxyauth.Ldap(users.ldap)       # binds now: a wrong password is said at start
+        except Exception as e:
+            what = f"cannot read {users.htpasswd}" if users.htpasswd else "cannot bind to the LDAP server"
+            raise ValueError(f"users: {what}: {e}") from None
 
     # -- who ------------------------------------------------------------------------------------
 

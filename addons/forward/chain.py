@@ -41,12 +41,12 @@ class ForwardChain:
         self.apply(config)
 
     def apply(self, config: ForwardConfig) -> None:
+        edge = cache_config(config)
+        self.gate.apply(config)         # first those that may refuse (the users' file, the disk cache)
+        self.cache.apply(edge)
         self.config = config
         self.log.apply(config.activity_log)
         self.guard.apply(config)
-        self.gate.apply(config)
-        edge = cache_config(config)
-        self.cache.apply(edge)
         self.stream.apply(edge.buffer_limit, web=False)
 
     def reload(self) -> None:
@@ -59,7 +59,7 @@ class ForwardChain:
             listen = self.config.listen
             self.log.reopen()
             self.apply(dataclasses.replace(config, listen=listen))
-        except (ConfigError, OSError) as e:
+        except (ConfigError, OSError, ValueError) as e:      # ConfigError: also the disk cache's
             logger.warning("edge: forward reload refused, the running config stays:\n%s", e)
             return
         logger.info("edge: forward config reloaded from %s (%d rules, %d lists)", config.source,
