@@ -790,3 +790,14 @@ def test_http2_inside_a_decrypted_tunnel_and_a_misdirected_authority(forward, pk
     line = fwd.lines(2)[0]
     assert (line["scheme"], line["url"], line["action"]) == ("https", "https://inspected.example/static.css",
                                                              "intercept")
+
+
+def test_a_tunnel_closed_before_any_byte_is_one_line(forward, origins):
+    fwd = forward()
+    sock, answer = connect(fwd, "allowed.example:443")
+    assert answer.startswith(b"HTTP/1.1 200")
+    sock.close()
+    line = fwd.lines(1)[0]
+    assert (line["method"], line["scheme"], line["status"], line["bytes_in"], line["bytes_out"]) == \
+        ("CONNECT", "tunnel", 200, 0, 0)
+    assert len(fwd.lines(1)) == 1
