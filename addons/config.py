@@ -1044,7 +1044,8 @@ def _read_config(doc: _Doc) -> EdgeConfig:
     top = r.mapping(doc.value, (), {"listen", "trusted_proxies", "pools", "routing", "scrub", "cache", "compress",
                                     "access_log", "admin", "shield", "buffer_limit", "certificates", "acme",
                                     "sites", "default_site", "access_log_format", "shutdown_timeout", "reload",
-                                    "cluster", "workers"})
+                                    "cluster", "workers"}
+                  | _reverse_mode(r, doc.value))
 
     listen, listeners = _listen(r, top)
     trusted = tuple(r.convert(parse_network, v, ("trusted_proxies", i))
@@ -1179,6 +1180,18 @@ def _read_config(doc: _Doc) -> EdgeConfig:
                       access_log_format=_access_log_format(r, top),
                       admin_token_file=admin_token_file, **_lifecycle(r, top), cluster=_cluster(r, top, source, [lst.address for lst in listeners] or [listen]),
                       workers=_workers(r, top))
+
+
+def _reverse_mode(r: _Reader, top: Any) -> set[str]:
+    """`mode: reverse` (the default) is this file's; a forward-proxy file is run by `edge forward`.
+    The key is known only where it is given (unknown-key messages list the usual keys)."""
+    if not isinstance(top, dict) or "mode" not in top:
+        return set()
+    if top["mode"] == "forward":
+        raise r.doc.error(("mode",), "a forward-proxy config: run it with edge forward -c FILE")
+    if top["mode"] != "reverse":
+        raise r.doc.error(("mode",), "expected reverse (edge run) or forward (edge forward)")
+    return {"mode"}
 
 
 ACCESS_LOG_FORMATS = ("json", "combined")
@@ -1345,14 +1358,18 @@ def _buffer_limit(r: _Reader, top: dict) -> int:
 
 
 def load_config(path: str) -> EdgeConfig:
+    return parse_config(config_text(path), path)
+
+
+def config_text(path: str) -> str:
+    """A config file's text, or ConfigError naming the file (the forward config's too)."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", source=path) from None
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", source=path) from None
-    return parse_config(text, path)
 
 
 def config_from_origins(urls: list[str], listen: tuple[str, int] = DEFAULT_LISTEN) -> EdgeConfig:

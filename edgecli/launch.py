@@ -21,7 +21,7 @@ from mitmproxy import certs, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, termlog, tlsconfig
 
 from addons.chain import Edge
-from addons.config import EdgeConfig
+from addons.config import ConfigError, EdgeConfig
 from addons.console import ListenerStatus
 from addons.lifecycle.addon import install_signals
 from addons.tasks import Throttle
@@ -271,10 +271,117 @@ async def serve(launch: Launch) -> None:
 
 def run(launch: Launch) -> None:
     """Blocking: run the edge on a fresh event loop (uvloop where installed)."""
-    os.makedirs(launch.confdir, exist_ok=True)
+    on_fresh_loop(launch.confdir, lambda: serve(launch))
+
+
+def on_fresh_loop(confdir: str, main: Callable) -> None:
+    os.makedirs(confdir, exist_ok=True)
     try:
         import uvloop
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None
-    asyncio.run(serve(launch), loop_factory=factory)
+    asyncio.run(main(), loop_factory=factory)
+
+
+# --- forward proxy (`edge forward`) -------------------------------------------------------------
+
+@dataclass
+class ForwardLaunch:
+    """Everything `edge forward` decides before the event loop starts."""
+    config: object                          # addons.forward.config.ForwardConfig
+    confdir: str
+    settings: Sequence[str] = ()
+    on_ready: Callable[[master.Master, tuple[str, int]], None] | None = None
+    handle_signals: bool = True
+    extra_addons: Sequence[object] = ()      # after the forward chain (tests: a stand-in for DNS)
+    failure: list[str] = field(default_factory=list)
+
+
+def forward_confdir(confdir: str, ca: str | None) -> str:
+    """mitmproxy signs with `<confdir>/mitmproxy-ca.pem`: for the forward config's CA, a
+    directory of its own holding a link to it (mitmproxy's own CA, generated there otherwise,
+    is never used: without intercept.ca nothing is decrypted)."""
+    import hashlib
+    if ca is None:
+        return os.path.join(confdir, "forward")
+    folder = os.path.join(confdir, "forward-" + hashlib.sha256(os.path.abspath(ca).encode()).hexdigest()[:12])
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    link = os.path.join(folder, "mitmproxy-ca.pem")
+    if not os.path.islink(link) or os.readlink(link) != os.path.abspath(ca):
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.abspath(ca), link)
+    return folder
+
+
+class ForwardMaster(master.Master):
+    """A lean master in regular (forward-proxy) mode: the forward chain's admission and policy
+    addons come before mitmproxy's NextLayer, so that they choose a tunnel's layer first."""
+
+    def __init__(self, opts: options.Options, chain) -> None:
+        from addons.forward.addon import ForwardTlsConfig
+        super().__init__(opts, with_termlog=False)
+        self.addons = IndexedAddonManager(self)
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(self._termlog_addon, core.Core(), proxyserver.Proxyserver(), *chain.first,
+                        next_layer.NextLayer(), ForwardTlsConfig(), disable_h2c.DisableH2C(), *chain.then)
+
+
+async def serve_forward(launch: ForwardLaunch) -> None:
+    """Run the forward proxy until shutdown. Raises LaunchError for problems the user can fix."""
+    from addons.forward.addon import NEVER_MATCHES
+    from addons.forward.chain import ForwardChain
+    logging.getLogger().setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)
+    cfg = launch.config
+    host, port = cfg.listen
+    at = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    opts = options.Options(mode=[f"regular@{at}"], confdir=forward_confdir(launch.confdir, cfg.intercept.ca))
+    try:
+        chain = ForwardChain(cfg)
+    except OSError as e:
+        raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
+    except (ValueError, ConfigError) as e:      # the users' file or LDAP server, the disk cache
+        raise LaunchError(str(e)) from None
+    m = ForwardMaster(opts, chain)
+    m.addons.add(*launch.extra_addons, _ForwardReady(launch, m, chain))
+    try:
+        opts.update(http3=False, termlog_verbosity="warn", connection_strategy="lazy",
+                    ignore_hosts=[NEVER_MATCHES])
+        for setting in launch.settings:
+            opts.set(setting)
+    except exceptions.OptionsError as e:
+        raise LaunchError(str(e)) from None
+    if launch.handle_signals and threading.current_thread() is threading.main_thread():
+        import signal
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, chain.reload)
+    await m.run()
+    if launch.failure:
+        raise LaunchError(launch.failure[0])
+
+
+class _ForwardReady:
+    """Tells the chain the port it got (port 0: never forwarding to itself needs the real one)."""
+
+    def __init__(self, launch: ForwardLaunch, m: master.Master, chain) -> None:
+        self.launch, self.master, self.chain = launch, m, chain
+
+    def running(self) -> None:
+        addrs = self.master.addons.get("proxyserver").listen_addrs()
+        if not addrs:
+            host, port = self.launch.config.listen
+            self.launch.failure.append(f"cannot listen on {host}:{port}")
+            self.master.shutdown()
+            return
+        self.chain.listening(addrs[0][:2])
+        if self.launch.on_ready:
+            self.launch.on_ready(self.master, addrs[0][:2])
+
+
+def run_forward(launch: ForwardLaunch) -> None:
+    """Blocking: run the forward proxy on a fresh event loop (uvloop where installed)."""
+    on_fresh_loop(launch.confdir, lambda: serve_forward(launch))

@@ -486,7 +486,9 @@ def update(license_key, account_id, edition, out, config_path) -> None:
         raise Problem(f"geoip update: {e} (nothing was changed)") from None
 
 
-SERVING_COMMANDS = {"run", "demo"}
+cli.add_command(__import__("edgecli.forward", fromlist=["forward"]).forward)    # lazy: click only
+
+SERVING_COMMANDS = {"run", "demo", "forward"}
 
 
 def main() -> None:
