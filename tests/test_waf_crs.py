@@ -5,16 +5,27 @@ our own in CRS 4's variable style, through a real edge and real clients."""
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import subprocess
+import tarfile
+from pathlib import Path
 
 import httpx
 import pytest
+import requests
+import responses
+from click.testing import CliRunner
 
 from addons.config import WafConfig
+from addons.shield import crs_update
 from addons.shield.crs import CrsError, detect_version, setup_for, tree_identity
 from addons.shield.waf import Waf, WafError, engine_fields
+from edgecli.main import cli
+from tests.conftest import free_port
 from tests.rawnet import RecordingOrigin, exchange, status_of
+from tests.test_lifecycle import Running, config_text, token_file
 from tests.test_shield import needs_crs
 from tests.test_streaming import log_lines
 
@@ -258,3 +269,198 @@ def test_http2_scores_like_http1_with_debians_crs(edge, tls, tmp_path):
             assert len(re.findall(rb"(?im)^host:", request)) == 1 and b"\r\nHost: shop.example\r\n" in request
     finally:
         o.stop()
+
+
+# -- edge waf update: a CRS release from GitHub, its signature checked (responses stands in) -----
+
+class Signer:
+    """A throwaway OpenPGP key in a keyring of its own (gpg, ed25519: instant), standing in
+    for the CRS project's."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(mode=0o700)
+        self.gpg("--quick-gen-key", "CRS test signer <crs@example.test>", "ed25519", "sign", "never")
+        listing = self.gpg("--with-colons", "--list-keys").decode()
+        self.fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+        self.public = self.gpg("--armor", "--export", self.fingerprint)
+
+    def gpg(self, *args: str, data: bytes | None = None) -> bytes:
+        return subprocess.run(["gpg", "--batch", "--quiet", "--homedir", str(self.home), "--passphrase", "",
+                               "--pinentry-mode", "loopback", *args], input=data, capture_output=True,
+                              check=True, timeout=60).stdout
+
+    def sign(self, data: bytes) -> bytes:
+        return self.gpg("--armor", "--detach-sign", "--output", "-", data=data)
+
+    def stop(self) -> None:
+        subprocess.run(["gpgconf", "--homedir", str(self.home), "--kill", "all"], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def signers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpg")
+    made = [Signer(root / "crs"), Signer(root / "other")]
+    yield made
+    for s in made:
+        s.stop()
+
+
+def release_archive(root: Path, version: str, extra: str = "", hostile: tarfile.TarInfo | None = None) -> bytes:
+    """A CRS release as the project packs it: one top folder, rules/ and crs-setup.conf.example."""
+    tree = crs4_tree(root / f"src-{version}", extra, header=f"# OWASP CRS ver.{version}\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tree, arcname=f"coreruleset-{version}")
+        if hostile is not None:
+            tar.addfile(hostile, io.BytesIO(b"x" * hostile.size) if hostile.isfile() else None)
+    return buf.getvalue()
+
+
+def publish(rsps, version: str, archive: bytes, signature: bytes, archive_status: int = 200, **archive_kw) -> None:
+    url = crs_update.asset_url(version)
+    assert url == (f"https://github.com/coreruleset/coreruleset/releases/download/v{version}/"
+                   f"coreruleset-{version}-minimal.tar.gz")
+    rsps.add(responses.GET, url + ".asc", body=signature)
+    rsps.add(responses.GET, url, body=archive, status=archive_status, **archive_kw)
+
+
+def run_update(out: Path, key: Path, *more: str):
+    return CliRunner().invoke(cli, ["waf", "update", "--out", str(out), "--key", str(key), *more])
+
+
+def key_file(tmp_path: Path, signer: Signer) -> Path:
+    path = tmp_path / "security.asc"
+    path.write_bytes(signer.public)
+    return path
+
+
+def test_waf_update_installs_a_signed_release_and_a_reload_loads_it(edge, signers, tmp_path, monkeypatch):
+    crs, _ = signers
+    monkeypatch.setattr(crs_update, "CRS_FINGERPRINT", crs.fingerprint)      # the pinned key: ours here
+    key, out = key_file(tmp_path, crs), tmp_path / "waf" / "crs"
+    first = release_archive(tmp_path, "4.27.0")
+    with responses.RequestsMock() as rsps:
+        publish(rsps, "4.27.0", first, crs.sign(first))
+        result = run_update(out, key, "--version", "4.27.0")
+    assert result.exit_code == 0, result.output
+    assert "CRS 4.27.0, " in result.output and str(out) in result.output and "signed by CRS test signer" in result.output
+    assert out.is_symlink() and os.readlink(out).startswith(".crs-4.27.0-")
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["crs", os.readlink(out)])    # no leftovers
+    assert {p.name for p in (out / "rules").iterdir()} == {"REQUEST-901-INITIALIZATION.conf",
+                                                            "REQUEST-934-APPLICATION-ATTACK-GENERIC.conf",
+                                                            "REQUEST-949-BLOCKING-EVALUATION.conf"}
+    # a running edge on shield.waf.crs: DIR; the next release blocks a new word once reloaded
+    o = RecordingOrigin()
+    try:
+        token, admin = token_file(tmp_path), free_port()
+        config = tmp_path / "edge.yaml"
+        config.write_text(config_text({"p": [o.url]}, admin, token, extra=f"shield:\n  waf: {{crs: {out}}}\n"))
+        r = Running(edge, config)
+        assert httpx.get(f"{r.url}/?q=newword", headers=BROWSER).status_code == 200
+        second = release_archive(tmp_path, "4.28.0", 'SecRule ARGS "@contains newword" '
+                                 '"id:934300,phase:2,pass,log,setvar:tx.inbound_anomaly_score_pl1=+5"\n')
+        with responses.RequestsMock() as rsps:
+            rsps.add(responses.GET, crs_update.LATEST, json={"tag_name": "v4.28.0"})
+            publish(rsps, "4.28.0", second, crs.sign(second))
+            result = CliRunner().invoke(cli, ["waf", "update", "-c", str(config), "--key", str(key)])
+        assert result.exit_code == 0 and "CRS 4.28.0" in result.output, result.output
+        assert os.readlink(out).startswith(".crs-4.28.0-")
+        assert sorted(p.name for p in out.parent.iterdir()) == sorted(["crs", os.readlink(out)])   # the old one went
+        assert httpx.get(f"{r.url}/?q=newword", headers=BROWSER).status_code == 200     # not before a reload
+        assert r.reload().status_code == 200
+        assert httpx.get(f"{r.url}/?q=newword", headers=BROWSER).status_code == 403
+        assert httpx.get(f"{r.url}/?q=hello", headers=BROWSER).status_code == 200
+    finally:
+        o.stop()
+
+
+def installed(tmp_path: Path, signer: Signer, monkeypatch) -> tuple[Path, Path, str]:
+    """4.27.0 installed at DIR; the key file; what DIR points to."""
+    monkeypatch.setattr(crs_update, "CRS_FINGERPRINT", signer.fingerprint)
+    key, out = key_file(tmp_path, signer), tmp_path / "waf" / "crs"
+    archive = release_archive(tmp_path, "4.27.0")
+    with responses.RequestsMock() as rsps:
+        publish(rsps, "4.27.0", archive, signer.sign(archive))
+        assert run_update(out, key, "--version", "4.27.0").exit_code == 0
+    return out, key, os.readlink(out)
+
+
+def refused(out: Path, key: Path, before: str, archive: bytes, signature: bytes, **archive_kw) -> str:
+    with responses.RequestsMock() as rsps:
+        publish(rsps, "4.28.0", archive, signature, **archive_kw)
+        result = run_update(out, key, "--version", "4.28.0")
+    assert result.exit_code == 1 and "nothing was changed" in result.output, result.output
+    assert os.readlink(out) == before and (out / "rules" / "REQUEST-901-INITIALIZATION.conf").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["crs", before])      # no leftovers
+    return result.output
+
+
+def test_waf_update_refuses_a_bad_signature(signers, tmp_path, monkeypatch):
+    crs, other = signers
+    out, key, before = installed(tmp_path, crs, monkeypatch)
+    archive = release_archive(tmp_path, "4.28.0")
+    tampered = archive[:-40] + bytes(40)
+    assert "signature does not verify" in refused(out, key, before, tampered, crs.sign(archive))
+    assert "signature does not verify" in refused(out, key, before, archive, other.sign(archive))
+    assert "signature does not verify" in refused(out, key, before, archive, b"not a signature")
+    (tmp_path / "other").mkdir()
+    other_key = key_file(tmp_path / "other", other)               # signed by its key, but it is not the pinned one
+    assert "not the CRS project's" in refused(out, other_key, before, archive, other.sign(archive))
+
+
+def test_waf_update_refuses_an_interrupted_download(signers, tmp_path, monkeypatch):
+    crs, _ = signers
+    out, key, before = installed(tmp_path, crs, monkeypatch)
+    archive = release_archive(tmp_path, "4.28.0")
+    output = refused(out, key, before, archive[:len(archive) // 2], crs.sign(archive),
+                     auto_calculate_content_length=False, headers={"Content-Length": str(len(archive))})
+    assert "interrupted" in output
+    output = refused(out, key, before, archive, crs.sign(archive), archive_status=503)
+    assert "answered 503" in output
+    with responses.RequestsMock() as rsps:
+        rsps.add(responses.GET, crs_update.asset_url("4.28.0") + ".asc", body=requests.ConnectionError("reset"))
+        result = run_update(out, key, "--version", "4.28.0")
+    assert result.exit_code == 1 and "cannot fetch the signature of CRS 4.28.0" in result.output
+    assert os.readlink(out) == before
+
+
+def hostile(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, target, 3 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("entry, says", [
+    (hostile("coreruleset-4.28.0/../../evil.conf"), "hostile path"),
+    (hostile("/etc/evil.conf"), "hostile path"),
+    (hostile("coreruleset-4.28.0/rules/x.data", tarfile.SYMTYPE, "/etc/passwd"), "hostile link"),
+    (hostile("coreruleset-4.28.0/rules/y.data", tarfile.SYMTYPE, "../../../outside"), "hostile link"),
+    (hostile("coreruleset-4.28.0/rules/z.data", tarfile.LNKTYPE, "/etc/shadow"), "hostile link"),
+    (hostile("coreruleset-4.28.0/dev", tarfile.CHRTYPE), "hostile special file"),
+])
+def test_waf_update_refuses_a_hostile_archive(signers, tmp_path, monkeypatch, entry, says):
+    crs, _ = signers
+    out, key, before = installed(tmp_path, crs, monkeypatch)
+    archive = release_archive(tmp_path, "4.28.0", hostile=entry)       # signed: the key's holder is not trusted blindly
+    assert says in refused(out, key, before, archive, crs.sign(archive))
+    assert not (tmp_path / "evil.conf").exists() and not (tmp_path.parent / "evil.conf").exists()
+
+
+def test_waf_update_refuses_rules_that_are_not_the_release_or_do_not_load(signers, tmp_path, monkeypatch):
+    crs, _ = signers
+    out, key, before = installed(tmp_path, crs, monkeypatch)
+    mislabelled = release_archive(tmp_path / "a", "4.26.0")
+    assert "holds CRS 4.26.0, not CRS 4.28.0" in refused(out, key, before, mislabelled, crs.sign(mislabelled))
+    broken = release_archive(tmp_path / "b", "4.28.0", "SecNoSuchDirective On\n")
+    assert "the rules do not load" in refused(out, key, before, broken, crs.sign(broken))
+
+
+def test_waf_update_will_not_replace_a_folder_it_did_not_make(tmp_path):
+    out = tmp_path / "crs"
+    (out / "rules").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["waf", "update", "--version", "4.28.0", "--out", str(out)])
+    assert result.exit_code == 1 and "is not a link made by `edge waf update`" in result.output
+    assert CliRunner().invoke(cli, ["waf", "update"]).exit_code == 2          # where to: --out or -c
+    assert "is not a CRS 4 release" in CliRunner().invoke(
+        cli, ["waf", "update", "--version", "3.3.4", "--out", str(tmp_path / "x")]).output
