@@ -36,9 +36,9 @@ from addons.failsafe import edge_answer, fail_closed
 from addons.geo.locate import Locator
 from addons.net import in_networks, parse_ip
 from addons.shield.bots import Behaviour, Challenge, classify
+from addons.shield.crs import tree_identity
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
 from addons.shield.slow import Deadlines
-from addons.shield.crs import tree_identity
 from addons.shield.waf import Finding, Waf, compile_filters
 from addons.tasks import Throttle, every, report
 from addons.trace import decisions

@@ -187,7 +187,7 @@ class Waf:
         from libmodsecurity import Transaction
         txn = Transaction(self.engine, self.rules)
         txn.process_connection(client[0], client[1], server[0], server[1])
-        txn.process_uri(target, method, version.removeprefix("HTTP/").encode("ascii"))
+        txn.process_uri(target, method, version.removeprefix("HTTP/").encode("latin-1"))
         inspection = Inspection(txn)
         for name, value in engine_fields(version, fields, authority):
             txn.add_request_header(name, value)
