@@ -201,6 +201,8 @@ def test_the_engine_reads_the_exact_bytes(tmp_path):
     assert judge(waf, b"q=x", fields=[(b"Host", b"shop.example"), (b"X-Quote", b"it" + quote + b"s")]).rules == [4101]
     assert judge(waf, b"q=x", fields=[(b"Host", b"shop.example"), (b"X-" + quote, b"1")]).rules == [4102]
     assert judge(waf, b"q=x", body=b"text=it" + quote).rules == [4103]
+    raw = judge(waf, b"q=\xff\xfe", fields=[(b"Host", b"shop.example"), (b"X-Raw", b"\xff\x00\xc3")], body=b"\xff")
+    assert (raw.status, raw.rules) == (None, [])          # bytes that are no UTF-8 at all reach it too
 
 
 def test_exact_bytes_through_the_edge_in_the_url_a_header_and_the_body(edge, tmp_path):
