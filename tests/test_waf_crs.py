@@ -61,6 +61,7 @@ SecRule REQUEST_HEADERS_NAMES "@rx ^x-\xe2\x80\x99$" "id:4102,phase:1,pass,log,t
 SecRule REQUEST_BODY "@rx \xe2\x80\x99" "id:4103,phase:2,pass,log,msg:'quote in the body'"
 SecRule REQUEST_URI_RAW|REQUEST_HEADERS|REQUEST_HEADERS_NAMES "@rx \xc3\xa2\xc2\x80\xc2\x99" "id:4104,phase:1,pass,log,msg:'double-encoded'"
 SecRule REQUEST_BODY "@rx \xc3\xa2\xc2\x80\xc2\x99" "id:4105,phase:2,pass,log,msg:'double-encoded body'"
+SecRule REQUEST_HEADERS:X-Raw "@rx ^\xff\x00\xc3$" "id:4106,phase:1,pass,log,msg:'no UTF-8 at all'"
 """
 BROWSER = {"Host": "shop.example", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
            "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
@@ -202,7 +203,7 @@ def test_the_engine_reads_the_exact_bytes(tmp_path):
     assert judge(waf, b"q=x", fields=[(b"Host", b"shop.example"), (b"X-" + quote, b"1")]).rules == [4102]
     assert judge(waf, b"q=x", body=b"text=it" + quote).rules == [4103]
     raw = judge(waf, b"q=\xff\xfe", fields=[(b"Host", b"shop.example"), (b"X-Raw", b"\xff\x00\xc3")], body=b"\xff")
-    assert (raw.status, raw.rules) == (None, [])          # bytes that are no UTF-8 at all reach it too
+    assert (raw.status, raw.rules) == (None, [4106])      # bytes that are no UTF-8 at all reach it as sent
 
 
 def test_exact_bytes_through_the_edge_in_the_url_a_header_and_the_body(edge, tmp_path):
