@@ -7,9 +7,9 @@ SYSTEM := $(VENV)/.system
 BYTECODE := $(VENV)/.bytecode
 # Debian packages: the OWASP Core Rule Set for the WAF, redis-server for the shared rate-limit
 # store's tests, curl for the HTTP/2-over-TLS tests, pebble (Let's Encrypt's test CA) for the
-# ACME tests, uap-core (ua-parser's test User-Agents) for the bot-class tests. Installed once if
-# missing (root or sudo).
-DEBS   := modsecurity-crs:/usr/share/modsecurity-crs/rules redis-server:redis-server curl:curl pebble:pebble uap-core:/usr/share/uap-core/tests
+# ACME tests, uap-core (ua-parser's test User-Agents) for the bot-class tests, gpg for the
+# signature checks of `edge waf update`. Installed once if missing (root or sudo).
+DEBS   := modsecurity-crs:/usr/share/modsecurity-crs/rules redis-server:redis-server curl:curl pebble:pebble uap-core:/usr/share/uap-core/tests gpg:gpg
 PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
             $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; \
           done)

@@ -486,6 +486,37 @@ def update(license_key, account_id, edition, out, config_path) -> None:
         raise Problem(f"geoip update: {e} (nothing was changed)") from None
 
 
+@cli.group()
+def waf() -> None:
+    """The WAF's rules: install an official OWASP CRS 4 release."""
+
+
+@waf.command("update")
+@click.option("--version", "version", metavar="X.Y.Z", help="The CRS release to install [the latest].")
+@click.option("--out", metavar="DIR", help="The link to point at the rules [shield.waf.crs of -c FILE].")
+@click.option("-c", "--config", "config_path", metavar="FILE", help="Install where this config's shield.waf.crs points.")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The CRS project's public key (security.asc) [fetched from the project's site]; "
+                   "its fingerprint is checked either way.")
+def waf_update(version, out, config_path, key_file) -> None:
+    """Download a CRS release, check its OpenPGP signature with the CRS project's key, unpack
+    it beside DIR and point DIR at it in one rename; `edge reload` loads it into a running edge."""
+    from addons.shield.crs_update import UpdateError, update as install
+    if out is None and config_path:
+        config = read_config(config_path)
+        out = config.shield.waf.crs if config.shield and config.shield.waf else None
+    if out is None:
+        raise click.UsageError("give --out DIR, or -c FILE whose shield.waf.crs names the folder")
+    key = None
+    if key_file:
+        with open(key_file, "rb") as f:
+            key = f.read()
+    try:
+        click.echo(install(out, version, key))
+    except UpdateError as e:
+        raise Problem(f"waf update: {e} (nothing was changed)") from None
+
+
 cli.add_command(__import__("edgecli.forward", fromlist=["forward"]).forward)    # lazy: click only
 
 SERVING_COMMANDS = {"run", "demo", "forward"}

@@ -40,6 +40,7 @@ from addons.net import in_networks, parse_ip
 from addons.shield.botdata import crs_scanner_names
 from addons.shield.bots import Behaviour, Challenge, Classifier
 from addons.shield.verify import FAILED, VERIFIED, Verifier, operator_domains
+from addons.shield.crs import tree_identity
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
@@ -90,12 +91,13 @@ def _verified(outcome: str) -> tuple[str, str]:
 
 
 def _waf_key(waf: WafConfig) -> tuple:
-    """What a built WAF depends on: its settings and the exclusions file's last change."""
+    """What a built WAF depends on: its settings, the exclusions file's last change and the
+    rules tree (`edge waf update` swaps it: a reload then loads the new rules)."""
     try:
         changed = os.stat(waf.exclusions).st_mtime_ns if waf.exclusions else None
     except OSError:
         changed = None
-    return waf, changed
+    return waf, changed, tree_identity(waf.crs)
 
 
 def head_bytes(request: http.Request) -> int:
@@ -410,9 +412,8 @@ class Shield:
                 return
             conn, req = flow.client_conn, flow.request
             txn, finding = self._engine(flow, lambda: self.waf.begin(
-                (ip, conn.peername[1]), conn.sockname[:2], req.method, req.data.path.decode("latin-1"),
-                req.http_version, ((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.data.headers.fields)),
-                passed=(None, None))
+                (ip, conn.peername[1]), conn.sockname[:2], req.data.method, req.data.path,
+                req.http_version, req.data.headers.fields, req.data.authority), passed=(None, None))
             if finding is not None:
                 self._waf_verdict(flow, finding)
             elif txn is not None:

@@ -1,11 +1,13 @@
 """The WAF: ModSecurity v3 (the `libmodsecurity` bindings) running the OWASP Core Rule Set.
 
-The CRS comes from Debian's modsecurity-crs (rules/*.conf and their .data files); our own main
-file sets the engine up (what Debian's crs-setup.conf and ModSecurity's recommended conf would),
-with the paranoia level and anomaly threshold from the edge config, then includes the request
-rules. Left out: REQUEST-910 (IP reputation needs GeoIP support the wheel lacks; the shield has
+The CRS comes from Debian's modsecurity-crs (CRS 3) or a CRS 4 release (`edge waf update`):
+rules/*.conf and their .data files; our own main file sets the engine up (what crs-setup.conf
+and ModSecurity's recommended conf would), with the paranoia level and anomaly threshold from
+the edge config in the variables of the tree's CRS generation (crs.py), then includes the
+request rules. Left out: REQUEST-910 (IP reputation needs GeoIP support the wheel lacks; the shield has
 its own lists) and the RESPONSE rules (responses are not inspected). Each request is fed exactly
-as received: connection, request line, header fields in wire order, body: its first
+as received, as bytes: connection, request line, header fields in wire order (HTTP/2's
+:authority as the Host), body: its first
 `waf.body_limit` bytes (SecRequestBodyLimitAction ProcessPartial, as the CRS assumes; the shield
 judges a longer body on that prefix before the rest streams to the origin).
 """
@@ -19,9 +21,10 @@ import tempfile
 from dataclasses import dataclass, field
 
 from addons.config import WafConfig
+from addons.shield.crs import CrsError, detect_version, setup_for
 
 SCORE_RULE = 4_900_001          # our own phase-2 rule that reports the anomaly score
-BLOCKING_RULE = 949110          # the CRS's threshold rule: when it denies, ours does not run
+BLOCKING_RULES = (949110, 949111)   # the CRS's threshold rules (CRS 4's phase 1 one too): when they deny, ours does not run
 # the body processors' errors for a body cut at the limit (ProcessPartial): JSON and multipart name
 # the truncation; libxml2 says only that the document failed (any XML error above the limit passes)
 TRUNCATED = r"(?:premature EOF|Final boundary missing|XML: Failed to parse document)"
@@ -52,12 +55,9 @@ SecRule REQBODY_ERROR "!@eq 0" \\
     SecRule REQBODY_ERROR_MSG "!@rx {truncated}" "t:none"
 SecDefaultAction "phase:1,log,auditlog,pass"
 SecDefaultAction "phase:2,log,auditlog,pass"
-SecAction "id:900000,phase:1,nolog,pass,t:none,setvar:tx.paranoia_level={paranoia}"
-SecAction "id:900110,phase:1,nolog,pass,t:none,setvar:tx.inbound_anomaly_score_threshold={threshold},\\
-setvar:tx.outbound_anomaly_score_threshold=4"
-SecAction "id:900990,phase:1,nolog,pass,t:none,setvar:tx.crs_setup_version=334"
+{setup}
 {includes}
-SecAction "id:{score_rule},phase:2,pass,log,t:none,msg:'edge anomaly score %{{tx.anomaly_score}}'"
+SecAction "id:{score_rule},phase:2,pass,log,t:none,msg:'edge anomaly score %{{{score_variable}}}'"
 """
 
 
@@ -90,6 +90,18 @@ def close_multipart(body: bytes, boundary: bytes, limit: int) -> bytes | None:
             return None
         head = head[:last]
     return head + closing
+
+
+def engine_fields(version: str, fields, authority: bytes):
+    """The header fields the engine reads: as sent, and for HTTP/2 and 3 (whose Host is the
+    :authority pseudo-header, kept apart from the fields) a Host from the :authority when
+    the client sent no Host field. Without it the CRS counts every such request as one
+    without a Host (920280). Only the engine sees it: the fields forwarded are unchanged."""
+    fields = list(fields)
+    if (authority and not version.startswith("HTTP/1")
+            and not any(name.lower() == b"host" for name, _ in fields)):
+        fields.insert(0, (b"Host", authority))
+    return fields
 
 
 def compile_filters(expressions) -> list:
@@ -149,32 +161,38 @@ class Waf:
         self.engine = ModSecurity()
         self.engine.set_connector_information("edge (mitmproxy addons)")
         self.engine.set_log_callback(_quiet)      # verdicts go to the trace, not to stderr
+        try:
+            self.version = detect_version(config.crs)
+        except CrsError as e:
+            raise WafError(str(e)) from None
+        setup = setup_for(self.version, config.paranoia, config.anomaly_threshold)
         self.rules = RulesSet()
         with tempfile.TemporaryDirectory(prefix="edge-waf-") as work:
             main = os.path.join(work, "main.conf")
             with open(main, "w") as f:
-                f.write(MAIN_CONF.format(body_limit=config.body_limit, paranoia=config.paranoia,
-                                         threshold=config.anomaly_threshold, includes="\n".join(includes),
-                                         score_rule=SCORE_RULE, truncated=TRUNCATED))
+                f.write(MAIN_CONF.format(body_limit=config.body_limit, setup=setup.actions,
+                                         includes="\n".join(includes), score_rule=SCORE_RULE,
+                                         score_variable=setup.score_variable, truncated=TRUNCATED))
             count = self.rules.load_from_uri(main)
         self.body_limit = config.body_limit
         if count < 0:
             raise WafError(f"the rules did not load: {self.rules.get_parser_error().strip()}")
         self.count = count
 
-    def begin(self, client: tuple[str, int], server: tuple[str, int], method: str, target: str,
-              version: str, fields) -> tuple[object, Finding | None]:
-        """Phases 0-1: connection, request line, headers. The transaction, and a finding if
-        the engine already wants the request refused."""
+    def begin(self, client: tuple[str, int], server: tuple[str, int], method: bytes, target: bytes,
+              version: str, fields, authority: bytes = b"") -> tuple[object, Finding | None]:
+        """Phases 0-1: connection, request line, headers, as the bytes the client sent (the
+        binding takes bytes as they are; a str would reach the engine UTF-8 encoded). The
+        transaction, and a finding if the engine already wants the request refused."""
         from libmodsecurity import Transaction
         txn = Transaction(self.engine, self.rules)
         txn.process_connection(client[0], client[1], server[0], server[1])
-        txn.process_uri(target, method, version.removeprefix("HTTP/"))
+        txn.process_uri(target, method, version.removeprefix("HTTP/").encode("latin-1"))
         inspection = Inspection(txn)
-        for name, value in fields:
+        for name, value in engine_fields(version, fields, authority):
             txn.add_request_header(name, value)
-            if name.lower() == "content-type":
-                inspection.boundary = multipart_boundary(value)
+            if name.lower() == b"content-type":
+                inspection.boundary = multipart_boundary(value.decode("latin-1"))
         txn.process_request_headers()
         return inspection, self._refusal(txn)
 
@@ -207,7 +225,7 @@ class Waf:
     def _matches(txn) -> tuple[int, list[int]]:
         score, rules = 0, []
         for message in txn.get_rule_messages():
-            if message.rule_id in (SCORE_RULE, BLOCKING_RULE):
+            if message.rule_id == SCORE_RULE or message.rule_id in BLOCKING_RULES:
                 m = _SCORE.search(message.message)
                 score = int(m[1]) if m else score
             if message.rule_id != SCORE_RULE and message.rule_id not in rules:
