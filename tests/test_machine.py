@@ -255,7 +255,8 @@ def test_a_challenge_cookie_from_one_worker_is_accepted_by_the_other(origin, wor
     assert httpx.get(f"{b.url}/echo", headers=CURL).status_code == 403      # without it: challenged there too
     passed = httpx.get(f"{b.url}/echo", headers={**CURL, **cookie})
     assert passed.status_code == 200 and Challenge.COOKIE not in passed.json()["headers"].get("cookie", "")
-    forged = {"Cookie": f"{Challenge.COOKIE}={first.cookies[Challenge.COOKIE][:-1]}0"}
+    real = first.cookies[Challenge.COOKIE]
+    forged = {"Cookie": f"{Challenge.COOKIE}={real[:-1]}{'1' if real[-1] == '0' else '0'}"}   # one digit changed
     assert httpx.get(f"{b.url}/echo", headers={**CURL, **forged}).status_code == 403
     key = workers.run_dir / "bots.secret"
     assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == runtime.SECRET_BYTES
