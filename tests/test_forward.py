@@ -201,10 +201,10 @@ activity_log: activity.jsonl
 """
 
 
-def write_config(folder: Path, pki: Pki, extra: str = "", policy_text: str = POLICY) -> Path:
+def write_config(folder: Path, pki: Pki, extra: str = "", policy_text: str = POLICY, ca: Path | None = None) -> Path:
     for name, text in LISTS.items():
         (folder / name).write_text(text)
-    shutil.copy(pki.edge_ca, folder / "edge-ca.pem")
+    shutil.copy(ca or pki.edge_ca, folder / "edge-ca.pem")
     path = folder / "forward.yaml"
     path.write_text(BASE + extra + policy_text)
     return path
@@ -215,9 +215,9 @@ def forward(tmp_path, pki, origins, confdir) -> Iterator[Callable[..., Forward]]
     """Factory: forward(extra yaml, policy) -> a running forward proxy (one per test)."""
     running = []
 
-    def start(extra: str = "", policy_text: str = POLICY) -> Forward:
+    def start(extra: str = "", policy_text: str = POLICY, ca: Path | None = None) -> Forward:
         from addons.forward.config import load_forward_config
-        config = load_forward_config(str(write_config(tmp_path, pki, extra, policy_text)))
+        config = load_forward_config(str(write_config(tmp_path, pki, extra, policy_text, ca)))
         hosts = Hosts({80: ("127.0.0.1", origins["http"].port), 443: ("127.0.0.1", origins["https"].port)})
         ready, box = threading.Event(), {}
 
@@ -406,6 +406,18 @@ def test_intercept_rule_decrypts_and_logs_each_url(forward, pki, origins):
     line = fwd.lines(1)[0]
     assert line == {**line, "method": "GET", "scheme": "https", "host": "inspected.example", "port": 443,
                     "url": "https://inspected.example/static.css?v=2", "action": "intercept", "rule": "policy[4]"}
+
+
+def test_the_ca_that_edge_forward_ca_init_makes_is_the_one_interception_uses(forward, pki, origins, tmp_path):
+    from click.testing import CliRunner
+    from edgecli.main import cli
+    made = tmp_path / "made"
+    result = CliRunner().invoke(cli, ["forward", "ca", "init", "--out", str(made), "--cn", "Made By Ca Init"])
+    assert result.exit_code == 0, result.output
+    fwd = forward(ca=made / "mitmproxy-ca.pem")                  # the key first, then the certificate
+    data, cert = tls_in_tunnel(fwd, "inspected.example", made / "mitmproxy-ca-cert.pem", "/static.css")
+    assert issuer(cert) == "Made By Ca Init"                     # verified against what users install
+    assert data.startswith(b"HTTP/1.1 200")
 
 
 def test_never_host_is_not_decrypted_even_when_a_rule_says_intercept(forward, pki, origins):
@@ -720,7 +732,7 @@ def test_the_example_config_and_its_lists_parse(tmp_path, pki):
     shutil.copytree(example / "lists", tmp_path / "lists")
     shutil.copy(example / "forward.example.yaml", tmp_path / "forward.yaml")
     (tmp_path / "ca").mkdir()
-    shutil.copy(pki.edge_ca, tmp_path / "ca" / "edge-ca.pem")
+    shutil.copy(pki.edge_ca, tmp_path / "ca" / "mitmproxy-ca.pem")
     config = parse_forward_config((tmp_path / "forward.yaml").read_text(), str(tmp_path / "forward.yaml"))
     assert [r.action for r in config.policy] == ["block", "block", "log", "allow"]
     assert config.lists["malware"].matches("dropper.malware.example")
