@@ -9,6 +9,7 @@ bench/startup.py measures it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,7 +140,24 @@ def _print_version(ctx: click.Context, param, value: bool) -> None:
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class EdgeGroup(click.Group):
+    """The `edge` group, whose commands kept in modules of their own (`edge forward`) are
+    imported when named or listed: those modules import this one, so importing them here
+    would make a cycle."""
+
+    ELSEWHERE = {"forward": ("edgecli.forward", "forward")}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.ELSEWHERE})
+
+    def get_command(self, ctx, name):
+        if name in self.ELSEWHERE and name not in self.commands:
+            module, attribute = self.ELSEWHERE[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print edge's version (and mitmproxy's, Python's) and exit.")
 def cli() -> None:
@@ -516,8 +534,6 @@ def waf_update(version, out, config_path, key_file) -> None:
     except UpdateError as e:
         raise Problem(f"waf update: {e} (nothing was changed)") from None
 
-
-cli.add_command(__import__("edgecli.forward", fromlist=["forward"]).forward)    # lazy: click only
 
 SERVING_COMMANDS = {"run", "demo", "forward"}
 
