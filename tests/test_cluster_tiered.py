@@ -1,0 +1,125 @@
+"""The parts of issue 13 together: the tiered cache sharding over the members a real
+redis-server lists (no static peers), nodes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 on one
+port each, a node of two workers beside a single process (one member, not two; a purge on one
+reaches both workers of the other). Every node is an `edge run` process."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from addons.cluster.tier import Peer, owner
+from tests.conftest import free_port
+from tests.rawnet import RecordingOrigin
+from tests.test_cluster import BIN, until
+from tests.test_tiered import HOST, cacheable, paths_of
+
+
+def accepting(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Node:
+    """`edge run -c` of one node: client listener on host:port, admin on 127.0.0.1."""
+
+    def __init__(self, tmp_path: Path, name: str, host: str, port: int, text: str, *args: str) -> None:
+        self.name, self.host, self.port, self.admin = name, host, port, free_port()
+        self.cfg = tmp_path / f"{name}.yaml"
+        self.cfg.write_text(text + f"listen: {host}:{port}\nadmin: 127.0.0.1:{self.admin}\n")
+        self.log = tmp_path / f"{name}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([BIN / "edge", "run", "-c", str(self.cfg), "--confdir", str(tmp_path / "conf"),
+                                          *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://{host}:{port}"
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited: {self.log.read_text()}")
+        return accepting(self.host, self.port) and accepting("127.0.0.1", self.admin)
+
+    def status(self) -> dict:
+        return httpx.get(f"http://127.0.0.1:{self.admin}/status", timeout=5).json()
+
+    def members(self) -> list[str]:
+        return [m["name"] for m in self.status().get("cluster", {}).get("members", [])]
+
+    def kill(self) -> None:
+        """The whole node at once (its supervisor and workers: one process group)."""
+        if self.proc.poll() is None:
+            import os
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(20)
+
+
+def node_text(origin: RecordingOrigin, redis_url: str, name: str, extra: str = "") -> str:
+    return (f"pools: {{main: {{origins: ['{origin.url}']}}}}\n{extra}"
+            f"cluster:\n  node: {name}\n  redis: {redis_url}\n  ttl: 2s\n  tiered: true\n")
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[Node] = []
+
+    def start(*args, **kw) -> Node:
+        node = Node(tmp_path, *args, **kw)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()
+
+
+def all_see(nodes: list[Node], names: list[str], timeout: float = 30.0) -> None:
+    until(lambda: all(n.ready() for n in nodes), timeout, "nodes listening")
+    until(lambda: all(sorted(n.members()) == sorted(names) for n in nodes), timeout, f"every node lists {names}")
+
+
+def ask(node: Node, paths: list[str]) -> None:
+    with httpx.Client(base_url=node.url, headers={"Host": HOST}, timeout=20) as c:
+        for path in paths:
+            r = c.get(path)
+            assert r.status_code == 200 and r.text == path, (node.name, path, r.status_code, r.text[:200])
+
+
+def test_three_nodes_on_redis_membership_fetch_each_object_once_and_survive_a_dead_owner(nodes, redis_url):
+    origin = RecordingOrigin(cacheable)
+    port = free_port()          # one port on three loopback addresses: mitmproxy's loop guard must not bite
+    a, b, c = (nodes(name, f"127.0.0.{i}", port, node_text(origin, redis_url, name))
+               for i, name in enumerate("abc", 1))
+    all_see([a, b, c], ["a", "b", "c"])
+    paths = [f"/object/{i}" for i in range(20)]
+    for node in (a, b, c):
+        ask(node, paths)
+    assert Counter(paths_of(origin)) == Counter({p: 1 for p in paths})
+    assert b"edge-peer" not in origin.received.lower()
+    ring = [Peer(n, "h", 1) for n in "abc"]
+    assert {owner(f"http://{HOST}{p}", ring).name for p in paths} == {"a", "b", "c"}    # each node owned some
+
+    a.kill()        # the node on 127.0.0.1: its keys fall back to the origin, then move
+    before = len(origin.requests)
+    late = [f"/late/{i}" for i in range(20)]
+    ask(b, late)
+    ask(c, late)        # b and c may still both fetch what a owned (a is down for each of them)
+    owned_by_a = [p for p in late if owner(f"http://{HOST}{p}", ring).name == "a"]
+    seen = Counter(paths_of(origin)[before:])
+    assert owned_by_a and all(seen[p] == 1 for p in late if p not in owned_by_a)
+    assert all(seen[p] in (1, 2) for p in owned_by_a)      # 2: each asked the dead a before its record expired
+    until(lambda: b.members() == ["b", "c"] and c.members() == ["c", "b"], 10, "a's membership expired")
+    before = len(origin.requests)
+    moved = [f"/moved/{i}" for i in range(20)]
+    ask(b, moved)
+    ask(c, moved)
+    assert Counter(paths_of(origin)[before:]) == Counter({p: 1 for p in moved})     # one ring of two on both
+    origin.stop()
