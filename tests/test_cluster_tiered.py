@@ -5,6 +5,7 @@ reaches both workers of the other). Every node is an `edge run` process."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -33,14 +34,16 @@ def accepting(host: str, port: int) -> bool:
 class Node:
     """`edge run -c` of one node: client listener on host:port, admin on 127.0.0.1."""
 
-    def __init__(self, tmp_path: Path, name: str, host: str, port: int, text: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, host: str, port: int, text: str, *args: str,
+                 env: dict | None = None) -> None:
         self.name, self.host, self.port, self.admin = name, host, port, free_port()
         self.cfg = tmp_path / f"{name}.yaml"
         self.cfg.write_text(text + f"listen: {host}:{port}\nadmin: 127.0.0.1:{self.admin}\n")
         self.log = tmp_path / f"{name}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([BIN / "edge", "run", "-c", str(self.cfg), "--confdir", str(tmp_path / "conf"),
-                                          *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                          *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **(env or {})})
         self.url = f"http://{host}:{port}"
 
     def ready(self) -> bool:
@@ -57,7 +60,6 @@ class Node:
     def kill(self) -> None:
         """The whole node at once (its supervisor and workers: one process group)."""
         if self.proc.poll() is None:
-            import os
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(20)
 
@@ -123,3 +125,55 @@ def test_three_nodes_on_redis_membership_fetch_each_object_once_and_survive_a_de
     ask(c, moved)
     assert Counter(paths_of(origin)[before:]) == Counter({p: 1 for p in moved})     # one ring of two on both
     origin.stop()
+
+
+# -- a node of two workers beside a single process ----------------------------------------------------------
+
+def worker(tmp_path: Path, run_dir: Path, index: int, text: str) -> Node:
+    """Worker `index` of two of node x, as the supervisor starts it (its environment), on a port of
+    its own so that the test reaches each one."""
+    env = {"EDGE_WORKER": str(index), "EDGE_WORKERS": "2", "EDGE_RUNTIME_DIR": str(run_dir)}
+    return Node(tmp_path, f"x{index}", "127.0.0.1", free_port(), text, env=env)
+
+
+def test_a_node_of_two_workers_is_one_member_and_a_purge_reaches_both_workers(tmp_path, redis_url, origin):
+    o = origin("o", pages={"/page": lambda req, o: (200, [("Cache-Control", "max-age=600")], b"page")})
+    text = lambda name: (f"pools: {{main: {{origins: [{o.url}]}}}}\ncache: {{default_ttl: 60s}}\n"
+                         f"cluster:\n  node: {name}\n  redis: {redis_url}\n  ttl: 2s\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    started = []
+    try:
+        started += [worker(tmp_path, run_dir, 0, text("x")), worker(tmp_path, run_dir, 1, text("x")),
+                    Node(tmp_path, "y", "127.0.0.1", free_port(), text("y"))]
+        x0, x1, y = started
+        all_see(started, ["x", "y"])        # two names, not three: the workers of x are one member
+        listed = {m["name"]: m for m in y.status()["cluster"]["members"]}
+        assert listed["x"]["processes"] == 2 and listed["y"]["processes"] == 1
+        assert all(not n.status()["cluster"]["collisions"] for n in started)     # one runtime dir: one identity
+        printed = subprocess.run([BIN / "edge", "status", "--cluster", "--admin", f"http://127.0.0.1:{y.admin}"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert "  x 127.0.0.1:" in printed and "(2 processes): last beat" in printed, printed
+        assert "  y 127.0.0.1:" in printed and printed.count("\n  ") == 2, printed
+
+        for node in (x0, x1, y):
+            assert httpx.get(node.url + "/page", headers={"Host": HOST}).status_code == 200
+        assert sum(1 for s in o.seen if s.path == "/page") == 3       # a memory tier each
+        hit = lambda node: httpx.get(node.url + "/page", headers={"Host": HOST}).headers["cache-status"]
+        assert all(hit(n).startswith("edge; hit") for n in (x0, x1, y))
+
+        assert httpx.request("PURGE", y.url + "/page", headers={"Host": HOST}).status_code == 200
+        key = f"http://{HOST}/page"
+        until(lambda: (run_dir / "purge.log").read_text().count(key + "\n") == 2, 10,
+              "both workers of x applied y's purge")        # each forgets it, disk included: one line each
+        for node in (x0, x1):
+            assert "fwd=uri-miss" in hit(node)              # gone from both workers' memory
+        assert sum(1 for s in o.seen if s.path == "/page") == 5
+        parts = [n.status()["cluster"]["purges"] for n in started]
+        assert [p["sent"] for p in parts] == [0, 0, 1] and [p["applied"] for p in parts] == [1, 1, 0]
+        import redis
+        stream = redis.Redis.from_url(redis_url).xrange("edge:{edge}:purges")
+        assert [e[1][b"key"].decode() for e in stream if e[1][b"key"]] == [key]    # announced once, by y only
+    finally:
+        for node in started:
+            node.kill()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from addons.cluster import fanout
 from addons.cluster.fanout import EVERYTHING, Link, Outbox, resync_plan, stream_id
-from addons.cluster.members import KEY_PREFIX, Member, View, collisions, describe, expiry, live, member_key
+from addons.cluster.members import KEY_PREFIX, Member, View, collisions, describe, expiry, live, member_key, processes
 from addons.cluster.urls import connect, parse_redis_url, redacted
 from addons.config import ClusterConfig, EdgeConfig
 
@@ -154,7 +154,7 @@ class Cluster:
             "node": self.me.name, "redis": redacted(self.config.redis), "instance": self.instance,
             "connected": self.link is not None and self.link.ever_up and self.link.down_since is None,
             "down_for": round(self.link.down_for(mono), 1) if self.link else 0.0,
-            "members": describe(members, members[0], self.view.now(mono)),
+            "members": describe(members, members[0], self.view.now(mono), processes(self.view, self.config.ttl, mono)),
             "collisions": list(self.collided.values()),
             "purges": {"sent": self.counts["sent"], "applied": self.counts["applied"], "pending": len(self.outbox),
                        "resyncs": self.counts["resyncs"], "emptied": self.counts["emptied"]}}}
