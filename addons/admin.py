@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Callable
 
 from addons.config import EdgeConfig
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 HEAD_TIMEOUT = 5.0
@@ -40,7 +40,7 @@ class Admin:
             return
         try:
             self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD,
-                                                     reuse_port=int(os.environ.get("EDGE_WORKERS", "1")) > 1)
+                                                     reuse_port=runtime.shares_listeners())
         except OSError as e:
             logger.error("edge: admin endpoint cannot listen on %s:%s: %s", *self.address, e.strerror)
             return

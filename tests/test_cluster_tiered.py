@@ -177,3 +177,15 @@ def test_a_node_of_two_workers_is_one_member_and_a_purge_reaches_both_workers(tm
     finally:
         for node in started:
             node.kill()
+
+
+def test_the_supervisors_pipe_is_read_with_the_rest_of_the_worker_environment(tmp_path):
+    from addons.workers import runtime
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    env = {"EDGE_WORKER": "0", "EDGE_WORKERS": "2", "EDGE_RUNTIME_DIR": str(folder)}
+    assert runtime.current(env).supervisor_fd is None                  # a worker started by hand
+    assert runtime.current({**env, "EDGE_SUPERVISOR_FD": "7"}) == runtime.Runtime(0, 2, str(folder), 7)
+    with pytest.raises(runtime.RuntimeEnvError, match="EDGE_SUPERVISOR_FD=x: expected a whole number"):
+        runtime.current({**env, "EDGE_SUPERVISOR_FD": "x"})
+    assert runtime.current() is None and not runtime.shares_listeners()     # this test process: no worker

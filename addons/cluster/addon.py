@@ -31,6 +31,7 @@ from addons.cluster.fanout import EVERYTHING, Link, Outbox, resync_plan, stream_
 from addons.cluster.members import KEY_PREFIX, Member, View, collisions, describe, expiry, live, member_key, processes
 from addons.cluster.urls import connect, parse_redis_url, redacted
 from addons.config import ClusterConfig, EdgeConfig
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 INDEX = KEY_PREFIX + "members"
@@ -79,7 +80,8 @@ def _version() -> str:
 
 def _identity() -> str:
     """Which process (or, with workers, which machine's supervisor) a record comes from."""
-    return f"{socket.gethostname()}:{os.environ.get('EDGE_RUNTIME_DIR') or os.getpid()}"
+    rt = runtime.current()
+    return f"{socket.gethostname()}:{rt.dir if rt is not None else os.getpid()}"
 
 
 class Cluster:
@@ -183,7 +185,7 @@ class Cluster:
         cfg = self.config
         host, port = cfg.advertise or self._bound()
         self.me = Member(cfg.node, host, port, _version(), time.time(), 0.0, _identity(),
-                         int(os.environ.get("EDGE_WORKER", "0") or 0))
+                         rt.index if (rt := runtime.current()) is not None else 0)
         self.view, self.cached_live, self.first_beat, self.collided = View(), [], None, {}
         self.link = Link(redacted(cfg.redis))
         self.client = connect(parse_redis_url(cfg.redis))
