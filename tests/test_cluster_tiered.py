@@ -189,3 +189,42 @@ def test_the_supervisors_pipe_is_read_with_the_rest_of_the_worker_environment(tm
     with pytest.raises(runtime.RuntimeEnvError, match="EDGE_SUPERVISOR_FD=x: expected a whole number"):
         runtime.current({**env, "EDGE_SUPERVISOR_FD": "x"})
     assert runtime.current() is None and not runtime.shares_listeners()     # this test process: no worker
+
+
+# -- rate limits under workers -------------------------------------------------------------------------------
+
+def test_how_a_memory_rate_limit_holds_under_workers():
+    from addons.shield.limits import worker_limits
+    assert worker_limits("memory", 1, "a", "redis://r:6379/0") is None              # one process: as always
+    assert worker_limits("redis://s:6379/0", 4, "a", None) is None                  # already shared
+    shared = worker_limits("memory", 4, "a", "redis://:pw@r:6379/0")
+    assert shared.store == "redis://:pw@r:6379/0" and shared.prefix == "edge:rl:node:a:"
+    assert "one limit for the 4 workers" in shared.note and "pw" not in shared.note
+    alone = worker_limits("memory", 4, "a", "redis+sentinel://s:26379/m")          # its client takes no sentinel
+    assert alone.store == "memory" and "counted in each of the 4 workers" in alone.note
+    assert worker_limits("memory", 2, None, None).note == alone.note.replace("4", "2")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["cluster-redis", "no-redis"])
+def test_a_client_spreading_over_two_workers_gets_the_nodes_limit_once_with_redis(tmp_path, redis_url, origin,
+                                                                                  shared):
+    o = origin("o")
+    text = (f"pools: {{main: {{origins: [{o.url}]}}}}\nshield: {{rate_limit: {{rate: 1/m, burst: 3}}}}\n"
+            + (f"cluster: {{node: x, redis: '{redis_url}'}}\n" if shared else ""))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    started = []
+    try:
+        started += [worker(tmp_path, run_dir, 0, text), worker(tmp_path, run_dir, 1, text)]
+        until(lambda: all(n.ready() for n in started), 30, "workers listening")
+        codes = [httpx.get(started[i % 2].url + "/", headers={"Host": HOST}).status_code for i in range(8)]
+        assert sorted(codes) == ([200] * 3 + [429] * 5 if shared else [200] * 6 + [429] * 2), codes
+        said = started[0].log.read_text()
+        assert ("one limit for the 2 workers" if shared else "counted in each of the 2 workers") in said, said
+        assert "shield.rate_limit" not in started[1].log.read_text()     # worker 0 says it, not every worker
+        import redis
+        keys = redis.Redis.from_url(redis_url).keys("edge:rl:*")
+        assert keys == ([b"edge:rl:node:x:127.0.0.1"] if shared else []), keys   # this node's own keys
+    finally:
+        for node in started:
+            node.kill()
