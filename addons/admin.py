@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable
 
 from addons.config import EdgeConfig
-from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 HEAD_TIMEOUT = 5.0
@@ -38,6 +37,7 @@ class Admin:
     async def running(self) -> None:
         if self.address is None or self.server is not None:
             return
+        from addons.workers import runtime     # here: `edge status` imports this module for its format only
         try:
             self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD,
                                                      reuse_port=runtime.shares_listeners())
