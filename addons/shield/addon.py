@@ -41,8 +41,8 @@ from addons.net import in_networks, parse_ip
 from addons.shield.botdata import crs_scanner_names
 from addons.shield.bots import Behaviour, Challenge, Classifier
 from addons.shield.verify import FAILED, VERIFIED, Verifier, operator_domains
-from addons.shield.limits import (ConnectionCounts, MemoryStore, RedisStore, Verdict, WorkerLimits, rate_key,
-                                  retry_after_header, worker_limits)
+from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
+from addons.shield.limits import WorkerLimits, worker_limits
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
 from addons.tasks import Throttle, every, report
