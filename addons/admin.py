@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Callable
 
 from addons.config import EdgeConfig
@@ -38,9 +37,10 @@ class Admin:
     async def running(self) -> None:
         if self.address is None or self.server is not None:
             return
+        from addons.workers import runtime     # here: `edge status` imports this module for its format only
         try:
             self.server = await asyncio.start_server(self._serve, *self.address, limit=MAX_HEAD,
-                                                     reuse_port=int(os.environ.get("EDGE_WORKERS", "1")) > 1)
+                                                     reuse_port=runtime.shares_listeners())
         except OSError as e:
             logger.error("edge: admin endpoint cannot listen on %s:%s: %s", *self.address, e.strerror)
             return

@@ -1306,10 +1306,11 @@ def _cluster(r: _Reader, top: dict, source: str, listening: list[tuple[str, int]
             raise r.doc.error(path + ("peers", name), "expected a node name of letters, digits, '.', '_' or '-'")
         peers[name] = r.convert(parse_hostport, address, path + ("peers", name))
         host, port = peers[name]
-        if name != node and host in ("localhost", "127.0.0.1", "::1") and port in {p for _, p in listening}:
-            # mitmproxy's loop guard (proxyserver.server_connect): never to its own port there
-            raise r.doc.error(path + ("peers", name), f"this node listens on port {port} too: mitmproxy refuses "
-                              "to connect to its own port on 127.0.0.1; give one of the two another port")
+        if name != node and host in ("localhost", "127.0.0.1", "::1") and any(
+                p == port and h in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::", "") for h, p in listening):
+            # this node's own socket (another address at one port is a peer: tiered.py lets it through)
+            raise r.doc.error(path + ("peers", name), f"this node listens on port {port} too: that address is "
+                              "this node's own socket; give one of the two another port")
     if peers and node not in peers:
         raise r.doc.error(path + ("peers",), f"this node ({node}) must be in its own peer list")
     if tiered and not peers and redis is None:

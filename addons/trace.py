@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from mitmproxy import http
 from mitmproxy.connection import Client
 
 from addons.tasks import Throttle, report
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 
@@ -34,8 +34,19 @@ ARRIVED = "edge.arrived"        # flow metadata: the request head's size as rece
 SENT = "edge.upstream.sent"     # flow metadata: when the request was handed over for an origin
 UPSTREAM = "edge.upstream"      # flow metadata: (origin's status, seconds to its response head)
 FORWARDED_ID = "edge.request_id"    # flow metadata: a trusted proxy's X-Request-Id the origin got
-# the worker that answered (`workers:` above 1, edgecli/supervisor.py); None: a single edge
-WORKER = int(os.environ["EDGE_WORKER"]) if os.environ.get("EDGE_WORKER", "").isdigit() else None
+
+
+def _worker() -> int | None:
+    """The worker that answers (`workers:` above 1, edgecli/supervisor.py); None: a single edge
+    (or an environment the chain refuses at start with its reason)."""
+    try:
+        rt = runtime.current()
+    except runtime.RuntimeEnvError:
+        return None
+    return rt.index if rt is not None else None
+
+
+WORKER = _worker()
 
 
 def decisions(flow: http.HTTPFlow) -> dict:

@@ -2,7 +2,8 @@
 (loopback aliases: nothing to set up on Linux) in front of one counting origin.
 
     .venv/bin/python bench/tiered.py                 # static peers (cluster.peers + secret_file)
-    .venv/bin/python bench/tiered.py --redis URL     # membership through Redis (helper `cluster`)
+    .venv/bin/python bench/tiered.py --redis URL     # membership through that Redis
+    .venv/bin/python bench/tiered.py --redis auto    # ... through a redis-server of its own (ephemeral port)
 
 fetches: 1,000 distinct objects, each requested once on every node (the three nodes asked at
 once, 4 clients each): the origin's fetches with `cluster.tiered: true` (goal 1,000) and with
@@ -12,11 +13,15 @@ so misses go to owners); node c is killed (SIGKILL) 3 s in. Failed requests on t
 nodes (goal 0), on node c those in flight when it died, and those it refused afterwards (a
 load balancer's to take out).
 
-Prints figures; asserts nothing (tests/test_tiered.py does that)."""
+With Redis, requests start once every node lists the three members (their /status), so the
+first misses already shard over all three.
+
+Prints figures; asserts nothing (tests/test_tiered.py, tests/test_cluster_tiered.py do that)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,28 +79,45 @@ class CountingOrigin:
 def cluster_block(name: str, ports: dict[str, int], tiered: bool, key: Path, redis: str | None) -> str:
     """The node's cluster section: Redis membership, or the static peer list."""
     if redis is not None:
-        return (f"cluster: {{node: {name}, redis: '{redis}', advertise: '{NODES[name]}:{ports[name]}', "
-                f"tiered: {str(tiered).lower()}}}\n")
+        return f"cluster: {{node: {name}, redis: '{redis}', tiered: {str(tiered).lower()}}}\n"
     peers = ", ".join(f"{n}: '{ip}:{ports[n]}'" for n, ip in NODES.items())
     return f"cluster: {{node: {name}, tiered: {str(tiered).lower()}, secret_file: '{key}', peers: {{{peers}}}}}\n"
 
 
 class Cluster:
     def __init__(self, work: Path, origin: str, tiered: bool, redis: str | None) -> None:
-        # a port of its own each: mitmproxy refuses to connect to its own port on 127.0.0.1
-        # whatever address it listens on (its loop guard), so b and c could not reach a
-        self.ports = {name: free_port() for name in NODES}
+        # one port on three addresses (the tiered cache lets a peer at 127.0.0.1 past
+        # mitmproxy's loop guard); an admin port each, to see the members
+        port = free_port()
+        self.ports = {name: port for name in NODES}
+        self.admins = {name: free_port() for name in NODES}
         key = work / "cluster.key"
         key.write_bytes(b"bench-cluster-secret-0123456789")
         self.procs: dict[str, subprocess.Popen] = {}
         for name, ip in NODES.items():
             path = work / f"{name}-{tiered}.yaml"
-            path.write_text(f"listen: {ip}:{self.ports[name]}\npools: {{main: {{origins: ['{origin}']}}}}\n"
+            path.write_text(f"listen: {ip}:{self.ports[name]}\nadmin: 127.0.0.1:{self.admins[name]}\n"
+                            f"pools: {{main: {{origins: ['{origin}']}}}}\n"
                             + cluster_block(name, self.ports, tiered, key, redis))
             self.procs[name] = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name, ip in NODES.items():
             wait_for(ip, self.ports[name])
+        if redis is not None:
+            self.wait_members()
+
+    def wait_members(self, timeout: float = 60) -> None:
+        """Until every node lists all three (their first heartbeats are in)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(len(httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["cluster"]["members"])
+                       == len(NODES) for port in self.admins.values()):
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise SystemExit("bench: the nodes never listed each other (is Redis reachable?)")
 
     def url(self, name: str) -> str:
         return f"http://{NODES[name]}:{self.ports[name]}"
@@ -202,14 +224,36 @@ def kill(work: Path, origin: CountingOrigin, redis: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("fetches", "kill"), default=None)
-    parser.add_argument("--redis", default=None, help="membership through this Redis instead of static peers")
+    parser.add_argument("--redis", default=None,
+                        help="membership through this Redis URL instead of static peers; auto: a redis-server of its own")
     args = parser.parse_args()
     origin = CountingOrigin()
     with tempfile.TemporaryDirectory() as work:
-        if args.what in (None, "fetches"):
-            fetches(Path(work), origin, args.redis)
-        if args.what in (None, "kill"):
-            kill(Path(work), origin, args.redis)
+        redis, server = args.redis, None
+        if redis == "auto":
+            redis, server = own_redis(Path(work))
+        try:
+            print(f"members: {'redis ' + redis if redis else 'static peers'}")
+            if args.what in (None, "fetches"):
+                fetches(Path(work), origin, redis)
+            if args.what in (None, "kill"):
+                kill(Path(work), origin, redis)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(10)
+
+
+def own_redis(work: Path) -> tuple[str, subprocess.Popen]:
+    """A redis-server on an ephemeral loopback port, nothing saved: (its URL, the process)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench: --redis auto needs redis-server (Debian's redis-server package)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for("127.0.0.1", port)
+    return f"redis://127.0.0.1:{port}/0", proc
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from addons.lifecycle.addon import install_signals
 from addons.tasks import Throttle
 from addons.tls.addon import Tls, listener_modes
 from addons.tls.certs import Pair
+from addons.workers import runtime
 from edgecli.dispatch import IndexedAddonManager
 
 logger = logging.getLogger("edge")
@@ -262,7 +263,7 @@ async def serve(launch: Launch) -> None:
         raise LaunchError(f"cannot open {e.filename}: {e.strerror}") from None
     if launch.handle_signals and threading.current_thread() is threading.main_thread():
         install_signals(asyncio.get_running_loop(), edge.lifecycle)
-    if int(os.environ.get("EDGE_WORKERS", "1")) > 1:
+    if runtime.shares_listeners():
         share_listeners()
     await m.run()
     if launch.failure:

@@ -196,7 +196,11 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
     else:
         raise click.UsageError("give --origin URL (or -c FILE); `edge demo` runs one with demo origins")
     config = _overridden(config, listen, access_log, admin, workers)
-    worker = os.environ.get("EDGE_WORKER") is not None      # one of a supervisor's (edgecli/supervisor.py)
+    from addons.workers import runtime
+    try:
+        worker = runtime.current()          # one of a supervisor's (edgecli/supervisor.py); None: not
+    except runtime.RuntimeEnvError as e:
+        raise Problem(str(e)) from None
     try:
         if config.workers > 1 and web:
             raise launcher.LaunchError("--web runs one process: not with workers (give --workers 1)")
@@ -215,7 +219,7 @@ def run(origins, listen, config_path, web, web_port, access_log, cert, settings,
     if config.workers > 1 and not worker:
         raise SystemExit(_supervise(config, confdir))
     reread = (lambda: _overridden(read_config(config_path), listen, access_log, admin, workers)) if config_path else None
-    announce = None if os.environ.get("EDGE_WORKER", "0") != "0" else _announce(config, web)   # worker 0 says it
+    announce = None if worker is not None and worker.index != 0 else _announce(config, web)   # worker 0 says it
     start(launcher.Launch(config=config, confdir=confdir, web=web, web_port=web_port, cert=cert,
                           settings=settings, on_ready=announce, reread=reread))
 

@@ -145,7 +145,7 @@ def test_the_cluster_section_and_its_mistakes(tmp_path):
             ("cluster: {node: a, tiered: true, peers: {a: 127.0.0.1:1}}", "cluster.secret_file: tiered without Redis"),
             ("cluster: {node: a, peers: {b: 127.0.0.1:1}}", "cluster.peers: this node (a) must be in"),
             ("cluster: {node: a, peers: {a: nowhere}}", "cluster.peers.a: 'nowhere': expected HOST:PORT"),
-            ("listen: 127.0.0.2:8080\ncluster: {node: a, peers: {a: 127.0.0.2:8080, b: 127.0.0.1:8080}}",
+            ("listen: 127.0.0.1:8080\ncluster: {node: a, peers: {a: 127.0.0.1:8080, b: localhost:8080}}",
              "test.yaml:3: cluster.peers.b: this node listens on port 8080 too"),
             ("cluster: {node: 'a b'}", "cluster.node: expected a name"),
             (f"cluster: {{node: a, secret_file: {short}}}", "fewer than 16 bytes of key"),

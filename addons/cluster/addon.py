@@ -28,9 +28,10 @@ from collections.abc import Callable
 
 from addons.cluster import fanout
 from addons.cluster.fanout import EVERYTHING, Link, Outbox, resync_plan, stream_id
-from addons.cluster.members import KEY_PREFIX, Member, View, collisions, describe, expiry, live, member_key
+from addons.cluster.members import KEY_PREFIX, Member, View, collisions, describe, expiry, live, member_key, processes
 from addons.cluster.urls import connect, parse_redis_url, redacted
 from addons.config import ClusterConfig, EdgeConfig
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 INDEX = KEY_PREFIX + "members"
@@ -79,7 +80,8 @@ def _version() -> str:
 
 def _identity() -> str:
     """Which process (or, with workers, which machine's supervisor) a record comes from."""
-    return f"{socket.gethostname()}:{os.environ.get('EDGE_RUNTIME_DIR') or os.getpid()}"
+    rt = runtime.current()
+    return f"{socket.gethostname()}:{rt.dir if rt is not None else os.getpid()}"
 
 
 class Cluster:
@@ -154,7 +156,7 @@ class Cluster:
             "node": self.me.name, "redis": redacted(self.config.redis), "instance": self.instance,
             "connected": self.link is not None and self.link.ever_up and self.link.down_since is None,
             "down_for": round(self.link.down_for(mono), 1) if self.link else 0.0,
-            "members": describe(members, members[0], self.view.now(mono)),
+            "members": describe(members, members[0], self.view.now(mono), processes(self.view, self.config.ttl, mono)),
             "collisions": list(self.collided.values()),
             "purges": {"sent": self.counts["sent"], "applied": self.counts["applied"], "pending": len(self.outbox),
                        "resyncs": self.counts["resyncs"], "emptied": self.counts["emptied"]}}}
@@ -183,7 +185,7 @@ class Cluster:
         cfg = self.config
         host, port = cfg.advertise or self._bound()
         self.me = Member(cfg.node, host, port, _version(), time.time(), 0.0, _identity(),
-                         int(os.environ.get("EDGE_WORKER", "0") or 0))
+                         rt.index if (rt := runtime.current()) is not None else 0)
         self.view, self.cached_live, self.first_beat, self.collided = View(), [], None, {}
         self.link = Link(redacted(cfg.redis))
         self.client = connect(parse_redis_url(cfg.redis))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -91,11 +92,20 @@ def collisions(me: Member, records: Iterable[Member], since: float) -> list[Memb
     return [m for m in records if m.name == me.name and m.identity != me.identity and m.beat > since]
 
 
-def describe(members: Iterable[Member], me: Member, now: float) -> list[dict]:
-    """The members for /status: address, version, age of the last heartbeat."""
+def describe(members: Iterable[Member], me: Member, now: float, processes: dict[str, int] | None = None) -> list[dict]:
+    """The members for /status: address, version, age of the last heartbeat, and how many
+    processes (workers) of each beat within the ttl (`processes`, by name; 1 when unknown)."""
+    processes = processes or {}
     return [{"name": m.name, "address": f"{m.host}:{m.port}", "version": m.version, "self": m is me,
              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.started)) if m.started else None,
-             "last_beat_age": 0.0 if m is me else round(max(0.0, now - m.beat), 3)} for m in members]
+             "last_beat_age": 0.0 if m is me else round(max(0.0, now - m.beat), 3),
+             "processes": max(1, processes.get(m.name, 1))} for m in members]
+
+
+def processes(view: View, ttl: float, mono: float) -> dict[str, int]:
+    """Live member records by node name: a node of N workers keeps N (one member, N processes)."""
+    now = view.now(mono)
+    return dict(Counter(m.name for m in view.records if now - m.beat < ttl))
 
 
 def format_cluster(part: dict) -> str:
@@ -104,7 +114,8 @@ def format_cluster(part: dict) -> str:
     lines = [f"cluster node {part['node']}, redis {part['redis']}: {state}"]
     for m in part["members"]:
         age = "this node" if m["self"] else f"last beat {m['last_beat_age']:.1f} s ago"
-        lines.append(f"  {m['name']} {m['address']} {m['version']}: {age}")
+        workers = f" ({m['processes']} processes)" if m.get("processes", 1) > 1 else ""
+        lines.append(f"  {m['name']} {m['address']} {m['version']}{workers}: {age}")
     for c in part.get("collisions", []):
         lines.append(f"  NAME COLLISION: {c}")
     p = part["purges"]

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from addons import internals
@@ -148,10 +148,26 @@ class Tiered:
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         """A peer that does not accept at once is not waited for (route's connect timeout,
-        for peers)."""
-        if data.server.address in self.addresses:
-            asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _cancel_if_connecting, asyncio.current_task(),
-                                                  data.server)
+        for peers). mitmproxy's loop guard (proxyserver, before us) refuses any connect to
+        127.0.0.1 at this node's listening port, also when this node listens on 127.0.0.2 and
+        the peer on 127.0.0.1 (one port, several loopback addresses): a peer that is not one
+        of this node's own sockets is let through."""
+        if data.server.address not in self.addresses:
+            return
+        if data.server.error is not None and not self._is_me(*data.server.address[:2]):
+            data.server.error = None
+        asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _cancel_if_connecting, asyncio.current_task(),
+                                              data.server)
+
+    @staticmethod
+    def _is_me(host: str, port: int) -> bool:
+        """`host`:`port` reaches one of this process's own listeners."""
+        local = ("localhost", "127.0.0.1", "::1")
+        for listen_host, listen_port, *_ in ctx.master.addons.get("proxyserver").listen_addrs():
+            if listen_port == port and (listen_host in (host, "0.0.0.0", "::", "")
+                                        or (host in local and listen_host in local)):
+                return True
+        return False
 
     def failover(self, flow: http.HTTPFlow, error: str, sent: bool) -> bool:
         """The internals' reroute hook: a peer that failed before answering is left alone for a

@@ -40,6 +40,7 @@ from addons.config import EdgeConfig, load_config
 from addons.lifecycle.rules import (STOP_SIGNALS, Watch, authorized, changed_sections, forced_exit_code,
                                     generated_token, read_token, restart_needed, stamp)
 from addons.tasks import Throttle, every, report
+from addons.workers import runtime
 from addons.workers.supervise import READY, REFUSED, RELOAD, RELOADED, REOPEN, encode_report
 
 logger = logging.getLogger("edge")
@@ -331,10 +332,12 @@ class SupervisorLink:
     @classmethod
     def from_env(cls) -> SupervisorLink | None:
         try:
-            return cls(int(os.environ["EDGE_WORKER"]), int(os.environ["EDGE_WORKERS"]),
-                       int(os.environ["EDGE_SUPERVISOR_FD"]))
-        except (KeyError, ValueError):
+            rt = runtime.current()
+        except runtime.RuntimeEnvError:
+            return None             # the chain refuses to start, with the reason
+        if rt is None or rt.supervisor_fd is None:
             return None
+        return cls(rt.index, rt.count, rt.supervisor_fd)
 
     def send(self, kind: str, text: str = "") -> None:
         try:

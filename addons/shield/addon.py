@@ -27,6 +27,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
@@ -42,10 +43,12 @@ from addons.shield.bots import Behaviour, Challenge, Classifier
 from addons.shield.verify import FAILED, VERIFIED, Verifier, operator_domains
 from addons.shield.crs import tree_identity
 from addons.shield.limits import ConnectionCounts, MemoryStore, RedisStore, Verdict, rate_key, retry_after_header
+from addons.shield.limits import WorkerLimits, worker_limits
 from addons.shield.slow import Deadlines
 from addons.shield.waf import Finding, Waf, compile_filters
 from addons.tasks import Throttle, every, report
 from addons.trace import decisions
+from addons.workers import runtime
 
 logger = logging.getLogger("edge")
 SWEEP = 0.25        # seconds between looks at the slow-client deadlines
@@ -54,17 +57,19 @@ UNVERIFIED = "unverified"           # a search engine whose reverse DNS check ha
 UNVERIFIED_RETRY = 60               # seconds: Retry-After of the 503 it gets meanwhile
 
 
-def _limiter(old: MemoryStore | RedisStore | None, rl: RateLimit | None) -> MemoryStore | RedisStore | None:
+def _limiter(old: MemoryStore | RedisStore | None, rl: RateLimit | None,
+             prefix: str = "edge:rl:") -> MemoryStore | RedisStore | None:
     """The store for `rl`, keeping what the old one counted: in memory its buckets (at the new
     rate), in Redis the same server's keys (a replaced client is closed)."""
     if rl is None:
         store = None
     elif rl.store == "memory":
         store = old.retuned(rl.rate, rl.burst) if isinstance(old, MemoryStore) else MemoryStore(rl.rate, rl.burst)
-    elif isinstance(old, RedisStore) and (old.url, old.rate, old.burst) == (rl.store, rl.rate, rl.burst):
+    elif isinstance(old, RedisStore) and (old.url, old.rate, old.burst, old.prefix) == (rl.store, rl.rate, rl.burst,
+                                                                                        prefix):
         store = old
     else:
-        store = RedisStore(rl.store, rl.rate, rl.burst)
+        store = RedisStore(rl.store, rl.rate, rl.burst, prefix)
     if isinstance(old, RedisStore) and store is not old:
         try:
             asyncio.get_running_loop().create_task(old.close())
@@ -138,6 +143,7 @@ class Shield:
         # the cluster's challenge key (addons/cluster), None until Redis gave one: used when no
         # bots.secret_file is set, so a cookie earned on one node passes on every node
         self.shared_key: Callable[[], bytes | None] = lambda: None
+        self.worker_note: str | None = None     # what worker 0 said of the rate limit under workers
 
     def apply(self, config: EdgeConfig) -> None:
         shield = self.config = config.shield
@@ -147,7 +153,7 @@ class Shield:
         internals.max_request_body = limits.max_body
         internals.h2_limits = limits.http2
         internals.on_flood = self._flooded
-        self._keep_state(shield, limits)
+        self._keep_state(shield, limits, self._under_workers(config))
         if shield and shield.bots and (shield.bots.challenge or "challenge" in dict(shield.bots.actions).values()):
             if shield.bots.secret_file:                         # shared by every edge that reads it
                 with open(shield.bots.secret_file, "rb") as f:
@@ -160,7 +166,21 @@ class Shield:
             self.challenge = None
         self.waf_skip = compile_filters(shield.waf.skip) if shield and shield.waf else []
 
-    def _keep_state(self, shield: ShieldConfig | None, limits: Limits) -> None:
+    def _under_workers(self, config: EdgeConfig) -> WorkerLimits | None:
+        """How shield.rate_limit holds with several workers (limits.worker_limits); worker 0
+        says it once."""
+        rt = runtime.current()
+        rl = config.shield.rate_limit if config.shield else None
+        if rt is None or rl is None:
+            return None
+        cluster = config.cluster
+        plan = worker_limits(rl.store, rt.count, cluster.node if cluster else None, cluster.redis if cluster else None)
+        if plan is not None and rt.index == 0 and plan.note != self.worker_note:
+            logger.warning("edge: %s", plan.note)
+        self.worker_note = plan.note if plan is not None else None
+        return plan
+
+    def _keep_state(self, shield: ShieldConfig | None, limits: Limits, workers: WorkerLimits | None = None) -> None:
         """What the shield has learnt outlives a reload: connections counted per IP, token
         buckets (carried over to a new rate), deadlines of open connections, what each client
         did; the WAF's rules are compiled again only when its settings (or its exclusions
@@ -171,7 +191,11 @@ class Shield:
         else:
             self.counts = self.counts or ConnectionCounts(limit)
             self.counts.limit = limit
-        self.limiter = _limiter(self.limiter, shield.rate_limit if shield else None)
+        rl = shield.rate_limit if shield else None
+        if workers is not None:         # several workers: the node's one limit, in the cluster's Redis
+            self.limiter = _limiter(self.limiter, replace(rl, store=workers.store), workers.prefix)
+        else:
+            self.limiter = _limiter(self.limiter, rl)
         t = limits.timeouts
         if self.deadlines is None:
             self.deadlines = Deadlines(t.request_headers, t.request_body, t.idle)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,3 +175,32 @@ def redacted(url: str) -> str:
     host = parts.hostname or ""
     netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Where a `store: memory` rate limit is counted when the machine runs several workers."""
+    store: str              # memory (each worker its own buckets) or the Redis URL they share
+    prefix: str             # the keys' prefix in that Redis: this node's own
+    note: str               # what worker 0 logs at start: how the limit holds under workers
+
+
+def worker_limits(store: str, workers: int, node: str | None, cluster_redis: str | None) -> WorkerLimits | None:
+    """How shield.rate_limit holds with `workers` processes, or None when it needs nothing (one
+    process, or a Redis store already shared). Like nginx's limit_req zones (shared memory
+    across its workers), the limit stays one per node: the workers count in the cluster's
+    Redis under this node's own keys when cluster.redis is a plain server URL (the store's
+    client takes no Sentinel or Cluster form). Otherwise each worker keeps its own buckets and
+    says so: a client spreading connections over N workers gets up to N times the rate.
+    Dividing the rate by N is not done: the kernel puts a connection in one worker, so a
+    client on one keep-alive connection would get 1/N of its limit."""
+    if workers <= 1 or store != "memory":
+        return None
+    if cluster_redis is not None and re.match(r"rediss?://", cluster_redis):
+        return WorkerLimits(cluster_redis, f"edge:rl:node:{node}:",
+                            f"shield.rate_limit: one limit for the {workers} workers, counted in cluster.redis "
+                            f"{redacted(cluster_redis)} (in each worker while it cannot be reached)")
+    return WorkerLimits("memory", "", f"shield.rate_limit (store: memory) is counted in each of the {workers} "
+                        f"workers: a client spreading its connections over them gets up to {workers} times the "
+                        f"rate; give shield.rate_limit.store (or cluster.redis) a redis:// URL for one limit")
+

@@ -2,7 +2,11 @@
 
 The supervisor (addons/workers/supervise.py) starts each worker with EDGE_WORKER (its index,
 0..N-1), EDGE_WORKERS (N) and EDGE_RUNTIME_DIR (a directory only the edge's user may write,
-made by the supervisor). None of them is set for a single `edge run` process. The directory
+made by the supervisor), and EDGE_SUPERVISOR_FD (the pipe a worker reports to its supervisor
+on; absent for a worker started by hand, as the tests do). None of them is set for a single
+`edge run` process. current() is the one reader of these variables (the worker's index in the
+access log, SO_REUSEPORT on the listeners, the cluster's identity, the supervisor's pipe); it
+imports nothing heavy, for `edge --help` and `edge status`. The directory
 holds what the workers share: `purge.log` (the cache's removals), `health.lock` and
 `health.json` (the machine's health checker and its verdicts), `worker-PID.json` and
 `retired.json` (each worker's counters for /status and /metrics), `bots.secret` (the challenge
@@ -12,9 +16,9 @@ may write is refused."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 
 SECRET_BYTES = 32
@@ -29,6 +33,7 @@ class Runtime:
     index: int          # this worker, 0..count-1
     count: int          # workers on the machine
     dir: str            # the machine's shared state
+    supervisor_fd: int | None = None    # the pipe of reports to the supervisor; None: no supervisor
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -40,6 +45,7 @@ class Runtime:
         reads half of one."""
         path = self.path(name)
         if not os.path.exists(path):
+            import tempfile
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".secret-")     # mode 0600
             try:
                 os.write(fd, os.urandom(SECRET_BYTES))
@@ -58,9 +64,12 @@ class Runtime:
         return key
 
 
-def current(environ=os.environ) -> Runtime | None:
-    """This worker's Runtime, None for a single process. A partial or wrong set of the three
-    variables, or a directory others may write, raises RuntimeEnvError naming it."""
+def current(environ=None) -> Runtime | None:
+    """This worker's Runtime, None for a single process. A partial or wrong set of the
+    variables, or a directory others may write, raises RuntimeEnvError naming it. Without
+    `environ`: this process's, read once (a process's environment is its start's)."""
+    if environ is None:
+        return _this_process()
     names = ("EDGE_WORKER", "EDGE_WORKERS", "EDGE_RUNTIME_DIR")
     given = [environ.get(n) for n in names]
     if all(v is None for v in given):
@@ -81,7 +90,19 @@ def current(environ=os.environ) -> Runtime | None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise RuntimeEnvError(f"EDGE_RUNTIME_DIR={given[2]}: must belong to this user and be writable by it "
                               f"only (chmod 700 it)")
-    return Runtime(index, count, folder)
+    fd = environ.get("EDGE_SUPERVISOR_FD")
+    return Runtime(index, count, folder, None if fd is None else _integer("EDGE_SUPERVISOR_FD", fd))
+
+
+def shares_listeners() -> bool:
+    """This process is one of several workers: its listeners are bound with SO_REUSEPORT."""
+    rt = current()
+    return rt is not None and rt.count > 1
+
+
+@functools.cache
+def _this_process() -> Runtime | None:
+    return current(os.environ)
 
 
 def _integer(name: str, value: str) -> int:
