@@ -112,10 +112,20 @@ BROWSER = ("Host: shop.example", "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv
            "Accept: text/html,application/xhtml+xml")
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this run: the kernel may give a closed
+    port again, and two systems told one port would measure one of them twice (with
+    SO_REUSEPORT workers, the one that bound first answers for both)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 20) -> None:

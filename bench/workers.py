@@ -64,6 +64,8 @@ def main() -> None:
         runs: dict[str, list] = {name: [] for name in systems}
         for name, (_, port, _) in systems.items():
             wait_for_port(port)
+        if dead := [p.args[:3] for p in procs if p.poll() is not None]:
+            raise SystemExit(f"bench: exited before the load: {dead}")     # another would answer on its port
         for _ in range(args.rounds):            # interleaved, so drift hits every system alike
             for name, (_, port, path) in systems.items():
                 url = f"http://127.0.0.1:{port}{path}"
