@@ -175,6 +175,7 @@ policy:
   - {{list: ads, action: block}}
   - {{action: allow}}
 activity_log: {dir}/activity-{port}.jsonl
+connect_ports: [{origin_port}]
 """
 FORWARD_INTERCEPT = """\
 mode: forward
@@ -185,6 +186,7 @@ policy:
   - {{list: ads, action: block}}
   - {{action: intercept}}
 activity_log: {dir}/activity-{port}.jsonl
+connect_ports: [{origin_port}]
 """
 
 
@@ -309,7 +311,8 @@ def bench_throughput(seconds: int, rounds: int, clients: int) -> None:
         for name, template in (("edge forward tunnel", FORWARD_TUNNEL), ("edge forward intercept", FORWARD_INTERCEPT)):
             port = free_port()
             config = work / f"{port}.yaml"
-            config.write_text(template.format(port=port, lists=lists, ca=work / "ca" / "mitmproxy-ca.pem", dir=work))
+            config.write_text(template.format(port=port, lists=lists, ca=work / "ca" / "mitmproxy-ca.pem", dir=work,
+                                              origin_port=origin))     # CONNECT elsewhere than 443 is refused by default
             systems[name] = (port, [BIN / "edge", "forward", "-c", config, "--confdir", work / f"confdir-{port}",
                                     "--set", trust])
         for name, extra in (("mitmdump tunnel", ["--ignore-hosts", ".*"]), ("mitmdump intercept", [])):
