@@ -1,7 +1,7 @@
 """CPU seconds per forwarded request of two edge source trees side by side, under one wrk load
 (steadier than requests/s on this noisy machine): did a change make the data path dearer?
 
-    .venv/bin/python bench/cpu_ab.py OLD_TREE [NEW_TREE]     # e.g. a `git worktree add /tmp/old REV`
+    .venv/bin/python bench/cpu_ab.py OLD_TREE [NEW_TREE] [--shield limits|waf]   # e.g. a `git worktree add /tmp/old REV`
 
 Each tree's `addons`/`edgecli` run on this venv (PYTHONPATH puts the tree first), `edge run
 --origin` in front of one nginx, both pinned to CPU 1, wrk to CPU 0; 4 interleaved rounds of
@@ -18,7 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import BROWSER, NGINX_CONF, free_port, pinned, stop, wait_for_port, wrk
+from bench import BROWSER, LIMITS_ONLY, NGINX_CONF, SHIELDED, free_port, pinned, stop, wait_for_port, wrk
+
+SHIELDS = {"limits": LIMITS_ONLY, "waf": SHIELDED}      # make bench's shield without and with the WAF
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,9 +31,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    shield = None
+    if "--shield" in args:
+        at = args.index("--shield")
+        shield = args[at + 1] if at + 1 < len(args) and args[at + 1] in SHIELDS else None
+        if shield is None:
+            raise SystemExit(__doc__)
+        del args[at:at + 2]
+    if not args:
         raise SystemExit(__doc__)
-    trees = {"old": sys.argv[1], "new": sys.argv[2] if len(sys.argv) > 2 else str(HERE.parent)}
+    trees = {"old": args[0], "new": args[1] if len(args) > 1 else str(HERE.parent)}
     work = Path(tempfile.mkdtemp(prefix="edge-bench-ab-"))
     work.chmod(0o755)
     (work / "www").mkdir()
@@ -44,8 +54,13 @@ def main() -> None:
     try:
         for name, tree in trees.items():
             ports[name] = free_port()
-            cmd = [sys.executable, "-O", "-m", "edgecli", "run", "--origin", f"http://127.0.0.1:{origin}",
-                   "--listen", f"127.0.0.1:{ports[name]}", "--confdir", work / f"conf-{name}"]
+            if shield is None:
+                target = ["--origin", f"http://127.0.0.1:{origin}", "--listen", f"127.0.0.1:{ports[name]}"]
+            else:
+                config = work / f"{name}.yaml"
+                config.write_text(SHIELDS[shield].format(listen=ports[name], a=origin))
+                target = ["-c", config]
+            cmd = [sys.executable, "-O", "-m", "edgecli", "run", *target, "--confdir", work / f"conf-{name}"]
             procs.append(subprocess.Popen(pinned(1, cmd), env=dict(os.environ, PYTHONPATH=tree), cwd=work,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in ports.values():
