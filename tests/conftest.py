@@ -46,6 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def until(condition, timeout: float = 10.0, what: str = "the condition"):
+    """Poll `condition` until it answers something true (that answer), within `timeout` seconds:
+    for state with no event to wait on (another process's files, health tables on their clock)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
     """Poll until the port accepts (the process gives no other readiness signal)."""
     deadline = time.monotonic() + timeout

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from addons.config import AcmeConfig
 from addons.tls.acme import AcmeManager, NameLock, challenge_token, renewal_at, write_atomic
 from addons.tls.certs import CertificateFile, Certificates
-from tests.conftest import free_port, wait_for_port
-from tests.test_tls import CA, presented, wait_until
+from tests.conftest import free_port, until, wait_for_port
+from tests.test_tls import CA, presented
 
 PEBBLE = shutil.which("pebble")
 needs_pebble = pytest.mark.skipif(PEBBLE is None, reason="Debian's pebble is not installed (make system installs it)")
@@ -121,7 +121,7 @@ def test_issued_at_start_over_http01_then_renewed_before_expiry(edge, origin, pe
     storage, tls = tmp_path / "acme", free_port()
     running = edge(acme_yaml(o.url, pebble, storage, tls))
     assert httpx.get(f"http://127.0.0.1:{pebble.http_port}/").text == "hello from web\n"   # served meanwhile
-    wait_until(lambda: "Pebble Intermediate" in issuer(leaf_of(tls)), timeout=60)
+    until(lambda: "Pebble Intermediate" in issuer(leaf_of(tls)), timeout=60)
     first = leaf_of(tls)
     # a verifying client: Pebble's root, the name checked
     verify = ssl.create_default_context(cadata=pebble.root().public_bytes(serialization.Encoding.PEM).decode())
@@ -139,7 +139,7 @@ def test_issued_at_start_over_http01_then_renewed_before_expiry(edge, origin, pe
     assert list((storage / "challenges").iterdir()) == []         # answered challenges are removed
     # a 15 s certificate is renewed with a third of its life left: a new one, from the same account
     manager = running.master.addons.get("tlsconfig").tls.acme
-    wait_until(lambda: (leaf := leaf_of(tls)) is not None and leaf.serial_number != first.serial_number, timeout=60)
+    until(lambda: (leaf := leaf_of(tls)) is not None and leaf.serial_number != first.serial_number, timeout=60)
     renewed = leaf_of(tls)
     assert "Pebble Intermediate" in issuer(renewed) and renewed.not_valid_after_utc > first.not_valid_after_utc
     assert manager.orders >= 2
@@ -162,7 +162,7 @@ def test_processes_sharing_storage_order_a_name_once(edge, origin, pebble, tmp_p
         t.start()
     for t in threads:
         t.join(120)
-    wait_until(lambda: "Pebble Intermediate" in issuer(leaf_of(tls)), timeout=60)
+    until(lambda: "Pebble Intermediate" in issuer(leaf_of(tls)), timeout=60)
     mine = running.master.addons.get("tlsconfig").tls.acme
     assert mine.orders + sum(m.orders for m in others) == 1
     assert len({p.leaf.serial_number for p in held} | {leaf_of(tls).serial_number}) == 1
@@ -183,7 +183,7 @@ def test_acme_only_before_issuance_refuses_tls_and_never_mints(edge, origin, peb
     text = acme_yaml(o.url, pebble, storage, tls).replace(f"127.0.0.1:{pebble.http_port}", f"127.0.0.1:{plain}")
     running = edge(text)
     manager = running.master.addons.get("tlsconfig").tls.acme
-    wait_until(lambda: "localhost" in manager.failed, timeout=60)
+    until(lambda: "localhost" in manager.failed, timeout=60)
     assert leaf_of(tls) is None
     assert httpx.get(f"http://127.0.0.1:{plain}/").status_code == 200
     r = httpx.get(f"http://127.0.0.1:{plain}/.well-known/acme-challenge/unknowntoken")
@@ -244,7 +244,7 @@ pools: {{web: {{origins: [{o.url}]}}}}
     assert httpx.post(base + "/.well-known/acme-challenge/tok_123").status_code == 429   # GET/HEAD only
     assert len(o.seen) == 1
     manager = running.master.addons.get("tlsconfig").tls.acme
-    wait_until(lambda: "localhost" in manager.failed)
+    until(lambda: "localhost" in manager.failed, timeout=15)
 
 
 def test_names_a_configured_certificate_covers_are_not_ordered(tmp_path):

@@ -151,8 +151,8 @@ def test_a_geo_pool_with_no_healthy_origin_falls_through(origin, edge, mmdb):
     e = edge(geo_config(mmdb, eu, us, ap, health=health))
     route = e.master.addons.get("route")
     us.stop()
-    from tests.test_route import wait_until
-    wait_until(lambda: "down" in route.status())
+    from tests.conftest import until
+    until(lambda: "down" in route.status())
     assert pool_for(e, US_IP) == "eu"                       # country rule's pool is down: nearest next
 
 

@@ -29,21 +29,11 @@ from addons.lifecycle.rules import (Watch, authorized, changed_sections, forced_
                                     restart_needed)
 from addons.shield.limits import MemoryStore
 from edgecli.main import cli
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, until, wait_for_port
 from tests.rawnet import RecordingOrigin
 
 BIN = Path(sys.executable).parent
 TOKEN = "s3cret-token-for-the-tests-0123456789"
-
-
-def until(condition, timeout: float = 15.0, what: str = "condition"):
-    """Poll `condition` until it returns something true (returned), within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def token_file(tmp_path: Path, token: str = TOKEN, mode: int = 0o600) -> Path:

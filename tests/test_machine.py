@@ -23,22 +23,11 @@ from addons.route.health import Health
 from addons.shield.bots import Challenge
 from addons.workers import checks, runtime, snapshots
 from addons.workers.runtime import Runtime, RuntimeEnvError
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, until, wait_for_port
 
 BIN = Path(sys.executable).parent
 HOST = {"Host": "shop.example"}     # one public URL (one cache key), whichever worker's port the client reaches
 CURL = {"User-Agent": "curl/8.5.0"}         # an `unknown` client: the bot challenge asks it for a cookie
-
-
-def wait_until(condition, timeout: float = 20.0, what: str = "the condition"):
-    """Poll `condition` until it answers something true; that answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} never held within {timeout}s")
 
 
 class Worker:
@@ -151,19 +140,19 @@ def test_metrics_and_status_of_either_worker_sum_both(origin, workers):
     for _ in range(5):
         assert httpx.get(f"{b.url}/echo").status_code == 200
     for w in (a, b):
-        wait_until(lambda: requests_total(w.metrics()) == 8, what=f"worker {w.pid} counting 3 + 5")
+        until(lambda: requests_total(w.metrics()) == 8, what=f"worker {w.pid} counting 3 + 5")
         page = w.metrics()
         assert requests_total(page, "edge_request_duration_seconds_count") == 8      # histograms summed too
         assert page.count("# TYPE edge_requests_total counter") == 1
         assert 'edge_origin_available{origin="%s",pool="p",worker="0"} 1.0' % o.url in page     # per worker
-        status = wait_until(lambda: (s := w.status()) and len(s["workers"]) == 2 and s, what="both workers listed")
+        status = until(lambda: (s := w.status()) and len(s["workers"]) == 2 and s, what="both workers listed")
         assert {x["pid"] for x in status["workers"]} == {a.pid, b.pid}
         assert [x["index"] for x in status["workers"]] == [0, 1]
         assert all(x["uptime"] >= 0 and x["in_flight"] == 0 and not x["stale"] for x in status["workers"])
     text = subprocess.run([BIN / "edge", "status", "--admin", a.admin], capture_output=True, text=True, timeout=30)
     assert text.returncode == 0 and f"worker 1 (pid {b.pid})" in text.stdout and f"worker 0 (pid {a.pid})" in text.stdout
     b.kill()                # a dead worker: listed no more, but its counts stay in the machine's counters
-    status = wait_until(lambda: (s := a.status()) and len(s["workers"]) == 1 and s, what="the dead worker dropped")
+    status = until(lambda: (s := a.status()) and len(s["workers"]) == 1 and s, what="the dead worker dropped")
     assert status["workers"][0]["pid"] == a.pid
     assert requests_total(a.metrics()) == 8
     assert httpx.get(f"{a.url}/echo").status_code == 200
@@ -194,18 +183,18 @@ def test_one_worker_checks_for_the_machine_and_another_takes_over(origin, worker
     pair = workers(f"pools: {{p: {{origins: [{o.url}], health: {{path: /health, interval: 300ms, timeout: 300ms, "
                    f"rise: 1, fall: 2}}}}}}\n")
     run_dir = workers.run_dir
-    first = wait_until(lambda: (v := verdicts(run_dir)) and v["round"] >= 2 and v, what="a first verdict")
+    first = until(lambda: (v := verdicts(run_dir)) and v["round"] >= 2 and v, what="a first verdict")
     leader = next(w for w in pair if w.pid == first["pid"])
     follower = next(w for w in pair if w is not leader)
     probes, rounds = state["probes"], first["round"]
-    later = wait_until(lambda: (v := verdicts(run_dir)) and v["round"] >= rounds + 10 and v, what="ten more rounds")
+    later = until(lambda: (v := verdicts(run_dir)) and v["round"] >= rounds + 10 and v, what="ten more rounds")
     assert later["pid"] == leader.pid
     assert later["round"] - rounds - 1 <= state["probes"] - probes <= later["round"] - rounds + 2     # one probe a round
     assert [w["health_checks"] for w in sorted(follower.status()["workers"], key=lambda w: w["pid"] != leader.pid)] \
         == [True, False]
 
     state["status"] = 503                           # the leader's verdict takes the origin out of the follower too
-    wait_until(lambda: follower.status()["pools"]["p"]["origins"][0]["state"].startswith("down"),
+    until(lambda: follower.status()["pools"]["p"]["origins"][0]["state"].startswith("down"),
                what="the follower marking the origin down")
     seen = len(o.seen)
     r = httpx.get(f"{follower.url}/")
@@ -213,9 +202,9 @@ def test_one_worker_checks_for_the_machine_and_another_takes_over(origin, worker
     assert all(s.path == "/health" for s in o.seen[seen:])            # nothing but probes reached the origin
 
     leader.kill()                                   # the kernel frees the lock: the follower leads
-    taken = wait_until(lambda: (v := verdicts(run_dir)) and v["pid"] == follower.pid and v, what="the take-over")
+    taken = until(lambda: (v := verdicts(run_dir)) and v["pid"] == follower.pid and v, what="the take-over")
     state["status"] = 200
-    wait_until(lambda: httpx.get(f"{follower.url}/").status_code == 200, what="the origin back after its check")
+    until(lambda: httpx.get(f"{follower.url}/").status_code == 200, what="the origin back after its check")
     assert verdicts(run_dir)["round"] > taken["round"]
 
 
@@ -224,24 +213,24 @@ def test_a_stuck_leader_leaves_the_checks_to_the_others(origin, workers):
     o = origin("o", pages=health_pages(state))
     pair = workers(f"pools: {{p: {{origins: [{o.url}], health: {{path: /health, interval: 300ms, timeout: 300ms, "
                    f"rise: 1, fall: 2}}}}}}\n")
-    first = wait_until(lambda: (v := verdicts(workers.run_dir)) and v["round"] >= 2 and v, what="a first verdict")
+    first = until(lambda: (v := verdicts(workers.run_dir)) and v["round"] >= 2 and v, what="a first verdict")
     leader = next(w for w in pair if w.pid == first["pid"])
     follower = next(w for w in pair if w is not leader)
     os.kill(leader.pid, signal.SIGSTOP)             # alive, holding the lock, silent
     try:
-        stopped = wait_until(lambda: (v := verdicts(workers.run_dir)) and v, what="the last verdict")
+        stopped = until(lambda: (v := verdicts(workers.run_dir)) and v, what="the last verdict")
         state["status"] = 503
-        wait_until(lambda: follower.status()["pools"]["p"]["origins"][0]["state"].startswith("down"),
+        until(lambda: follower.status()["pools"]["p"]["origins"][0]["state"].startswith("down"),
                    what="the follower's own checks once the verdicts are stale")
         assert verdicts(workers.run_dir)["round"] <= stopped["round"] + 1     # nobody else wrote them
         assert httpx.get(f"{follower.url}/").status_code == 503
     finally:
         os.kill(leader.pid, signal.SIGCONT)
-    resumed = wait_until(lambda: (v := verdicts(workers.run_dir)) and v["round"] > stopped["round"] + 1 and v,
+    resumed = until(lambda: (v := verdicts(workers.run_dir)) and v["round"] > stopped["round"] + 1 and v,
                          what="the leader writing again")
     assert resumed["pid"] == leader.pid
     state["status"] = 200
-    wait_until(lambda: httpx.get(f"{follower.url}/").status_code == 200, what="the origin back")
+    until(lambda: httpx.get(f"{follower.url}/").status_code == 200, what="the origin back")
 
 
 # -- the challenge key --------------------------------------------------------------------------------------

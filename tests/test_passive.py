@@ -12,8 +12,9 @@ import h2.connection
 import h2.events
 import httpx
 
+from tests.conftest import until
 from tests.rawnet import CLOSE, OK, RecordingOrigin, exchange, status_of
-from tests.test_route import blackhole, wait_until
+from tests.test_route import blackhole
 
 GET = b"GET %s HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
 BAD = {
@@ -103,9 +104,9 @@ def test_clients_hanging_up_while_the_edge_connects_do_not_count(edge):
             route.health[("127.0.0.1", port)].last_ok = time.monotonic()   # heard from: no probe first
             s = socket.create_connection((e.host, e.port))
             s.sendall(GET % b"/")
-            wait_until(lambda: connecting(e))
+            until(lambda: connecting(e))
             s.close()                                   # the client gives up while the edge connects
-            wait_until(lambda: not connecting(e) and not route.in_flight[("127.0.0.1", port)])
+            until(lambda: not connecting(e) and not route.in_flight[("127.0.0.1", port)])
         assert origin_lines(e)[0].endswith(": up")      # no failure counted
     finally:
         for s in [listener, *fillers]:
@@ -168,11 +169,11 @@ def test_http2_resets_while_the_edge_connects_do_not_count(edge, tls):
             sock, conn = h2_client(e, tls)
             conn.send_headers(1, request_headers("/"), end_stream=True)
             sock.sendall(conn.data_to_send())
-            wait_until(lambda: connecting(e))
+            until(lambda: connecting(e))
             conn.reset_stream(1)                        # the client cancels, then hangs up
             sock.sendall(conn.data_to_send())
             sock.close()
-            wait_until(lambda: not connecting(e) and not route.in_flight[("127.0.0.1", port)])
+            until(lambda: not connecting(e) and not route.in_flight[("127.0.0.1", port)])
         assert origin_lines(e)[0].endswith(": up")
     finally:
         for s in [listener, *fillers]:
@@ -301,7 +302,7 @@ def test_health_checks_survive_an_exception(origin, edge, monkeypatch):
     e = edge(f"pools:\n  p:\n    origins: [{a.url}, {b.url}]\n"
              f"    health: {{path: /health, interval: 200ms, timeout: 200ms, rise: 1, fall: 1}}\n")
     a.stop()
-    wait_until(lambda: "down" in origin_lines(e)[0])    # the checks went on after the exception
+    until(lambda: "down" in origin_lines(e)[0])    # the checks went on after the exception
     assert len(calls) > 2
 
 

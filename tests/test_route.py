@@ -8,15 +8,7 @@ from collections import Counter
 import httpx
 
 from edgecli.origins import Hangup, OriginServer
-from tests.conftest import free_port
-
-
-def wait_until(predicate, timeout=10.0):
-    """Poll the edge's own health table (the checks run on their own clock)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+from tests.conftest import free_port, until
 
 
 def served_by(e, n):
@@ -33,11 +25,11 @@ def test_active_checks_take_a_dead_origin_out_and_bring_it_back(origin, edge):
     route = e.master.addons.get("route")
     assert served_by(e, 4) == {"a": 2, "b": 2}
     a.stop()
-    wait_until(lambda: "down" in route.status().splitlines()[1])
+    until(lambda: "down" in route.status().splitlines()[1])
     assert served_by(e, 10) == {"b": 10}                           # no client paid for a's death
     revived = OriginServer("a", port=a.port).start()
     try:
-        wait_until(lambda: route.status().splitlines()[1].endswith(": up"))
+        until(lambda: route.status().splitlines()[1].endswith(": up"))
         assert served_by(e, 4) == {"a": 2, "b": 2}
     finally:
         revived.stop()
@@ -101,7 +93,7 @@ def test_backup_only_when_the_primaries_are_gone(origin, edge):
     route = e.master.addons.get("route")
     assert served_by(e, 6) == {"a": 6}
     a.stop()
-    wait_until(lambda: "down" in route.status().splitlines()[1])
+    until(lambda: "down" in route.status().splitlines()[1])
     assert served_by(e, 3) == {"spare": 3}
 
 
@@ -111,10 +103,10 @@ def test_fallback_pool_then_503(origin, edge):
              f"  us:\n    origins: [{us.url}]\n    {HEALTH}\nrouting: {{default_pool: eu}}\n")
     route = e.master.addons.get("route")
     eu.stop()
-    wait_until(lambda: "down" in route.status().splitlines()[1])
+    until(lambda: "down" in route.status().splitlines()[1])
     assert served_by(e, 3) == {"us": 3}
     us.stop()
-    wait_until(lambda: route.choose("eu", time.monotonic()) is None)
+    until(lambda: route.choose("eu", time.monotonic()) is None)
     r = httpx.get(f"{e.url}/echo")
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert "no origin is available" in r.text and str(us.port) not in r.text and str(eu.port) not in r.text
@@ -126,7 +118,7 @@ def test_health_check_expects_a_status(origin, edge):
     fine = origin("fine")
     e = edge(f"pools:\n  p:\n    origins: [{sick.url}, {fine.url}]\n    {HEALTH}\n")
     route = e.master.addons.get("route")
-    wait_until(lambda: "answered 500" in route.status())
+    until(lambda: "answered 500" in route.status())
     assert served_by(e, 4) == {"fine": 4}
 
 

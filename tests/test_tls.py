@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from addons.config import ConfigError, parse_config
 from addons.tls.certs import Certificates, CertificateFile, choose, covers, parse_pair
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, until, wait_for_port
 from tests.test_proxy import curl
 
 DAY = datetime.timedelta(days=1)
@@ -81,14 +81,6 @@ def presented(port: int, sni: str | None, alpn: list[str] | None = None) -> tupl
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=sni) as tls_sock:
             return tls_sock.getpeercert(binary_form=True), tls_sock.selected_alpn_protocol()
-
-
-def wait_until(condition, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -238,21 +230,21 @@ def test_replaced_files_are_presented_and_a_broken_replacement_keeps_the_old(edg
     running = edge(site_config(o.url, plain, tls, [first[:2]]))
     assert presented(tls, "a.example")[0] == der(first[2])
     second = ca.issue(tmp_path, "a", "a.example")       # the same files, new contents
-    wait_until(lambda: presented(tls, "a.example")[0] == der(second[2]))
+    until(lambda: presented(tls, "a.example")[0] == der(second[2]))
     # a broken chain file, then a key that is not the certificate's: the old pair stays
     files = running.master.addons.get("tlsconfig").tls.certificates.files[0]
     replace(first[0], b"-----BEGIN CERTIFICATE-----\nbroken\n")
-    wait_until(lambda: presented(tls, "a.example") and files.rejected is not None)     # checked on handshakes
+    until(lambda: presented(tls, "a.example") and files.rejected is not None)     # checked on handshakes
     assert presented(tls, "a.example")[0] == der(second[2])
     other = ca.issue(tmp_path, "other", "a.example")
     replace(first[0], other[0].read_bytes())             # new cert, old key: mismatch
     rejected = files.rejected
-    wait_until(lambda: presented(tls, "a.example") and files.rejected not in (None, rejected))
+    until(lambda: presented(tls, "a.example") and files.rejected not in (None, rejected))
     assert presented(tls, "a.example")[0] == der(second[2])
     assert httpx.get(f"https://127.0.0.1:{tls}/", verify=False).status_code == 200
     # a good pair afterwards is taken
     replace(first[1], other[1].read_bytes())
-    wait_until(lambda: presented(tls, "a.example")[0] == der(other[2]))
+    until(lambda: presented(tls, "a.example")[0] == der(other[2]))
 
 
 def test_the_single_listen_config_keeps_working(edge, origin):
