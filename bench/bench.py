@@ -128,15 +128,15 @@ def free_port() -> int:
             return port
 
 
-def wait_for_port(port: int, timeout: float = 20) -> None:
+def wait_for_port(port: int, timeout: float = 20, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise SystemExit(f"bench: nothing listening on {port}")
+    raise SystemExit(f"bench: nothing listening on {host}:{port}")
 
 
 def pinned(cpu: int, args: list) -> list:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,21 +39,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import BIN, free_port  # noqa: E402
+from bench import BIN, free_port, wait_for_port  # noqa: E402
 from edgecli.origins import OriginServer  # noqa: E402
 
 HOST = {"Host": "shop.example"}
-
-
-def wait_for(host: str, port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench: nothing listening on {host}:{port}")
 
 
 class Redis:
@@ -67,7 +55,7 @@ class Redis:
         self.proc = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port),
                                       "--save", "", "--appendonly", "no", "--dir", str(self.work)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for("127.0.0.1", self.port)
+        wait_for_port(self.port)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -84,8 +72,8 @@ class Node:
         self.log = open(work / f"{name}.log", "w")
         self.proc = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(host, self.port)
-        wait_for("127.0.0.1", self.admin)
+        wait_for_port(self.port, 20, host=host)
+        wait_for_port(self.admin)
         self.url = f"http://{host}:{self.port}"
         self.client = httpx.Client(base_url=self.url, headers=HOST, timeout=10)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BIN, free_port  # noqa: E402
+from bench import BIN, free_port, wait_for_port  # noqa: E402
 
 NODES = {"a": "127.0.0.1", "b": "127.0.0.2", "c": "127.0.0.3"}
 HOST = "shop.example"
@@ -102,7 +101,7 @@ class Cluster:
             self.procs[name] = subprocess.Popen([BIN / "edge", "run", "-c", path, "--confdir", work / "conf"],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name, ip in NODES.items():
-            wait_for(ip, self.ports[name])
+            wait_for_port(self.ports[name], 60, host=ip)
         if redis is not None:
             self.wait_members()
 
@@ -135,17 +134,6 @@ class Cluster:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def wait_for(host: str, port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"bench: nothing listening on {host}:{port}")
 
 
 def ask_all(cluster: Cluster, paths: list[str]) -> int:
@@ -252,7 +240,7 @@ def own_redis(work: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
     proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                              "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for("127.0.0.1", port)
+    wait_for_port(port, 60)
     return f"redis://127.0.0.1:{port}/0", proc
 
 
