@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BIN, NGINX_CONF, free_port, median_result, stop, wait_for_port, wrk  # noqa: E402
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (a supervisor's workers)."""
+    total = 0.0
+    for p in (pid, *children(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle (all CPUs), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -66,20 +93,33 @@ def main() -> None:
             wait_for_port(port)
         if dead := [p.args[:3] for p in procs if p.poll() is not None]:
             raise SystemExit(f"bench: exited before the load: {dead}")     # another would answer on its port
+        owner = {"plain mitmdump -q": procs[1], "edge 1 worker, forwarding": procs[2],
+                 "edge 2 workers, forwarding": procs[3], "edge 1 worker, cache hit": procs[2],
+                 "edge 2 workers, cache hit": procs[3]}
+        cpu: dict[str, list] = {name: [] for name in systems}
+        machine: dict[str, list] = {name: [] for name in systems}
         for _ in range(args.rounds):            # interleaved, so drift hits every system alike
             for name, (_, port, path) in systems.items():
                 url = f"http://127.0.0.1:{port}{path}"
                 wrk(url, args.connections, 1)                  # warm-up (and fills each worker's cache)
+                before, busy = tree_cpu(owner[name].pid), machine_busy()
                 runs[name].append(wrk(url, args.connections, args.seconds))
+                requests = runs[name][-1].rps * args.seconds
+                cpu[name].append((tree_cpu(owner[name].pid) - before) / requests * 1e6)
+                machine[name].append((machine_busy() - busy) / args.seconds)
     finally:
         stop(procs, work)
     results = {name: median_result(r) for name, r in runs.items()}
     plain = results["plain mitmdump -q"].rps
     print(f"\nGET of 1 KiB; loopback, wrk pinned to CPU 0, the systems unpinned on {os.cpu_count()} CPUs; "
           f"median of {args.rounds} interleaved rounds of {args.seconds}s at c={args.connections}")
-    print(f"{'system':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} {'errors':>7}")
+    print(f"{'system':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} {'errors':>7} "
+          f"{'us CPU/req':>11} {'CPUs busy':>10}")
     for name, r in results.items():
-        print(f"{name:28} {r.rps:9.0f} {r.p50:8.2f} {r.p99:8.2f} {r.rps / plain:11.2f}x {r.errors:7d}")
+        print(f"{name:28} {r.rps:9.0f} {r.p50:8.2f} {r.p99:8.2f} {r.rps / plain:11.2f}x {r.errors:7d} "
+              f"{statistics.median(cpu[name]):11.0f} {statistics.median(machine[name]):10.2f}")
+    print("(us CPU/req: the system's processes, supervisor and workers together; CPUs busy: the whole machine,\n"
+          " wrk and the origin included: where it reaches the CPU count, the machine, not the edge, is the limit)")
     for kind in ("forwarding", "cache hit"):
         one, two = results[f"edge 1 worker, {kind}"].rps, results[f"edge 2 workers, {kind}"].rps
         print(f"{kind}: 2 workers vs 1: {two / one:.2f}x (goal >= 1.8x); vs plain mitmdump "
