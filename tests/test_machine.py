@@ -379,6 +379,12 @@ def test_the_machine_sums_counters_and_gauges_by_their_meaning():
     assert status["shield"] == {"bots": 6} and status["sites"]["s"]["requests"] == 5 and status["misdirected"] == 2
     assert status["pools"]["p"]["origins"][0]["in_flight"] == 1                       # the stuck one's not counted
     assert [(w["pid"], w["stale"]) for w in status["workers"]] == [(1, False), (2, True)]
+    clustered = [record(1, 0, now, 3), record(2, 1, now - 60, 5)]       # each worker has its own Redis link
+    for r, (sent, pending) in zip(clustered, ((2, 1), (3, 4))):
+        r["status"]["cluster"] = {"node": "x", "purges": {"sent": sent, "applied": 10, "pending": pending,
+                                                           "resyncs": 0, "emptied": 1}}
+    status = snapshots.merge_status(clustered[0], clustered[1:], {"purges": {"sent": 7, "applied": 1}}, now)
+    assert status["cluster"]["purges"] == {"sent": 12, "applied": 21, "resyncs": 0, "emptied": 2, "pending": 1}
 
 
 def test_a_dead_worker_is_retired_once_and_another_runs_is_dropped(tmp_path):

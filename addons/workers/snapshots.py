@@ -124,19 +124,26 @@ def merge_metrics(records: list[dict], retired: list[dict], now: float) -> list[
     return [{**f, "samples": list(samples.get(name, {}).values())} for name, f in families.items()]
 
 
+PURGE_COUNTS = ("sent", "applied", "resyncs", "emptied")      # the cluster's purge counters (addons/cluster)
+
+
 def status_counters(status: dict) -> dict:
-    """The counting parts of a worker's /status: what the shield refused, site requests."""
+    """The counting parts of a worker's /status: what the shield refused, site requests, the
+    cluster's purges (each worker has its own Redis link)."""
+    purges = status.get("cluster", {}).get("purges", {})
     return {"shield": dict(status.get("shield", {})),
             "sites": {name: site["requests"] for name, site in status.get("sites", {}).items()},
-            "misdirected": status.get("misdirected", 0), "route_rate_refusals": status.get("route_rate_refusals", 0)}
+            "misdirected": status.get("misdirected", 0), "route_rate_refusals": status.get("route_rate_refusals", 0),
+            "purges": {k: purges[k] for k in PURGE_COUNTS if k in purges}}
 
 
 def add_status_counters(into: dict, more: dict) -> dict:
     out = {"shield": dict(into.get("shield", {})), "sites": dict(into.get("sites", {})),
+           "purges": dict(into.get("purges", {})),
            "misdirected": into.get("misdirected", 0) + more["misdirected"],
            "route_rate_refusals": into.get("route_rate_refusals", 0) + more["route_rate_refusals"]}
-    for part in ("shield", "sites"):
-        for k, n in more[part].items():
+    for part in ("shield", "sites", "purges"):
+        for k, n in more.get(part, {}).items():
             out[part][k] = out[part].get(k, 0) + n
     return out
 
@@ -157,6 +164,10 @@ def merge_status(own: dict, others: list[dict], retired: dict, now: float) -> di
     for key in ("misdirected", "route_rate_refusals"):
         if key in status:
             status[key] = counts[key]
+    if "purges" in status.get("cluster", {}):           # counters summed; removals waiting: the live ones'
+        pending = sum(r["status"].get("cluster", {}).get("purges", {}).get("pending", 0) for r in records
+                      if now - r["at"] <= STALE_AFTER)
+        status["cluster"]["purges"] = {**counts["purges"], "pending": pending}
     in_flight: dict[tuple[str, str], int] = {}
     for record in records:
         if now - record["at"] <= STALE_AFTER:
