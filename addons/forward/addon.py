@@ -125,18 +125,6 @@ class ActivityLog:
             self.out.close()
         self.out = None
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """A request body the stream addon streams is counted as it passes (held ones are
-        measured at the end)."""
-        seen: Seen | None = flow.metadata.get(FORWARD)
-        if seen is None or flow.request.stream is not True:
-            return
-
-        def counted(chunk: bytes) -> bytes:
-            seen.bytes_in += len(chunk)
-            return chunk
-        flow.request.stream = counted
-
     # the flows that reach the end: each one line
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -148,8 +136,7 @@ class ActivityLog:
         seen: Seen | None = flow.metadata.pop(FORWARD, None)     # popped: response then error is one line
         if seen is None:
             return
-        if not flow.request.stream:
-            seen.bytes_in = len(flow.request.raw_content or b"")
+        seen.bytes_in = len(flow.request.raw_content or b"")
         seen.bytes_out = body_size(flow) if flow.response is not None else 0
         if flow.response is not None:
             status = flow.response.status_code
